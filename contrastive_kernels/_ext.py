@@ -1,0 +1,21 @@
+"""Loads the compiled extension `contrastive_kernels._C`, if it was built.
+
+Importing the package never fails because of it: backends that need it report
+themselves unavailable, with the reason below.
+"""
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.contrastive_kernels.*)
+    LOAD_ERROR = None
+except Exception as e:  # ImportError, or an undefined symbol after a torch upgrade
+    _C = None
+    LOAD_ERROR = f"{type(e).__name__}: {e}"
+
+BUILD_HINT = "build it with `pip install -e . --no-build-isolation` (torch must be installed first)"
+
+
+def loaded():
+    return _C is not None
+
+
+def missing_reason():
+    return f"the C++ extension is not built or failed to load ({LOAD_ERROR}); {BUILD_HINT}"

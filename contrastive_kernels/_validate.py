@@ -1,0 +1,161 @@
+"""Argument checking shared by the fused loss and the reference.
+
+Every check runs before any kernel, and every error names the argument.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_TEMPERATURE = 0.07
+
+Scalar = Union[float, torch.Tensor]
+
+
+@dataclass
+class Problem:
+    query: torch.Tensor                    # N x D
+    key: Optional[torch.Tensor]            # M x D, None for self-contrast
+    positive_index: Optional[torch.Tensor] # int64 (N,), or None when labels are used
+    labels: Optional[torch.Tensor]         # (N,) or None
+    key_labels: Optional[torch.Tensor]     # (M,) or None
+    scale: Scalar                          # logit scale s
+    bias: Scalar                           # logit bias b
+    symmetric: bool
+    label_smoothing: float
+    reduction: str
+
+    @property
+    def self_contrast(self):
+        return self.key is None
+
+    @property
+    def out_dtype(self):
+        return torch.float64 if self.query.dtype == torch.float64 else torch.float32
+
+
+def _check_matrix(name, x):
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row, got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have a non-zero embedding dim, got shape {tuple(x.shape)}")
+
+
+def _check_int_vector(name, x, length, length_name, device):
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},) to match {length_name}, "
+                         f"got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but query is on {device}")
+    return x.long()
+
+
+def _check_scalar(name, x, device, positive):
+    """A float or a 0-dim floating tensor that is finite (and > 0 if `positive`)."""
+    if torch.is_tensor(x):
+        if x.dim() != 0 and x.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        value = float(x.detach())
+        x = x.reshape(()).to(device)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        value = float(x)
+        x = value
+    else:
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return x
+
+
+def check_inputs(query, key, positive_index, labels, key_labels, temperature,
+                 logit_scale, logit_bias, symmetric, label_smoothing, reduction) -> Problem:
+    _check_matrix("query", query)
+    n, d = query.shape
+    dev = query.device
+    if key is not None:
+        _check_matrix("key", key)
+        if key.shape[1] != d:
+            raise ValueError(f"key has embedding dim {key.shape[1]} but query has {d}")
+        if key.device != dev:
+            raise ValueError(f"key is on {key.device} but query is on {dev}")
+        if key.dtype != query.dtype:
+            raise TypeError(f"key has dtype {key.dtype} but query has {query.dtype}")
+    m = n if key is None else key.shape[0]
+
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+    if logit_scale is not None:
+        scale = _check_scalar("logit_scale", logit_scale, dev, positive=True)
+    else:
+        t = DEFAULT_TEMPERATURE if temperature is None else temperature
+        t = _check_scalar("temperature", t, dev, positive=True)
+        scale = 1.0 / t
+    bias = 0.0 if logit_bias is None else _check_scalar("logit_bias", logit_bias, dev, positive=False)
+
+    if positive_index is not None and labels is not None:
+        raise ValueError("give either positive_index or labels, not both")
+    if key_labels is not None and labels is None:
+        raise ValueError("key_labels needs labels as well")
+
+    if labels is not None:
+        labels = _check_int_vector("labels", labels, n, "query rows", dev)
+        if key is None:
+            if key_labels is not None:
+                raise ValueError("key_labels must be None when key is None (the keys are the queries)")
+            key_labels = labels
+        elif key_labels is None:
+            if m != n:
+                raise ValueError(f"key_labels is required when key has a different row count "
+                                 f"({m}) than query ({n})")
+            key_labels = labels
+        else:
+            key_labels = _check_int_vector("key_labels", key_labels, m, "key rows", dev)
+    else:
+        if symmetric and key is not None and m != n:
+            raise ValueError(f"symmetric=True needs as many keys as queries unless labels are "
+                             f"given, got query rows {n} and key rows {m}")
+        if positive_index is None:
+            if key is None:
+                if n % 2:
+                    raise ValueError(f"NT-Xent (key=None, no labels) needs an even number of query "
+                                     f"rows (two views stacked), got {n}")
+                positive_index = (torch.arange(n, device=dev) + n // 2) % n
+            else:
+                if m < n:
+                    raise ValueError(f"the default positive_index arange(N) needs key rows >= query "
+                                     f"rows, got query rows {n} and key rows {m}")
+                positive_index = torch.arange(n, device=dev)
+        else:
+            positive_index = _check_int_vector("positive_index", positive_index, n, "query rows", dev)
+            lo, hi = int(positive_index.min()), int(positive_index.max())
+            if lo < 0 or hi >= m:
+                raise ValueError(f"positive_index values must be in [0, {m}), got range [{lo}, {hi}]")
+            if key is None and bool((positive_index == torch.arange(n, device=dev)).any()):
+                raise ValueError("positive_index must not point a query at itself when key is None")
+
+    return Problem(query, key, positive_index, labels, key_labels, scale, bias,
+                   symmetric, float(label_smoothing), reduction)

@@ -1,0 +1,67 @@
+"""Tiled pure-PyTorch backend: runs on any device, never holds more than a tile."""
+import torch
+
+NAME = "torch"
+TILE = 2048
+
+
+def unavailable_reason(device):
+    return None
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile(q, k, scale, self_mask, i0, j0):
+    """scale * q k^T for one tile, accumulated in q's dtype (already upcast),
+    with the diagonal of the full matrix set to -inf when self_mask."""
+    s = (q @ k.T).mul_(scale)
+    if self_mask:
+        n, m = s.shape
+        lo, hi = max(i0, j0), min(i0 + n, j0 + m)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=s.device)
+            s[idx - i0, idx - j0] = float("-inf")
+    return s
+
+
+def _finite_or_inf(lse):
+    # A row with no valid entry has lse = -inf; make its probabilities 0, not NaN.
+    return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+
+
+def lse_forward(q, k, scale, self_mask, cols, tile=TILE):
+    acc = acc_dtype(q.dtype)
+    n, m = q.shape[0], k.shape[0]
+    lse_r = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
+    lse_c = torch.full((m,), float("-inf"), dtype=acc, device=q.device) if cols else None
+    for j0 in range(0, m, tile):
+        kb = k[j0:j0 + tile].to(acc)
+        for i0 in range(0, n, tile):
+            s = _tile(q[i0:i0 + tile].to(acc), kb, scale, self_mask, i0, j0)
+            # Online merge of log-sum-exp: logaddexp handles -inf on both sides.
+            torch.logaddexp(lse_r[i0:i0 + tile], torch.logsumexp(s, 1), out=lse_r[i0:i0 + tile])
+            if cols:
+                torch.logaddexp(lse_c[j0:j0 + tile], torch.logsumexp(s, 0), out=lse_c[j0:j0 + tile])
+    return lse_r, lse_c
+
+
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, tile=TILE):
+    acc = lse_r.dtype
+    n, m = q.shape[0], k.shape[0]
+    dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device)
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device)
+    lr = _finite_or_inf(lse_r)
+    lc = _finite_or_inf(lse_c) if g_c is not None else None
+    for j0 in range(0, m, tile):
+        kb = k[j0:j0 + tile].to(acc)
+        for i0 in range(0, n, tile):
+            qb = q[i0:i0 + tile].to(acc)
+            s = _tile(qb, kb, scale, self_mask, i0, j0)
+            ds = torch.exp(s - lr[i0:i0 + tile, None]).mul_(g_r[i0:i0 + tile, None])
+            if lc is not None:
+                ds += torch.exp(s - lc[None, j0:j0 + tile]).mul_(g_c[None, j0:j0 + tile])
+            dq[i0:i0 + tile] += ds @ kb
+            dk[j0:j0 + tile] += ds.T @ qb
+    return dq, dk

@@ -1,0 +1,72 @@
+"""Materializing reference: the test oracle.
+
+Builds the full N x M logit matrix, the full target distribution and the
+masked log-softmax, exactly as the loss is defined in docs/DESIGN.md. It shares
+no code with the fused path except argument checking.
+"""
+import torch
+
+from ._validate import check_inputs
+
+
+def _row_losses(logits, valid, pos, smoothing):
+    """Loss of each row of `logits` (R x C).
+
+    valid: bool R x C, entries that take part in the log-sum-exp.
+    pos:   bool R x C, positives (a subset of valid).
+    Returns (loss R, has_positive R).
+    """
+    masked = logits.masked_fill(~valid, float("-inf"))
+    logp = torch.log_softmax(masked, dim=1)
+    npos = pos.sum(1)
+    nvalid = valid.sum(1)
+    has_pos = npos > 0
+    w = pos.to(logits.dtype) / npos.clamp_min(1).unsqueeze(1)
+    if smoothing:
+        u = valid.to(logits.dtype) / nvalid.clamp_min(1).unsqueeze(1)
+        w = (1 - smoothing) * w + smoothing * u
+    # w is 0 wherever logp is -inf; keep 0 * -inf out of the sum.
+    terms = torch.where(w > 0, w * logp, torch.zeros_like(logp))
+    loss = -terms.sum(1)
+    return torch.where(has_pos, loss, torch.zeros_like(loss)), has_pos
+
+
+def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
+             temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
+             label_smoothing=0.0, reduction="mean", backend="auto"):
+    """Same signature and semantics as `contrastive_kernels.info_nce`.
+
+    Materializes N x M logits in float64 (or the input dtype if that is
+    float64); use it only as an oracle.
+    """
+    p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
+                     logit_scale, logit_bias, symmetric, label_smoothing, reduction)
+    q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
+    k = q if p.self_contrast else (p.key.to(torch.float64) if p.key.dtype != torch.float64 else p.key)
+    scale = p.scale.to(torch.float64) if torch.is_tensor(p.scale) else p.scale
+    bias = p.bias.to(torch.float64) if torch.is_tensor(p.bias) else p.bias
+    logits = scale * (q @ k.T) + bias
+    n, m = logits.shape
+    dev = logits.device
+    valid = torch.ones(n, m, dtype=torch.bool, device=dev)
+    if p.self_contrast:
+        valid &= ~torch.eye(n, dtype=torch.bool, device=dev)
+    if p.labels is not None:
+        pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
+    else:
+        pos = torch.zeros(n, m, dtype=torch.bool, device=dev)
+        pos[torch.arange(n, device=dev), p.positive_index] = True
+    pos &= valid
+
+    row, row_ok = _row_losses(logits, valid, pos, p.label_smoothing)
+    if not p.symmetric:
+        losses, oks = [row], [row_ok]
+    else:
+        col, col_ok = _row_losses(logits.T, valid.T, pos.T, p.label_smoothing)
+        losses, oks = [0.5 * row, 0.5 * col], [row_ok, col_ok]
+
+    if p.reduction == "none":
+        return torch.cat(losses).to(p.out_dtype)
+    if p.reduction == "sum":
+        return sum(l.sum() for l in losses).to(p.out_dtype)
+    return sum(l.sum() / ok.sum().clamp_min(1) for l, ok in zip(losses, oks)).to(p.out_dtype)

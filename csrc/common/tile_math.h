@@ -1,0 +1,72 @@
+// Per-tile math shared by every C++ backend (CPU and CUDA). No torch includes.
+//
+// Notation (docs/DESIGN.md): S_ij = scale * <q_i, k_j>. A row (or column) keeps a
+// running log-sum-exp as (m, l): m the largest logit seen, l = sum exp(S - m).
+#pragma once
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CK_HD __host__ __device__ __forceinline__
+#else
+#define CK_HD inline
+#endif
+
+namespace ck {
+
+template <typename T>
+CK_HD T neg_inf() { return -static_cast<T>(INFINITY); }
+
+template <typename T>
+CK_HD T ck_exp(T x) { return exp(x); }
+template <>
+CK_HD float ck_exp<float>(float x) { return expf(x); }
+
+template <typename T>
+CK_HD T ck_log(T x) { return log(x); }
+template <>
+CK_HD float ck_log<float>(float x) { return logf(x); }
+
+// Running log-sum-exp of one row or column.
+template <typename T>
+struct OnlineLSE {
+  T m;  // running max (-inf while empty)
+  T l;  // sum of exp(x - m)
+
+  CK_HD static OnlineLSE empty() { return {neg_inf<T>(), T(0)}; }
+
+  // Merge a partial (m2, l2), e.g. one tile's max and sum, or another thread's.
+  CK_HD void merge(T m2, T l2) {
+    if (m2 == neg_inf<T>()) return;
+    if (m2 > m) {
+      l = l * ck_exp<T>(m - m2) + l2;  // exp(-inf) = 0 when this one was empty
+      m = m2;
+    } else {
+      l += l2 * ck_exp<T>(m2 - m);
+    }
+  }
+  CK_HD void merge(const OnlineLSE& o) { merge(o.m, o.l); }
+
+  // Add one logit.
+  CK_HD void push(T x) { merge(x, T(1)); }
+
+  // log sum exp; -inf for a row with no valid entry.
+  CK_HD T finish() const { return m == neg_inf<T>() ? m : m + ck_log<T>(l); }
+};
+
+// lse as used in backward: a row with no valid entry (lse = -inf) gets
+// probabilities exp(S - inf) = 0 instead of NaN.
+template <typename T>
+CK_HD T backward_lse(T lse) { return lse == neg_inf<T>() ? static_cast<T>(INFINITY) : lse; }
+
+// Gradient of sum_i g_r[i] * LSE_rows[i] + sum_j g_c[j] * LSE_cols[j] with respect
+// to one logit S_ij: the softmax part of dS. Pass g_c = 0 for one direction.
+// lse_r and lse_c must already be passed through backward_lse.
+template <typename T>
+CK_HD T tile_grad(T s, T lse_r, T g_r, T lse_c, T g_c) {
+  return g_r * ck_exp<T>(s - lse_r) + g_c * ck_exp<T>(s - lse_c);
+}
+
+// The diagonal of the full matrix is excluded under self-contrast.
+CK_HD bool excluded(bool self_mask, long long i, long long j) { return self_mask && i == j; }
+
+}  // namespace ck

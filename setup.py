@@ -1,0 +1,57 @@
+"""Builds contrastive_kernels and its C++ (and, where possible, CUDA) extension.
+
+torch must be installed first:  pip install -e . --no-build-isolation
+CK_BUILD_CUDA=1 forces the CUDA sources in csrc/cuda/, CK_BUILD_CUDA=0 leaves them
+out; by default they are built when torch is a CUDA build and nvcc is found.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension as ce
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("CK_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
+    return torch.version.cuda is not None and ce.CUDA_HOME is not None
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    include = [os.path.join(ROOT, "csrc")]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    if _want_cuda():
+        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+        archs = os.environ.get("CK_CUDA_ARCHS", "80;90").split(";")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        return ce.CUDAExtension("contrastive_kernels._C", sources, include_dirs=include,
+                                extra_compile_args={"cxx": cxx + ["-DCK_WITH_CUDA"], "nvcc": nvcc},
+                                extra_link_args=["-fopenmp"])
+    return ce.CppExtension("contrastive_kernels._C", sources, include_dirs=include,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="contrastive_kernels",
+    version="0.1.0",
+    description="Fused contrastive losses (InfoNCE/CLIP, NT-Xent, SupCon) that never materialize N x M logits",
+    packages=["contrastive_kernels", "contrastive_kernels.backends", "contrastive_kernels.triton_kernels"],
+    package_dir={"contrastive_kernels.triton_kernels": "triton_kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": ce.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
+                    "bench": ["matplotlib", "pytest-benchmark"]},
+)

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as contrastive_kernels.triton_kernels (issue 3)."""
