@@ -149,11 +149,17 @@ class FusedInfoNCE(torch.nn.Module):
     FusedInfoNCE(temperature=0.07, symmetric=True)(image_emb, text_emb) equals
     (CE(s * I T^T, arange) + CE(s * T I^T, arange)) / 2 with s = 1 / temperature.
     A `logit_scale` passed to forward overrides the temperature (as open_clip does).
+    distributed: None (local loss), "ring" or "gather" (global batch over
+    torch.distributed; see contrastive_kernels.distributed).
     """
 
     def __init__(self, temperature=DEFAULT_TEMPERATURE, symmetric=True, label_smoothing=0.0,
-                 reduction="mean", backend="auto"):
+                 reduction="mean", backend="auto", distributed=None, group=None):
         super().__init__()
+        if distributed not in (None, "ring", "gather"):
+            raise ValueError(f"distributed must be None, 'ring' or 'gather', got {distributed!r}")
+        self.distributed = distributed
+        self.group = group
         self.temperature = temperature
         self.symmetric = symmetric
         self.label_smoothing = label_smoothing
@@ -162,13 +168,18 @@ class FusedInfoNCE(torch.nn.Module):
 
     def forward(self, query, key=None, *, positive_index=None, labels=None, key_labels=None,
                 logit_scale=None, logit_bias=None):
-        return info_nce(query, key, positive_index=positive_index, labels=labels,
-                        key_labels=key_labels, temperature=self.temperature,
-                        logit_scale=logit_scale, logit_bias=logit_bias,
-                        symmetric=self.symmetric, label_smoothing=self.label_smoothing,
-                        reduction=self.reduction, backend=self.backend)
+        kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
+                      temperature=self.temperature, logit_scale=logit_scale,
+                      logit_bias=logit_bias, symmetric=self.symmetric,
+                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                      backend=self.backend)
+        if self.distributed is None:
+            return info_nce(query, key, **kwargs)
+        from . import distributed
+        fn = distributed.ring_info_nce if self.distributed == "ring" else distributed.gather_info_nce
+        return fn(query, key, group=self.group, **kwargs)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}, distributed={self.distributed!r}")
