@@ -3,6 +3,8 @@
 Importing the package never fails because of it: backends that need it report
 themselves unavailable, with the reason below.
 """
+import torch
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.contrastive_kernels.*)
     LOAD_ERROR = None
@@ -15,6 +17,12 @@ BUILD_HINT = "build it with `pip install -e . --no-build-isolation` (torch must 
 
 def loaded():
     return _C is not None
+
+
+def has_kernel(op, dispatch_key):
+    """True if the loaded extension registered `op` for `dispatch_key` ("CPU", "CUDA")."""
+    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"contrastive_kernels::{op}", dispatch_key)
 
 
 def missing_reason():

@@ -11,6 +11,8 @@ def unavailable_reason(device):
         return "it runs on CPU tensors only"
     if not _ext.loaded():
         return _ext.missing_reason()
+    if not _ext.has_kernel("lse_forward", "CPU"):
+        return "the loaded C++ extension has no CPU kernel; rebuild it"
     return None
 
 

@@ -1,0 +1,38 @@
+"""Shared test settings.
+
+CK_TEST_DEVICE=cuda runs the suite on CUDA tensors (bench/gpu_check.sh does).
+Without a GPU, the Triton interpreter is switched on so the Triton backend is
+tested on CPU tensors; it must be set before triton is imported.
+"""
+import os
+
+DEVICE = os.environ.get("CK_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    return torch.device(DEVICE)
+
+
+# Tolerances against the float64 reference, relative to the largest reference value.
+# Half types are compared with an fp32-accumulated reference on the same (rounded) inputs:
+# the loss is accumulated in fp32, gradients are rounded once to the input dtype.
+TOL = {
+    torch.float64: dict(loss=1e-10, grad=1e-9),
+    torch.float32: dict(loss=1e-5, grad=1e-4),
+    torch.float16: dict(loss=1e-4, grad=4e-3),
+    torch.bfloat16: dict(loss=1e-4, grad=3e-2),
+}
+
+
+def rel_err(actual, expected):
+    """max |a - e| / max(max |e|, 1e-30), computed in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    assert torch.isfinite(a).all(), "non-finite values"
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30)) if e.numel() else 0.0

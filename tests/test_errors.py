@@ -1,0 +1,105 @@
+"""Bad input: a clear ValueError/TypeError naming the argument, before any kernel runs."""
+import math
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+from contrastive_kernels import backends
+from conftest import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_may_run(monkeypatch):
+    """Every backend's kernels raise if called: errors must come before them."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel ran before the input was rejected")
+    for mod in backends._BACKENDS.values():
+        monkeypatch.setattr(mod, "lse_forward", boom, raising=False)
+
+
+def q_(n=4, d=3, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype, device=DEVICE)
+
+
+BAD = [
+    # (description, kwargs for info_nce, error type, message pattern)
+    ("query not a tensor", dict(query=[[1.0]]), TypeError, "query must be a torch.Tensor"),
+    ("query rank 1", dict(query=torch.randn(4)), ValueError, r"query must be 2-D"),
+    ("query rank 3", dict(query=torch.randn(2, 3, 4)), ValueError, r"query must be 2-D"),
+    ("key rank 1", dict(key=torch.randn(4)), ValueError, r"key must be 2-D"),
+    ("N = 0", dict(query=torch.randn(0, 3)), ValueError, r"query must have at least one row"),
+    ("M = 0", dict(key=torch.randn(0, 3)), ValueError, r"key must have at least one row"),
+    ("D = 0", dict(query=torch.randn(4, 0), key=torch.randn(4, 0)), ValueError, r"non-zero embedding dim"),
+    ("D mismatch", dict(key=torch.randn(4, 5)), ValueError, r"key has embedding dim 5 but query has 3"),
+    ("dtype mismatch", dict(key=torch.randn(4, 3, dtype=torch.float64)), TypeError, r"key has dtype torch.float64"),
+    ("integer query", dict(query=torch.ones(4, 3, dtype=torch.long), key=None), TypeError, r"query must be float16"),
+    ("positive_index float", dict(positive_index=torch.zeros(4)), TypeError, r"positive_index must be an integer tensor"),
+    ("positive_index list", dict(positive_index=[0, 1, 2, 3]), TypeError, r"positive_index must be an integer torch.Tensor"),
+    ("positive_index too big", dict(positive_index=torch.tensor([0, 1, 2, 4])), ValueError, r"positive_index values must be in \[0, 4\)"),
+    ("positive_index negative", dict(positive_index=torch.tensor([0, -1, 2, 3])), ValueError, r"positive_index values must be in"),
+    ("positive_index length", dict(positive_index=torch.tensor([0, 1])), ValueError, r"positive_index must have shape \(4,\)"),
+    ("positive_index self", dict(key=None, positive_index=torch.tensor([1, 1, 3, 2])), ValueError, r"must not point a query at itself"),
+    ("both targets", dict(positive_index=torch.arange(4), labels=torch.arange(4)), ValueError, r"either positive_index or labels"),
+    ("labels length", dict(labels=torch.arange(3)), ValueError, r"labels must have shape \(4,\)"),
+    ("labels float", dict(labels=torch.zeros(4)), TypeError, r"labels must be an integer tensor"),
+    ("key_labels length", dict(key=torch.randn(6, 3), labels=torch.arange(4), key_labels=torch.arange(5)), ValueError, r"key_labels must have shape \(6,\)"),
+    ("key_labels missing", dict(key=torch.randn(6, 3), labels=torch.arange(4)), ValueError, r"key_labels is required"),
+    ("key_labels alone", dict(key_labels=torch.arange(4)), ValueError, r"key_labels needs labels"),
+    ("key_labels self", dict(key=None, labels=torch.arange(4), key_labels=torch.arange(4)), ValueError, r"key_labels must be None when key is None"),
+    ("temperature 0", dict(temperature=0.0), ValueError, r"temperature must be > 0"),
+    ("temperature < 0", dict(temperature=-0.1), ValueError, r"temperature must be > 0"),
+    ("temperature nan", dict(temperature=math.nan), ValueError, r"temperature must be finite"),
+    ("temperature inf", dict(temperature=math.inf), ValueError, r"temperature must be finite"),
+    ("temperature tensor nan", dict(temperature=torch.tensor(math.nan)), ValueError, r"temperature must be finite"),
+    ("temperature string", dict(temperature="0.1"), TypeError, r"temperature must be a float"),
+    ("logit_scale 0", dict(logit_scale=0.0), ValueError, r"logit_scale must be > 0"),
+    ("logit_scale inf tensor", dict(logit_scale=torch.tensor(math.inf)), ValueError, r"logit_scale must be finite"),
+    ("logit_scale vector", dict(logit_scale=torch.ones(2)), ValueError, r"logit_scale must be a float or a 0-dim tensor"),
+    ("logit_bias nan", dict(logit_bias=math.nan), ValueError, r"logit_bias must be finite"),
+    ("symmetric M != N", dict(key=torch.randn(6, 3), symmetric=True), ValueError, r"symmetric=True needs as many keys as queries"),
+    ("fewer keys than queries", dict(key=torch.randn(2, 3)), ValueError, r"needs key rows >= query rows"),
+    ("odd NT-Xent", dict(query=torch.randn(5, 3), key=None), ValueError, r"needs an even number of query rows"),
+    ("reduction", dict(reduction="avg"), ValueError, r"reduction must be one of"),
+    ("label_smoothing 1", dict(label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1\)"),
+    ("label_smoothing negative", dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in"),
+    ("symmetric not bool", dict(symmetric=1), TypeError, r"symmetric must be a bool"),
+    ("unknown backend", dict(backend="cudnn"), ValueError, r"backend must be 'auto' or one of .*available on"),
+    ("backend not a string", dict(backend=None), TypeError, r"backend must be a string"),
+]
+
+
+@pytest.mark.parametrize("desc,kwargs,exc,pattern", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(desc, kwargs, exc, pattern):
+    kwargs = dict(kwargs)
+    query = kwargs.pop("query", q_())
+    key = kwargs.pop("key", q_())
+    query = query.to(DEVICE) if torch.is_tensor(query) else query
+    key = key.to(DEVICE) if torch.is_tensor(key) else key
+    kwargs = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    with pytest.raises(exc, match=pattern):
+        ck.info_nce(query, key, **kwargs)
+    # The reference checks the same way (it ignores `backend`).
+    if "backend" not in kwargs:
+        with pytest.raises(exc, match=pattern):
+            ck.reference.info_nce(query, key, **kwargs)
+
+
+def test_mixed_devices():
+    q = torch.randn(4, 3)
+    k = torch.randn(4, 3, device="meta")
+    with pytest.raises(ValueError, match=r"key is on meta but query is on cpu"):
+        ck.info_nce(q, k)
+    with pytest.raises(ValueError, match=r"labels is on meta"):
+        ck.info_nce(q, q, labels=torch.arange(4, device="meta"))
+
+
+def test_backend_unable_to_serve_names_available():
+    q = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot run on cpu.*Available on cpu"):
+        ck.info_nce(q, q, backend="cuda")
+
+
+def test_module_rejects_bad_distributed():
+    with pytest.raises(ValueError, match=r"distributed must be None, 'ring' or 'gather'"):
+        ck.FusedInfoNCE(distributed="allgather")
