@@ -7,9 +7,16 @@ The loss splits into two parts (docs/DESIGN.md, "Decomposition"):
     computed here once for every backend, differentiated by autograd.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._validate import DEFAULT_TEMPERATURE, check_inputs
+
+
+def _no_autocast(x):
+    # Backends choose their own precision (fp32 accumulation); autocast must not
+    # turn their tile products into half precision.
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 class FusedLSE(torch.autograd.Function):
@@ -21,7 +28,8 @@ class FusedLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, backend, self_mask, cols):
         s = float(scale)
-        lse_r, lse_c = backend.lse_forward(q, k, s, self_mask, cols)
+        with _no_autocast(q):
+            lse_r, lse_c = backend.lse_forward(q, k, s, self_mask, cols)
         if lse_c is None:
             lse_c = lse_r.new_empty(0)
         ctx.save_for_backward(q, k, scale, lse_r, lse_c)
@@ -29,13 +37,15 @@ class FusedLSE(torch.autograd.Function):
         return lse_r, lse_c
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_r, g_c):
         q, k, scale, lse_r, lse_c = ctx.saved_tensors
         acc = lse_r.dtype
         g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(acc).contiguous()
         g_c = g_c.to(acc).contiguous() if (ctx.cols and g_c is not None) else None
-        dq_raw, dk_raw = ctx.backend.lse_backward(
-            q, k, ctx.s, ctx.self_mask, lse_r, lse_c if ctx.cols else None, g_r, g_c)
+        with _no_autocast(q):
+            dq_raw, dk_raw = ctx.backend.lse_backward(
+                q, k, ctx.s, ctx.self_mask, lse_r, lse_c if ctx.cols else None, g_r, g_c)
         dq = (dq_raw * ctx.s).to(q.dtype) if ctx.needs_input_grad[0] else None
         dk = (dk_raw * ctx.s).to(k.dtype) if ctx.needs_input_grad[1] else None
         # dL/ds = sum_ij dS_ij <q_i, k_j> = sum_i <q_i, (dS k)_i>

@@ -82,3 +82,19 @@ def test_import_without_extension():
 @pytest.mark.skipif(not _ext.loaded(), reason="extension not built")
 def test_extension_is_used_by_auto_on_cpu():
     assert backends.get_backend("auto", "cpu").NAME == "cpu"
+
+
+def test_autocast_does_not_lower_the_precision():
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    gen = torch.Generator().manual_seed(9)
+    q = F.normalize(torch.randn(300, 64, generator=gen), dim=1)
+    k = F.normalize(torch.randn(300, 64, generator=gen), dim=1)
+    want = ck.reference.info_nce(q, k, symmetric=True)
+    for be in ck.available_backends("cpu"):
+        if be == "triton":
+            continue
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ck.info_nce(q, k, symmetric=True, backend=be)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=1e-5), be
