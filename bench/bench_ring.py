@@ -1,0 +1,87 @@
+"""Ring vs gather for the global-batch loss, gloo on CPU.
+
+    python bench/bench_ring.py [--world 4] [--n 1024] [--d 128] [--reps 5] [--threads 1]
+
+Times forward + backward of the symmetric CLIP loss over P processes:
+  ring (overlap)  transfers of the next block overlap the compute on the current one
+  ring (sync)     each transfer is waited for before computing (overlap=False)
+  gather          all-gather with gradient, local queries against all keys
+and prints the median over the repetitions (max over ranks of each repetition).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MODES = [("ring (overlap)", "ring", True), ("ring (sync)", "ring", False),
+         ("gather", "gather", None)]
+
+
+def _worker(rank, args, init_file, out):
+    torch.set_num_threads(args.threads)
+    import contrastive_kernels.distributed as ckd
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=args.world)
+    gen = torch.Generator().manual_seed(rank)
+    q0 = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=gen), dim=1)
+    k0 = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=gen), dim=1)
+    results = {}
+    for label, mode, overlap in MODES:
+        times = []
+        for rep in range(args.reps + 1):           # the first repetition warms up
+            q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+            scale = torch.tensor(14.0, requires_grad=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            if mode == "ring":
+                loss = ckd.ring_info_nce(q, k, symmetric=True, logit_scale=scale,
+                                         backend=args.backend, overlap=overlap)
+            else:
+                loss = ckd.gather_info_nce(q, k, symmetric=True, logit_scale=scale,
+                                           backend=args.backend)
+            loss.backward()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            if rep:
+                times.append(dt.item())
+        results[label] = statistics.median(times)
+    if rank == 0:
+        out.put(results)
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=int, default=4)
+    ap.add_argument("--n", type=int, default=1024, help="local batch (queries = keys)")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--backend", default="torch")
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = mp.start_processes(_worker, args=(args, os.path.join(tmp, "init"), out),
+                                   nprocs=args.world, join=False, start_method="spawn")
+        results = out.get(timeout=1800)
+        procs.join()
+    print(f"global-batch symmetric InfoNCE, gloo CPU, P={args.world}, N_local={args.n}, "
+          f"D={args.d}, fp32, backend={args.backend!r}, {args.threads} thread(s)/rank, "
+          f"median of {args.reps} (fwd + bwd, slowest rank)")
+    base = results["ring (overlap)"]
+    print(f"{'mode':<16} {'time (ms)':>10} {'vs ring':>8}")
+    for label, _, _ in MODES:
+        print(f"{label:<16} {results[label] * 1e3:>10.1f} {results[label] / base:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

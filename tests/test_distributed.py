@@ -1,0 +1,313 @@
+"""Global-batch losses over torch.distributed (gloo on CPU), against the reference on
+the concatenated global batch.
+
+Each world size (2, 3, 4) runs ALL its cases in one spawn of processes (starting
+processes and importing torch costs seconds); a hang fails the test after a timeout.
+"""
+import math
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import contrastive_kernels as ck
+from contrastive_kernels import distributed as ckd
+
+D = 8
+SPAWN_TIMEOUT_S = 150
+SIZES_N = [3, 5, 4, 2]     # uneven local query counts (first `world` used)
+SIZES_M = [6, 7, 5, 4]     # hard negatives: local key counts differ from query counts
+SIZES_2V = [4, 6, 2, 4]    # NT-Xent with the default pairing: two views stacked per rank
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _offsets(sizes):
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+def _default_pi(sizes_n, sizes_m, self_contrast):
+    """Global positive_index of the default pairing (within each rank)."""
+    parts = []
+    for n, off in zip(sizes_n, _offsets(sizes_m)):
+        i = torch.arange(n)
+        parts.append(((i + n // 2) % n if self_contrast else i) + off)
+    return torch.cat(parts)
+
+
+def _allreduce(x):
+    x = x.detach().clone().to(torch.float64).reshape(-1)
+    dist.all_reduce(x)
+    return x
+
+
+def _close(name, got, want, tol):
+    got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
+        err = (got - want).abs().max().item() if got.shape == want.shape else "shape"
+        raise AssertionError(f"rank {dist.get_rank()}: {name} mismatch (max err {err})\n"
+                             f"got  {got.flatten()[:8].tolist()}\n"
+                             f"want {want.flatten()[:8].tolist()}")
+
+
+def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, symmetric=True,
+              labels=False, key_labels=False, global_pi=False, smoothing=0.0,
+              reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0):
+    """One case: ring/gather loss on the shards vs ck.reference on the global batch."""
+    sizes_n = SIZES_N[:world]
+    if self_contrast and not (labels or global_pi):
+        sizes_n = SIZES_2V[:world]
+    sizes_m = list(sizes_n) if (self_contrast or not uneven_m) else SIZES_M[:world]
+    ng, mg = sum(sizes_n), sum(sizes_m)
+    if global_pi and symmetric:
+        mg = ng
+        sizes_m = list(reversed(sizes_n))   # N_global == M_global, uneven per rank
+    gen = torch.Generator().manual_seed(seed)
+    Q = F.normalize(torch.randn(ng, D, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+    K = None if self_contrast else F.normalize(
+        torch.randn(mg, D, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+    kw = dict(symmetric=symmetric, label_smoothing=smoothing, reduction=reduction)
+    lab = klab = pi = None
+    if labels:
+        lab = torch.randint(0, 4, (ng,), generator=gen)
+        if key_labels:   # keys only of classes 0..2: queries of class 3 have no positive
+            klab = torch.randint(0, 3, (mg,), generator=gen)
+    elif global_pi:
+        if self_contrast:
+            pi = (torch.arange(ng) + torch.randint(1, ng, (ng,), generator=gen)) % ng
+        else:
+            pi = torch.randint(0, mg, (ng,), generator=gen)  # repeats: some columns unmatched
+    on, om = _offsets(sizes_n), _offsets(sizes_m)
+    rn = slice(on[rank], on[rank] + sizes_n[rank])
+    rm = slice(om[rank], om[rank] + sizes_m[rank])
+
+    def leaf(x):
+        return x.detach().clone().requires_grad_(True)
+
+    # the fused distributed loss on this rank's shard
+    q = leaf(Q[rn])
+    k = None if self_contrast else leaf(K[rm])
+    scale, bias = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
+    loc = dict(kw, logit_scale=scale, logit_bias=bias, backend=backend)
+    if lab is not None:
+        loc["labels"] = lab[rn]
+        if klab is not None:
+            loc["key_labels"] = klab[rm]
+    if pi is not None:
+        loc["positive_index"] = pi[rn]
+    if mode == "ring":
+        loss = ckd.ring_info_nce(q, k, overlap=overlap, **loc)
+    else:
+        loss = ckd.gather_info_nce(q, k, **loc)
+    loss.sum().backward()
+
+    # the reference on the concatenated global batch
+    Qr, Kr = leaf(Q), None if self_contrast else leaf(K)
+    sr, br = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
+    ref_kw = dict(kw, logit_scale=sr, logit_bias=br)
+    if lab is not None:
+        ref_kw["labels"] = lab
+        if klab is not None:
+            ref_kw["key_labels"] = klab
+    else:
+        ref_kw["positive_index"] = pi if pi is not None else _default_pi(sizes_n, sizes_m,
+                                                                         self_contrast)
+    ref = ck.reference.info_nce(Qr, Kr, **ref_kw)
+    ref.sum().backward()
+
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    # the sum over ranks of the per-rank losses is P x (mean) or 1 x (sum, none) the global loss
+    factor = world if reduction == "mean" else 1
+    if reduction == "none":
+        want = ref[:ng][rn]
+        if symmetric:
+            want = torch.cat([ref[:ng][rn], ref[ng:][rm if not self_contrast else rn]])
+        _close("loss (none)", loss, want, tol)
+    else:
+        _close("sum of rank losses", _allreduce(loss), factor * ref.reshape(1), tol)
+    _close("dq", q.grad, factor * Qr.grad[rn], tol)
+    if not self_contrast:
+        _close("dk", k.grad, factor * Kr.grad[rm], tol)
+    _close("d logit_scale (sum of shares)", _allreduce(scale.grad), factor * sr.grad.reshape(1),
+           tol)
+    _close("d logit_bias (sum of shares)", _allreduce(bias.grad), factor * br.grad.reshape(1),
+           tol)
+
+
+def _expect_value_error_everywhere(fn, match):
+    try:
+        fn()
+    except ValueError as e:
+        assert match in str(e) or "invalid arguments on rank" in str(e), str(e)
+    else:
+        raise AssertionError(f"rank {dist.get_rank()}: no ValueError")
+    dist.barrier()   # every rank got here: nobody hangs
+
+
+def _ddp_case(world, rank, mode, seed=3):
+    """Shared linear encoders: the average of the per-rank parameter gradients (what DDP
+    applies) equals the single-process gradient on the concatenated global batch."""
+    sizes = SIZES_N[:world]
+    off = _offsets(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    ng, din = sum(sizes), 5
+    X = torch.randn(ng, din, generator=gen, dtype=torch.float64)
+    Y = torch.randn(ng, din, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (ng,), generator=gen)
+
+    def make():
+        torch.manual_seed(seed)
+        enc_i = torch.nn.Linear(din, D).double()
+        enc_t = torch.nn.Linear(din, D).double()
+        log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.1), dtype=torch.float64))
+        bias = torch.nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+        return enc_i, enc_t, log_scale, bias
+
+    def params(m):
+        enc_i, enc_t, log_scale, bias = m
+        return list(enc_i.parameters()) + list(enc_t.parameters()) + [log_scale, bias]
+
+    for use_labels in (False, True):
+        # distributed: each rank encodes its own shard
+        m = make()
+        sl = slice(off[rank], off[rank] + sizes[rank])
+        img = F.normalize(m[0](X[sl]), dim=1)
+        txt = F.normalize(m[1](Y[sl]), dim=1)
+        lab = dict(labels=labels[sl]) if use_labels else {}
+        loss_fn = ck.FusedInfoNCE(symmetric=True, label_smoothing=0.1, backend="torch",
+                                  distributed=mode)
+        loss = loss_fn(img, txt, logit_scale=m[2].exp(), logit_bias=m[3], **lab)
+        loss.backward()
+        ddp = [_allreduce(p.grad) / world for p in params(m)]   # DDP averages
+        mean_loss = _allreduce(loss) / world
+        # single process on the concatenated batch
+        r = make()
+        img = F.normalize(r[0](X), dim=1)
+        txt = F.normalize(r[1](Y), dim=1)
+        lab = dict(labels=labels) if use_labels else {}
+        ref = ck.reference.info_nce(img, txt, symmetric=True, label_smoothing=0.1,
+                                    logit_scale=r[2].exp(), logit_bias=r[3], **lab)
+        ref.backward()
+        _close(f"DDP loss ({mode}, labels={use_labels})", mean_loss, ref.reshape(1), 1e-9)
+        for i, (g, p) in enumerate(zip(ddp, params(r))):
+            _close(f"DDP grad {i} ({mode}, labels={use_labels})", g, p.grad.reshape(-1), 1e-9)
+
+
+def _cases(world, rank):
+    R = lambda **kw: _run_case(world, rank, **kw)  # noqa: E731
+    # --- ring ---
+    R(symmetric=True, smoothing=0.1)                                     # CLIP, uneven shards
+    R(symmetric=False, uneven_m=True, dtype=torch.float32, backend="auto")  # hard negatives
+    R(symmetric=True, uneven_m=True, labels=True, key_labels=True, smoothing=0.1)  # SupCon
+    R(symmetric=False, uneven_m=True, labels=True, key_labels=True)
+    R(symmetric=True, labels=True, dtype=torch.float32)
+    R(symmetric=True, global_pi=True, smoothing=0.2)                     # global positive_index
+    R(symmetric=False, uneven_m=True, global_pi=True)
+    R(self_contrast=True, symmetric=False, smoothing=0.1)                # NT-Xent, global batch
+    R(self_contrast=True, symmetric=True, global_pi=True)
+    R(self_contrast=True, symmetric=True, labels=True, smoothing=0.1)    # SupCon, key=None
+    R(symmetric=True, reduction="sum", uneven_m=True, labels=True, key_labels=True)
+    R(symmetric=True, reduction="none", smoothing=0.1)
+    R(symmetric=False, reduction="none", uneven_m=True)
+    R(symmetric=True, overlap=False, labels=True, dtype=torch.float32)   # synchronous transfers
+    # --- memory bound: remote key blocks held at once ---
+    ckd.reset_ring_stats()
+    R(symmetric=True, uneven_m=True, labels=True, key_labels=True)
+    assert ckd.RING_STATS["passes"] == 1
+    assert ckd.RING_STATS["remote_key_blocks"] == min(2, world - 1), ckd.RING_STATS
+    assert ckd.RING_STATS["dk_buffers"] <= 3, ckd.RING_STATS
+    # --- gather ---
+    R(mode="gather", symmetric=True, smoothing=0.1)
+    R(mode="gather", symmetric=False, uneven_m=True, dtype=torch.float32)
+    R(mode="gather", symmetric=True, uneven_m=True, labels=True, key_labels=True, smoothing=0.1)
+    R(mode="gather", symmetric=True, global_pi=True)
+    R(mode="gather", symmetric=True, reduction="none", labels=True)
+    # --- DDP equivalence ---
+    _ddp_case(world, rank, "ring")
+    _ddp_case(world, rank, "gather")
+    # --- errors raised on every rank, no hang ---
+    q = torch.randn(4, D)
+    _expect_value_error_everywhere(lambda: ckd.gather_info_nce(q, None, backend="torch"),
+                                   "not supported in 'gather'")
+    bad = torch.full((4,), 10 ** 6) if rank == world - 1 else torch.zeros(4, dtype=torch.long)
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_info_nce(q, q.clone(), positive_index=bad, backend="torch"),
+        "positive_index values must be in")
+    tmp = 0.1 if rank == 0 else -1.0   # invalid on every rank but the first
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_info_nce(q, q.clone(), temperature=tmp, backend="torch"),
+        "temperature must be > 0")
+    dim = D if rank else D + 1          # embedding dims disagree
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_info_nce(torch.randn(4, dim), torch.randn(4, dim), backend="torch"),
+        "embedding dim must be the same")
+
+
+def _worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        _cases(world, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path):
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init")), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"world size {world}: no result after {SPAWN_TIMEOUT_S}s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_global_batch(world, tmp_path):
+    _spawn(world, tmp_path)
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+def _fallback_check(fn):
+    torch.manual_seed(0)
+    q, k = torch.randn(6, D, requires_grad=True), torch.randn(6, D, requires_grad=True)
+    s = torch.tensor(5.0, requires_grad=True)   # a learnable scale (Inf-CL crashes here)
+    loss = fn(q, k, symmetric=True, logit_scale=s, backend="torch")
+    loss.backward()
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    s2 = s.detach().clone().requires_grad_()
+    ref = ck.info_nce(q2, k2, symmetric=True, logit_scale=s2, backend="torch")
+    ref.backward()
+    for a, b in ((loss, ref), (q.grad, q2.grad), (k.grad, k2.grad), (s.grad, s2.grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fn", [ckd.ring_info_nce, ckd.gather_info_nce])
+def test_no_process_group_is_local(fn):
+    assert not dist.is_initialized()
+    _fallback_check(fn)
+    loss_fn = ck.FusedInfoNCE(distributed="ring", backend="torch")
+    want = ck.info_nce(torch.eye(4), torch.eye(4), symmetric=True, backend="torch")
+    torch.testing.assert_close(loss_fn(torch.eye(4), torch.eye(4)), want)
+
+
+def test_world_size_one_is_local(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        _fallback_check(ckd.ring_info_nce)
+        _fallback_check(ckd.gather_info_nce)
+    finally:
+        dist.destroy_process_group()
