@@ -1,0 +1,84 @@
+"""Smoke tests of `python -m contrastive_kernels.bench` at tiny sizes."""
+import json
+
+from contrastive_kernels import bench
+
+GiB = 1 << 30
+
+
+def _rows(path):
+    with open(path) as f:
+        data = json.load(f)
+    return data, {(r["n"], r["method"]): r for r in data["results"]}
+
+
+def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
+    rc = bench.main(["--min-n", "256", "--max-n", "512", "--d", "32", "--repeats", "1",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    methods = ["naive"] + bench.cpu_backends() + ["gemm"]
+    data, rows = _rows(tmp_path / "sweep.json")
+    assert [(r["n"], r["method"]) for r in data["results"]] == [
+        (n, m) for n in (256, 512) for m in methods]
+    for r in data["results"]:
+        assert r["status"] == "ok", r
+        assert r["time_s"] > 0 and r["peak_rss"] >= r["rss_inputs"] > 0
+    assert rows[(512, "naive")]["ratio_naive"] == 1.0
+    assert abs(rows[(512, "gemm")]["ratio_floor"] - 0.25) < 1e-12
+    assert data["machine"]["torch"] and data["machine"]["threads"] >= 1
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert "demo: symmetric CLIP loss" in out
+    table = [line.split() for line in out.splitlines()]
+    for n in (256, 512):
+        for m in methods:
+            assert [str(n), "32", m] in [t[:3] for t in table], (n, m)
+
+
+def test_memory_skip_estimates():
+    # N = 32768: the naive loss needs several 4 GiB buffers; the fused one a few tiles.
+    assert bench.need_bytes("naive", 32768, 128) > 12 * GiB
+    assert bench.need_bytes("cpu", 32768, 128) < 1 * GiB
+    note = bench.memory_skip("naive", 32768, 128, avail=24 * GiB)
+    assert note.startswith("skipped: would need 20.1 GiB")
+    assert bench.memory_skip("cpu", 32768, 128, avail=24 * GiB) is None
+    assert bench.memory_skip("naive", 1024, 128, avail=24 * GiB) is None
+
+
+def test_naive_skipped_when_memory_is_short(tmp_path, capsys):
+    # 4 MiB "available": the naive loss at N = 512 needs ~5 MiB, one gemm 1 MiB.
+    rc = bench.main(["--min-n", "512", "--max-n", "512", "--d", "32", "--repeats", "1",
+                     "--methods", "naive,gemm", "--no-demo", "--out", str(tmp_path)],
+                    avail_fn=lambda: 4 * (1 << 20))
+    assert rc == 0
+    out = capsys.readouterr().out
+    _, rows = _rows(tmp_path / "sweep.json")
+    assert rows[(512, "naive")]["status"] == "skipped"
+    assert rows[(512, "naive")]["note"].startswith("skipped: would need")
+    assert rows[(512, "gemm")]["status"] == "ok"
+    assert "skipped: would need" in out
+
+
+def test_skipped_when_over_time_budget(tmp_path, capsys):
+    rc = bench.main(["--min-n", "256", "--max-n", "256", "--d", "32", "--budget-s", "1e-9",
+                     "--no-demo", "--out", str(tmp_path)])
+    assert rc == 0
+    _, rows = _rows(tmp_path / "sweep.json")
+    assert rows and all(r["status"] == "skipped" and r["note"].startswith("skipped: est.")
+                        for r in rows.values())
+    assert "> budget" in capsys.readouterr().out
+
+
+def test_target_lines():
+    def row(method, n, d, **kw):
+        return dict(method=method, n=n, d=d, status="ok", note="", **kw)
+    rows = [row("naive", 8192, 256, time_s=2.0), row("gemm", 8192, 256, time_s=0.3),
+            row("cpu", 8192, 256, time_s=1.6),  # 0.8 x naive; 1.33 x 4 t_gemm
+            row("cpu", 32768, 128, above_inputs=300 << 20),
+            dict(method="naive", n=32768, d=128, status="skipped", note="skipped: would need")]
+    lines = bench.check_targets(rows)
+    assert [line.split()[0] for line in lines] == ["PASS", "FAIL", "PASS"], lines
+    assert "0.85 x naive" in lines[0] and "1.25 x 4 t_gemm" in lines[1] and "1 GiB" in lines[2]
+    # the cpu backend missing: every target fails, saying why
+    lines = bench.check_targets([r for r in rows if r["method"] != "cpu"], "not built")
+    assert len(lines) == 3 and all(line.startswith("FAIL") and "not built" in line for line in lines)
