@@ -29,11 +29,11 @@ def _sources(pattern):
 def extension():
     sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
     include = [os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    cxx = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2"]
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         archs = os.environ.get("CK_CUDA_ARCHS", "80;90").split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         return ce.CUDAExtension("contrastive_kernels._C", sources, include_dirs=include,
                                 extra_compile_args={"cxx": cxx + ["-DCK_WITH_CUDA"], "nvcc": nvcc},

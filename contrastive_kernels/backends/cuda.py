@@ -1,8 +1,126 @@
-"""Fused CUDA C++ kernels (csrc/cuda/). Not implemented yet: see issue 4."""
+"""Fused CUDA C++ backend (csrc/cuda/), called through torch.ops.contrastive_kernels.
+
+The kernels are built into `contrastive_kernels._C` when the package is installed
+with a CUDA build of torch and a CUDA toolkit:
+
+    CK_BUILD_CUDA=1 pip install -e . --no-build-isolation
+
+If the loaded `_C` has no CUDA kernels (e.g. it was built without nvcc), the first
+use on a CUDA tensor compiles csrc/cuda/ just in time with
+`torch.utils.cpp_extension.load` (ninja, cached in the torch extensions folder,
+TORCH_EXTENSIONS_DIR; takes a few minutes once). CK_CUDA_JIT=0 turns that off.
+
+Algorithm (same as the other backends, docs/DESIGN.md): one CTA of 4 warps per block
+of 64 rows (32 for fp64) sweeps all column blocks, computing tiles of S = scale q k^T
+in shared memory with fp32 (fp64 for fp64 inputs) accumulation. fp16/bf16 use tensor
+cores (nvcuda::wmma m16n16k16); fp32 and fp64 use a SIMT path.
+
+Switches, read on every call:
+  CK_CUDA_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)):
+      no floating-point atomics, so results are bitwise reproducible. The column
+      log-sum-exp comes from a second, transposed forward pass instead of being merged
+      across row blocks by compare-and-swap, and dk from a second backward pass over
+      column blocks (recomputing S) instead of fp32/fp64 atomicAdd. Costs one more
+      forward pass (with column statistics) and one more S recomputation in backward.
+  CK_CUDA_TF32=1: fp32 inputs use TF32 tensor cores (wmma m16n16k8) instead of the
+      exact fp32 SIMT path (faster, about 1e-3 relative error in S).
+fp64 inputs always get their column statistics from the second pass.
+"""
+import logging
+import os
+import threading
+
+import torch
+
+from .. import _ext
+
 NAME = "cuda"
+
+BUILD_HOWTO = ("install a CUDA build of torch and a CUDA toolkit with nvcc (CUDA_HOME), then "
+               "run `CK_BUILD_CUDA=1 pip install -e . --no-build-isolation`")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CSRC = os.path.join(_ROOT, "csrc")
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_jit = {"tried": False, "error": None}
+
+
+def deterministic():
+    """True when the deterministic (atomic-free) kernels are used."""
+    return os.environ.get("CK_CUDA_DETERMINISTIC") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def _has_cuda_kernels():
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            "contrastive_kernels::lse_forward", "CUDA")
+    except RuntimeError:  # the op is not defined at all (no _C, no JIT module)
+        return False
+
+
+def _jit_sources():
+    d = os.path.join(_CSRC, "cuda")
+    names = ["lse_kernels.cu", "lse_cuda.cpp"]
+    return [os.path.join(d, s) for s in names]
+
+
+def _jit_build():
+    """Compile csrc/cuda/ just in time (once per process); None on success, else why not."""
+    with _lock:
+        if _jit["tried"]:
+            return _jit["error"]
+        _jit["tried"] = True
+        _jit["error"] = _jit_build_locked()
+        return _jit["error"]
+
+
+def _jit_build_locked():
+    if os.environ.get("CK_CUDA_JIT", "1") == "0":
+        return f"the loaded extension has no CUDA kernels and just-in-time builds are off (CK_CUDA_JIT=0); {BUILD_HOWTO}"
+    from torch.utils import cpp_extension as ce
+    if ce.CUDA_HOME is None:
+        return f"the loaded extension has no CUDA kernels and no CUDA toolkit (nvcc) was found to build them; {BUILD_HOWTO}"
+    sources = _jit_sources()
+    missing = [s for s in sources if not os.path.exists(s)]
+    if missing:
+        return f"the CUDA sources are not installed ({missing[0]} is missing); {BUILD_HOWTO}"
+    # The op schemas live in _C; without it the JIT module defines them itself.
+    standalone = not _ext.loaded()
+    # no -std flag: torch adds the standard its headers need (C++20 for torch >= 2.13)
+    flags = ["-O3", "-DCK_WITH_CUDA"] + (["-DCK_CUDA_DEFINE_SCHEMA"] if standalone else [])
+    cuda_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
+    name = "contrastive_kernels_cuda" + ("_standalone" if standalone else "")
+    _log.warning("contrastive_kernels: the loaded extension has no CUDA kernels; building them "
+                 "just in time (once, takes minutes) ...")
+    try:
+        ce.load(name=name, sources=sources, extra_include_paths=[_CSRC], extra_cflags=flags,
+                extra_cuda_cflags=cuda_flags, is_python_module=False, verbose=False)
+    except Exception as e:  # compiler errors, missing ninja, ...
+        return f"the just-in-time build of the CUDA kernels failed ({type(e).__name__}: {e}); {BUILD_HOWTO}"
+    if not _has_cuda_kernels():
+        return f"the just-in-time CUDA module loaded but registered no CUDA kernels; {BUILD_HOWTO}"
+    return None
 
 
 def unavailable_reason(device):
     if device.type != "cuda":
         return "it runs on CUDA tensors only"
-    return "the CUDA C++ backend is not implemented yet"
+    if _has_cuda_kernels():
+        return None
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build, which cannot build or run the CUDA "
+                f"kernels; {BUILD_HOWTO}")
+    return _jit_build()
+
+
+def lse_forward(q, k, scale, self_mask, cols):
+    lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward(q, k, scale, self_mask, cols)
+    return lse_r, (lse_c if cols else None)
+
+
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
+    empty = lse_r.new_empty(0)
+    return torch.ops.contrastive_kernels.lse_backward(
+        q, k, scale, self_mask, lse_r, empty if lse_c is None else lse_c,
+        g_r, empty if g_c is None else g_c)

@@ -1,0 +1,181 @@
+// ATen launcher of the CUDA kernels: checks arguments, allocates outputs, launches
+// (lse_kernels.cu does the work) and registers the CUDA implementations of the ops
+// whose schemas are defined in csrc/bindings.cpp.
+//
+// Runtime switches (read on every call):
+//   CK_CUDA_DETERMINISTIC=1, or torch.use_deterministic_algorithms(True): no float
+//     atomics. Column statistics come from a second, transposed forward pass and dk
+//     from a second backward pass over column blocks (run-to-run bitwise identical).
+//   CK_CUDA_TF32=1: fp32 inputs use TF32 tensor cores instead of the fp32 SIMT path.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include "cuda/lse_kernels.h"
+
+namespace ck {
+namespace cuda {
+namespace {
+
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool deterministic() {
+  return env_on("CK_CUDA_DETERMINISTIC") || at::globalContext().deterministicAlgorithms();
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "contrastive_kernels (cuda): unsupported dtype ", t.scalar_type(),
+                  "; expected float32, float64, float16 or bfloat16");
+  }
+  return DType::kFloat32;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda(), "contrastive_kernels (cuda): q and k must be CUDA tensors");
+  TORCH_CHECK(q.device() == k.device(), "contrastive_kernels (cuda): q and k are on different devices (",
+              q.device(), ", ", k.device(), ")");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "contrastive_kernels (cuda): q and k must be 2-D, got ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.size(1) == k.size(1), "contrastive_kernels (cuda): q and k feature sizes differ: ",
+              q.size(1), " vs ", k.size(1));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "contrastive_kernels (cuda): q and k dtypes differ: ",
+              q.scalar_type(), " vs ", k.scalar_type());
+  dtype_of(q);
+}
+
+at::ScalarType acc_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A statistic vector: (len,) on q's device, cast to the accumulation type, contiguous.
+at::Tensor stat(const at::Tensor& t, int64_t len, at::ScalarType acc, const at::Tensor& q,
+                const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "contrastive_kernels (cuda): ", name,
+              " must have shape (", len, "), got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), "contrastive_kernels (cuda): ", name, " is on ", t.device(),
+              ", q on ", q.device());
+  return t.to(acc).contiguous();
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "contrastive_kernels (cuda): ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    double scale, bool self_mask, bool cols) {
+  check_inputs(q_in, k_in);
+  const int64_t n = q_in.size(0), m = k_in.size(0), d = q_in.size(1);
+  TORCH_CHECK(!self_mask || n == m, "contrastive_kernels (cuda): self_mask needs N == M, got ", n,
+              " and ", m);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const auto acc = acc_type(q);
+  const DType dt = dtype_of(q);
+  const bool tf32 = env_on("CK_CUDA_TF32");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor lse_r = at::empty({n}, q.options().dtype(acc));
+  at::Tensor lse_c = at::empty({cols ? m : 0}, q.options().dtype(acc));
+
+  LseForwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(), nullptr};
+  if (cols && acc == at::kFloat && !deterministic() && m > 0) {
+    // one pass: column (max, sum) pairs merged across row blocks by compare-and-swap
+    at::Tensor colstat = at::empty({m}, q.options().dtype(at::kLong));
+    auto* cs = reinterpret_cast<unsigned long long*>(colstat.data_ptr<int64_t>());
+    check(colstat_init(cs, m, stream), "colstat_init");
+    a.colstat = cs;
+    check(lse_forward_rows(dt, tf32, a, stream), "lse_forward");
+    check(colstat_finish(cs, lse_c.data_ptr<float>(), m, stream), "colstat_finish");
+  } else {
+    check(lse_forward_rows(dt, tf32, a, stream), "lse_forward");
+    if (cols) {  // the columns of S are the rows of S^T = scale k q^T
+      LseForwardArgs t{k.data_ptr(), q.data_ptr(), m, n, d, scale, self_mask, lse_c.data_ptr(), nullptr};
+      check(lse_forward_rows(dt, tf32, t, stream), "lse_forward (columns)");
+    }
+  }
+  return {lse_r, lse_c};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     double scale, bool self_mask,
+                                                     const at::Tensor& lse_r_in,
+                                                     const at::Tensor& lse_c_in,
+                                                     const at::Tensor& g_r_in,
+                                                     const at::Tensor& g_c_in) {
+  check_inputs(q_in, k_in);
+  const int64_t n = q_in.size(0), m = k_in.size(0), d = q_in.size(1);
+  TORCH_CHECK(!self_mask || n == m, "contrastive_kernels (cuda): self_mask needs N == M, got ", n,
+              " and ", m);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const auto acc = acc_type(q);
+  const DType dt = dtype_of(q);
+  const bool tf32 = env_on("CK_CUDA_TF32");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::Tensor lse_r = stat(lse_r_in, n, acc, q, "lse_r");
+  const at::Tensor g_r = stat(g_r_in, n, acc, q, "g_r");
+  const bool has_c = lse_c_in.numel() > 0 && g_c_in.numel() > 0;
+  TORCH_CHECK(has_c || m == 0 || (lse_c_in.numel() == 0 && g_c_in.numel() == 0),
+              "contrastive_kernels (cuda): lse_c and g_c must both be given or both be empty");
+  at::Tensor lse_c, g_c;
+  if (has_c) {
+    lse_c = stat(lse_c_in, m, acc, q, "lse_c");
+    g_c = stat(g_c_in, m, acc, q, "g_c");
+  }
+  at::Tensor dq = at::zeros({n, d}, q.options().dtype(acc));
+  at::Tensor dk = at::zeros({m, d}, q.options().dtype(acc));
+  if (n == 0 || m == 0 || d == 0) return {dq, dk};
+
+  const void* lc = has_c ? lse_c.data_ptr() : nullptr;
+  const void* gc = has_c ? g_c.data_ptr() : nullptr;
+  if (!deterministic()) {
+    // one pass over row blocks: dq owned per block, dk by float atomics
+    LseBackwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
+                      g_r.data_ptr(), lc, gc, dq.data_ptr(), dk.data_ptr()};
+    check(lse_backward_rows(dt, tf32, a, stream), "lse_backward");
+  } else {
+    LseBackwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
+                      g_r.data_ptr(), lc, gc, dq.data_ptr(), nullptr};
+    check(lse_backward_rows(dt, tf32, a, stream), "lse_backward (rows)");
+    // dk = dS^T q: the same row pass on S^T with the row and column terms swapped
+    LseBackwardArgs t{k.data_ptr(), q.data_ptr(), m, n, d, scale, self_mask, lc, gc,
+                      lse_r.data_ptr(), g_r.data_ptr(), dk.data_ptr(), nullptr};
+    check(lse_backward_rows(dt, tf32, t, stream), "lse_backward (columns)");
+  }
+  return {dq, dk};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace ck
+
+#ifdef CK_CUDA_DEFINE_SCHEMA
+// Only for a just-in-time build loaded without contrastive_kernels._C (which defines
+// these schemas; keep the two in sync with csrc/bindings.cpp).
+TORCH_LIBRARY(contrastive_kernels, m) {
+  m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
+        "Tensor g_r, Tensor g_c) -> (Tensor, Tensor)");
+}
+#endif
+
+TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
+  m.impl("lse_forward", &ck::cuda::lse_forward_cuda);
+  m.impl("lse_backward", &ck::cuda::lse_backward_cuda);
+}
