@@ -1,0 +1,327 @@
+// Fused CPU kernel for the row/column log-sum-exp of S = scale * q k^T and its gradient.
+// Algorithm: docs/DESIGN.md, sections 3 and 4. Per-element math: common/tile_math.h.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/tile_math.h"
+
+namespace {
+
+constexpr int64_t kRows = 256;   // rows of a tile
+constexpr int64_t kCols = 256;   // columns of a tile
+constexpr int64_t kPartialBudget = int64_t(1) << 30;  // bytes for per-stripe dk partials
+
+// exp for the vectorized loops: branch free, ~2 ulp, exactly 0 below -87.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CK_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CK_MULTIVERSION
+#endif
+
+inline float exp_poly(float x) {
+  const float lo = -87.0f;
+  const bool zero = !(x >= lo);                  // also catches NaN-free -inf
+  x = std::min(std::max(x, lo), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return zero ? 0.0f : p * scale;
+}
+
+// ---- tile passes; x is a rows x cols tile of logits (row-major, leading dim cols)
+
+// Row partials: m[i] = max_j x_ij, l[i] = sum_j exp(x_ij - m[i]).
+template <typename T>
+void row_partials(const T* x, int64_t rows, int64_t cols, T* m, T* l);
+
+template <>
+CK_MULTIVERSION void row_partials<float>(const float* x, int64_t rows, int64_t cols, float* m, float* l) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * cols;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, xi[j]);
+    const float ref = std::isinf(mx) ? 0.0f : mx;  // all -inf: any finite reference
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) sum += exp_poly(xi[j] - ref);
+    m[i] = mx;
+    l[i] = sum;
+  }
+}
+
+template <>
+void row_partials<double>(const double* x, int64_t rows, int64_t cols, double* m, double* l) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const double* xi = x + i * cols;
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, xi[j]);
+    const double ref = std::isinf(mx) ? 0.0 : mx;
+    double sum = 0.0;
+    for (int64_t j = 0; j < cols; ++j) sum += std::exp(xi[j] - ref);
+    m[i] = mx;
+    l[i] = sum;
+  }
+}
+
+// Column partials, same as rows on the transpose: walks rows so the inner loop is contiguous.
+template <typename T>
+void col_partials(const T* x, int64_t rows, int64_t cols, T* m, T* l);
+
+template <>
+CK_MULTIVERSION void col_partials<float>(const float* x, int64_t rows, int64_t cols, float* m, float* l) {
+  for (int64_t j = 0; j < cols; ++j) { m[j] = -INFINITY; l[j] = 0.0f; }
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) m[j] = std::max(m[j], xi[j]);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      const float ref = m[j] == -INFINITY ? 0.0f : m[j];
+      l[j] += exp_poly(xi[j] - ref);
+    }
+  }
+}
+
+template <>
+void col_partials<double>(const double* x, int64_t rows, int64_t cols, double* m, double* l) {
+  for (int64_t j = 0; j < cols; ++j) { m[j] = -INFINITY; l[j] = 0.0; }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) m[j] = std::max(m[j], x[i * cols + j]);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const double ref = m[j] == -INFINITY ? 0.0 : m[j];
+      l[j] += std::exp(x[i * cols + j] - ref);
+    }
+}
+
+// dS in place: x_ij <- g_r[i] exp(x_ij - lse_r[i]) + g_c[j] exp(x_ij - lse_c[j]).
+// lse values are already passed through ck::backward_lse; g_c == nullptr: rows only.
+template <typename T>
+void tile_grad(T* x, int64_t rows, int64_t cols, const T* lse_r, const T* g_r, const T* lse_c,
+               const T* g_c);
+
+template <>
+CK_MULTIVERSION void tile_grad<float>(float* x, int64_t rows, int64_t cols, const float* lse_r,
+                                      const float* g_r, const float* lse_c, const float* g_c) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* xi = x + i * cols;
+    const float lr = lse_r[i], gr = g_r[i];
+    if (g_c) {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j)
+        xi[j] = gr * exp_poly(xi[j] - lr) + g_c[j] * exp_poly(xi[j] - lse_c[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) xi[j] = gr * exp_poly(xi[j] - lr);
+    }
+  }
+}
+
+template <>
+void tile_grad<double>(double* x, int64_t rows, int64_t cols, const double* lse_r,
+                       const double* g_r, const double* lse_c, const double* g_c) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      x[i * cols + j] = ck::tile_grad<double>(x[i * cols + j], lse_r[i], g_r[i],
+                                              g_c ? lse_c[j] : 0.0, g_c ? g_c[j] : 0.0);
+}
+
+// ---- shared set-up
+
+struct Tile {
+  at::Tensor buf;  // kRows * kCols scratch, reused for every tile of a stripe
+  // S = a @ b^T for row block [i0, i0+ni) of a and [j0, j0+nj) of b, as an ni x nj view.
+  at::Tensor logits(const at::Tensor& a, const at::Tensor& b, int64_t i0, int64_t ni,
+                    int64_t j0, int64_t nj, bool self_mask) {
+    at::Tensor s = at::from_blob(buf.data_ptr(), {ni, nj}, buf.options());
+    at::mm_out(s, a.narrow(0, i0, ni), b.narrow(0, j0, nj).t());
+    if (self_mask) mask_diagonal(s, i0, j0);
+    return s;
+  }
+  static void mask_diagonal(at::Tensor& s, int64_t i0, int64_t j0) {
+    const int64_t ni = s.size(0), nj = s.size(1);
+    const int64_t lo = std::max(i0, j0), hi = std::min(i0 + ni, j0 + nj);
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mask_diagonal", [&] {
+      scalar_t* p = s.data_ptr<scalar_t>();
+      for (int64_t d = lo; d < hi; ++d) p[(d - i0) * nj + (d - j0)] = -INFINITY;
+    });
+  }
+};
+
+// Rows split into `stripes` contiguous ranges of whole tiles, one per task.
+struct Stripes {
+  int64_t n, count, per;
+  Stripes(int64_t n_, int64_t want) : n(n_) {
+    const int64_t blocks = (n + kRows - 1) / kRows;
+    count = std::max<int64_t>(1, std::min(want, blocks));
+    per = (blocks + count - 1) / count * kRows;
+  }
+  int64_t begin(int64_t s) const { return std::min(n, s * per); }
+  int64_t end(int64_t s) const { return std::min(n, (s + 1) * per); }
+};
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "q and k must be 2-D");
+  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same embedding dim");
+  TORCH_CHECK(q.size(0) > 0 && k.size(0) > 0, "q and k must have rows");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have the same dtype");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q must be floating point");
+  TORCH_CHECK(!self_mask || q.size(0) == k.size(0), "self_mask needs as many keys as queries");
+}
+
+// ---- ops
+
+std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                   double scale, bool self_mask, bool cols) {
+  check_inputs(q, k, self_mask);
+  const auto acc = acc_type(q);
+  // The scale is folded into q: S = (scale q) k^T.
+  // detach: parallel workers do not inherit the caller's no-grad mode.
+  const at::Tensor qs = (q.detach().to(acc) * scale).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
+  const int64_t n = q.size(0), m = k.size(0);
+  at::Tensor lse_r = at::empty({n}, q.options().dtype(acc));
+  const Stripes st(n, at::get_num_threads());
+  // Column partials per stripe, merged after the parallel loop.
+  at::Tensor col_m = at::empty({cols ? st.count : 0, m}, lse_r.options());
+  at::Tensor col_l = at::empty({cols ? st.count : 0, m}, lse_r.options());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
+      Tile tile{at::empty({kRows * kCols}, lse_r.options())};
+      std::vector<T> tm(std::max(kRows, kCols)), tl(std::max(kRows, kCols));
+      std::vector<ck::OnlineLSE<T>> rows(kRows);
+      for (int64_t s = s0; s < s1; ++s) {
+        ck::OnlineLSE<T>* cm = nullptr;
+        std::vector<ck::OnlineLSE<T>> col_acc;
+        if (cols) col_acc.assign(m, ck::OnlineLSE<T>::empty());
+        for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
+          const int64_t ni = std::min(kRows, n - i0);
+          std::fill(rows.begin(), rows.end(), ck::OnlineLSE<T>::empty());
+          for (int64_t j0 = 0; j0 < m; j0 += kCols) {
+            const int64_t nj = std::min(kCols, m - j0);
+            at::Tensor x = tile.logits(qs, ka, i0, ni, j0, nj, self_mask);
+            const T* xp = x.data_ptr<T>();
+            row_partials<T>(xp, ni, nj, tm.data(), tl.data());
+            for (int64_t i = 0; i < ni; ++i) rows[i].merge(tm[i], tl[i]);
+            if (cols) {
+              col_partials<T>(xp, ni, nj, tm.data(), tl.data());
+              for (int64_t j = 0; j < nj; ++j) col_acc[j0 + j].merge(tm[j], tl[j]);
+            }
+          }
+          T* out = lse_r.data_ptr<T>() + i0;
+          for (int64_t i = 0; i < ni; ++i) out[i] = rows[i].finish();
+        }
+        if (cols) {
+          T* pm = col_m.data_ptr<T>() + s * m;
+          T* pl = col_l.data_ptr<T>() + s * m;
+          for (int64_t j = 0; j < m; ++j) { pm[j] = col_acc[j].m; pl[j] = col_acc[j].l; }
+        }
+        (void)cm;
+      }
+    });
+  });
+
+  at::Tensor lse_c = at::empty({cols ? m : 0}, lse_r.options());
+  if (cols) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu_cols", [&] {
+      using T = scalar_t;
+      const T* pm = col_m.data_ptr<T>();
+      const T* pl = col_l.data_ptr<T>();
+      T* out = lse_c.data_ptr<T>();
+      at::parallel_for(0, m, 4096, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          auto c = ck::OnlineLSE<T>::empty();
+          for (int64_t s = 0; s < st.count; ++s) c.merge(pm[s * m + j], pl[s * m + j]);
+          out[j] = c.finish();
+        }
+      });
+    });
+  }
+  return {lse_r, lse_c};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    double scale, bool self_mask,
+                                                    const at::Tensor& lse_r, const at::Tensor& lse_c,
+                                                    const at::Tensor& g_r, const at::Tensor& g_c) {
+  check_inputs(q, k, self_mask);
+  const auto acc = acc_type(q);
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
+  const bool cols = g_c.numel() > 0;
+  TORCH_CHECK(lse_r.numel() == n && g_r.numel() == n, "lse_r and g_r must have N entries");
+  TORCH_CHECK(!cols || (lse_c.numel() == m && g_c.numel() == m), "lse_c and g_c must have M entries");
+  // detach: parallel workers do not inherit the caller's no-grad mode.
+  const at::Tensor qa = q.detach().to(acc).contiguous();
+  const at::Tensor qs = (qa * scale).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
+  // backward_lse: a row with lse = -inf gets probability 0.
+  auto safe = [&](const at::Tensor& v) {
+    return at::where(v == -INFINITY, at::full_like(v, INFINITY), v).to(acc).contiguous();
+  };
+  const at::Tensor lr = safe(lse_r.detach()), gr = g_r.detach().to(acc).contiguous();
+  const at::Tensor lc = cols ? safe(lse_c.detach()) : at::Tensor();
+  const at::Tensor gc = cols ? g_c.detach().to(acc).contiguous() : at::Tensor();
+
+  at::Tensor dq = at::zeros({n, d}, qa.options());
+  // dk: one partial per stripe, summed at the end; bounded by kPartialBudget.
+  const int64_t bytes = m * d * static_cast<int64_t>(at::elementSize(acc));
+  const int64_t want = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(bytes, 1)));
+  const Stripes st(n, want);
+  at::Tensor dk_parts = at::zeros({st.count, m, d}, qa.options());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
+      Tile tile{at::empty({kRows * kCols}, qa.options())};
+      for (int64_t s = s0; s < s1; ++s) {
+        at::Tensor dk = dk_parts[s];
+        for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
+          const int64_t ni = std::min(kRows, n - i0);
+          at::Tensor dq_i = dq.narrow(0, i0, ni);
+          for (int64_t j0 = 0; j0 < m; j0 += kCols) {
+            const int64_t nj = std::min(kCols, m - j0);
+            at::Tensor x = tile.logits(qs, ka, i0, ni, j0, nj, self_mask);
+            tile_grad<T>(x.data_ptr<T>(), ni, nj, lr.data_ptr<T>() + i0, gr.data_ptr<T>() + i0,
+                         cols ? lc.data_ptr<T>() + j0 : nullptr, cols ? gc.data_ptr<T>() + j0 : nullptr);
+            dq_i.addmm_(x, ka.narrow(0, j0, nj));
+            at::Tensor dk_j = dk.narrow(0, j0, nj);
+            dk_j.addmm_(x.t(), qa.narrow(0, i0, ni));
+          }
+        }
+      }
+    });
+  });
+  at::Tensor dk = st.count == 1 ? dk_parts[0] : dk_parts.sum(0);
+  return {dq, dk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
+  m.impl("lse_forward", &lse_forward_cpu);
+  m.impl("lse_backward", &lse_backward_cpu);
+}
