@@ -1,6 +1,196 @@
-"""Triton kernels (triton_kernels/). Not implemented yet: see issue 3."""
+"""Triton backend: fused kernels in triton_kernels/lse.py (contrastive_kernels.triton_kernels).
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
+set before triton is first imported; slow, for tests).
+
+Dtypes: float16 and bfloat16 use tensor cores with float32 accumulation; float32 uses
+tl.dot with input_precision PRECISION ("ieee" by default, "tf32" is faster and
+rounds the inputs to 10 mantissa bits); float64 is computed in float64 throughout
+(DMMA on sm80+). bfloat16 is rejected on CPU (the interpreter's bf16 tl.dot is wrong).
+
+Settings (module attributes, read at every call; their defaults come from the environment):
+  DETERMINISTIC  CK_TRITON_DETERMINISTIC=1. False: one backward kernel computes dq for
+                 its rows and adds dk with fp32 atomics (1 forward + 3 backward GEMM
+                 passes over N*M*D; dk's summation order varies from run to run).
+                 True: two backward kernels, dq over row blocks and dk over column
+                 blocks, no atomics, bitwise reproducible (1 + 4 passes).
+  PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
+  POISON         CK_TRITON_POISON=1 (debug): fill every buffer a kernel must write in
+                 full with NaN first, so that a missed store shows up in the results.
+
+The triton import is lazy: `import contrastive_kernels` does not import triton.
+"""
+import importlib.util
+import os
+import sys
+
+import torch
+
 NAME = "triton"
+
+DETERMINISTIC = os.environ.get("CK_TRITON_DETERMINISTIC", "0") == "1"
+PRECISION = os.environ.get("CK_TRITON_PRECISION", "ieee")
+POISON = os.environ.get("CK_TRITON_POISON", "0") == "1"
+
+_PRECISIONS = ("ieee", "tf32")
+_KERNEL_MODULE = "contrastive_kernels.triton_kernels.lse"
+# Problems with fewer multiply-adds than this use one fixed config instead of autotuning.
+AUTOTUNE_MIN_MACS = 1 << 30
+
+
+def _interpret_env():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable_reason(device):
-    return "the Triton backend is not implemented yet"
+    if device.type not in ("cuda", "cpu"):
+        return "Triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1) only"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    loaded = sys.modules.get(_KERNEL_MODULE)
+    if loaded is not None and not loaded.INTERPRET:
+        return ("Triton needs CUDA tensors; its kernels were loaded without TRITON_INTERPRET=1, "
+                "so they cannot run on CPU in this process; use backend 'cpu' or 'torch'")
+    if not _interpret_env() and loaded is None:
+        return ("Triton needs CUDA tensors; on CPU set TRITON_INTERPRET=1 (slow) or use one of "
+                "'cpu', 'torch'")
+    return None
+
+
+def _kernels():
+    import importlib
+    return importlib.import_module(_KERNEL_MODULE)
+
+
+def _check(q, k):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"the Triton backend supports float16, bfloat16, float32 and float64, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"query and key must have the same dtype, got {q.dtype} and {k.dtype}")
+    if q.dtype == torch.bfloat16:
+        if q.device.type == "cpu":
+            raise TypeError("the Triton backend does not support bfloat16 on CPU: the Triton "
+                            "interpreter's bfloat16 tl.dot is wrong; use float16/float32, a CUDA "
+                            "device, or backend 'cpu'/'torch'")
+        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
+            raise TypeError("the Triton backend needs sm80 or newer for bfloat16")
+    if PRECISION not in _PRECISIONS:
+        raise ValueError(f"contrastive_kernels.backends.triton.PRECISION must be one of "
+                         f"{_PRECISIONS}, got {PRECISION!r}")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(x):
+    """Rows with unit element stride (what the kernels index)."""
+    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
+
+
+def _out(shape, dtype, device, poison):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device) if poison else \
+        torch.empty(shape, dtype=dtype, device=device)
+
+
+def _common(K, q, k):
+    import triton
+    import triton.language as tl
+    n, d = q.shape
+    m = k.shape[0]
+    P = K.PARAMS[K.dtype_class(q.dtype)]
+    one_d = d <= P["MAX_ONE_D"]
+    block_d = max(16, triton.next_power_of_2(d)) if one_d else P["CHUNK_D"]
+    prec = PRECISION if q.dtype == torch.float32 else "ieee"
+    acc_tl = tl.float64 if q.dtype == torch.float64 else tl.float32
+    tuned = P["tune"] and (not K.INTERPRET) and n * m * d >= AUTOTUNE_MIN_MACS
+    return n, m, d, one_d, block_d, prec, acc_tl, tuned, P
+
+
+def _size_key(n, m):
+    # Autotuning is keyed on the size class (powers of two), not every exact size.
+    return (int(n).bit_length() << 8) | int(m).bit_length()
+
+
+def lse_forward(q, k, scale, self_mask, cols):
+    _check(q, k)
+    K = _kernels()
+    import triton
+    q, k = _rows(q), _rows(k)
+    n, m, d, one_d, block_d, prec, acc_tl, tuned, P = _common(K, q, k)
+    acc = _acc(q.dtype)
+    dev = q.device
+    scale_t = torch.full((1,), float(scale), dtype=acc, device=dev)
+    lse_r = _out((n,), acc, dev, POISON)
+    nb = triton.cdiv(n, P["FWD_BLOCK_M"])
+    part = _out((nb, m), acc, dev, POISON) if cols else lse_r
+    args = (q, k, scale_t, lse_r, part, n, m, d, q.stride(0), k.stride(0), _size_key(n, m))
+    meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=one_d, PREC=prec, ACC=acc_tl,
+                BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=block_d)
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        if tuned:
+            K.lse_fwd_tuned[(nb,)](*args, **meta)
+        else:
+            K.lse_fwd_kernel[(nb,)](*args, **meta, **P["FWD"])
+    lse_c = torch.logsumexp(part, 0) if cols else None
+    return lse_r, lse_c
+
+
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
+    _check(q, k)
+    K = _kernels()
+    import triton
+    q, k = _rows(q), _rows(k)
+    n, m, d, one_d, block_d, prec, acc_tl, tuned, P = _common(K, q, k)
+    acc = _acc(q.dtype)
+    dev = q.device
+    has_c = lse_c is not None and g_c is not None
+    g_r = g_r.to(acc).contiguous()
+    lse_r = lse_r.to(acc).contiguous()
+    if has_c:
+        g_c, lse_c = g_c.to(acc).contiguous(), lse_c.to(acc).contiguous()
+    # dS is scaled by 1/max|g| before the cast to the input dtype (fp16 underflow), and the
+    # raw gradients are scaled back at the end.
+    gmax = g_r.abs().amax()
+    if has_c:
+        gmax = torch.maximum(gmax, g_c.abs().amax())
+    gmax = torch.where(gmax == 0, torch.ones_like(gmax), gmax)
+    gnorm = (1.0 / gmax).reshape(1)
+    scale_t = torch.full((1,), float(scale), dtype=acc, device=dev)
+    meta = dict(SELF_MASK=bool(self_mask), ONE_D=one_d, PREC=prec, ACC=acc_tl, BLOCK_D=block_d)
+
+    def launch(a, b, lse_a, g_a, has_a, lse_b, g_b, has_b, da, db, atomic):
+        na, nb_ = a.shape[0], b.shape[0]
+        dummy = lse_r
+        args = (a, b, scale_t, gnorm, lse_a if has_a else dummy, g_a if has_a else dummy,
+                lse_b if has_b else dummy, g_b if has_b else dummy, da, db if atomic else da,
+                na, nb_, d, a.stride(0), b.stride(0), _size_key(na, nb_))
+        kw = dict(meta, HAS_R=has_a, HAS_C=has_b, ATOMIC_DK=atomic)
+        if tuned:
+            K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
+        else:
+            cfg = P["BWD"]
+            K.lse_bwd_kernel[(triton.cdiv(na, cfg["BLOCK_M"]),)](*args, **kw, **cfg)
+
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        dq = _out((n, d), acc, dev, POISON)
+        if DETERMINISTIC:
+            dk = _out((m, d), acc, dev, POISON)
+            launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
+            launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
+        else:
+            dk = torch.zeros((m, d), dtype=acc, device=dev)
+            launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, dk, True)
+    return dq.mul_(gmax), dk.mul_(gmax)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

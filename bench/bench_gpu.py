@@ -1,0 +1,178 @@
+"""GPU benchmark: symmetric CLIP loss, forward + backward, bf16, D = 768.
+
+    python bench/bench_gpu.py [--quick] [--sizes 8192,16384] [--dim 768] [--json out.json]
+
+Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
+contrastive_kernels available on CUDA (Triton twice: "triton" with the atomic backward,
+"triton-det" with backends.triton.DETERMINISTIC = True), and Inf-CL when the `inf_cl` package imports.
+Columns: median time (triton.testing.do_bench), peak torch.cuda.max_memory_allocated
+during one step, TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and
+one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
+rate measured in the same run. A row that would not fit in memory is skipped.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SCALE = 1 / 0.07
+
+
+def _bench(fn, quick):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+
+
+def _peak(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def naive_step(q, k):
+    labels = torch.arange(q.shape[0], device=q.device)
+    logits = SCALE * (q @ k.T)
+    loss = (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
+    return torch.autograd.grad(loss, (q, k))
+
+
+def ck_step(backend, deterministic=None):
+    import contrastive_kernels as ck
+
+    def step(q, k):
+        if deterministic is not None:
+            from contrastive_kernels.backends import triton as T
+            old, T.DETERMINISTIC = T.DETERMINISTIC, deterministic
+        try:
+            loss = ck.info_nce(q, k, temperature=0.07, symmetric=True, backend=backend)
+            return torch.autograd.grad(loss, (q, k))
+        finally:
+            if deterministic is not None:
+                T.DETERMINISTIC = old
+    return step
+
+
+def infcl_step():
+    import inspect
+
+    from inf_cl import cal_inf_loss  # Inf-CL, optional
+    params = inspect.signature(cal_inf_loss).parameters
+
+    def one_way(a, b):
+        labels = torch.arange(a.shape[0], device=a.device)
+        out = cal_inf_loss(a, b, labels, scale=SCALE) if "labels" in params else \
+            cal_inf_loss(a, b, scale=SCALE)
+        return out.mean()
+
+    def step(q, k):
+        loss = (one_way(q, k) + one_way(k, q)) / 2
+        return torch.autograd.grad(loss, (q, k))
+    return step
+
+
+def matmul_rate(n, d, dtype, quick):
+    """TFLOP/s of the N x D by D x N matmul (N x N output), or None if it does not fit."""
+    if 2 * n * n * 2 > 0.8 * torch.cuda.mem_get_info()[0]:
+        return None
+    a = torch.randn(n, d, device="cuda", dtype=dtype)
+    b = torch.randn(n, d, device="cuda", dtype=dtype)
+    ms = _bench(lambda: a @ b.T, quick)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * n * d / (ms * 1e-3) / 1e12
+
+
+def methods():
+    import contrastive_kernels as ck
+    out = [("naive", naive_step, lambda n: 22 * n * n)]   # bf16 + fp32 logits, softmax, grads
+    for b in ck.available_backends("cuda"):
+        if b == "triton":
+            # both backward modes: fp32 atomics for dk (4 GEMM passes) and the
+            # deterministic two-kernel backward (5 passes, no atomics)
+            out.append(("triton", ck_step(b, False), lambda n: 0))
+            out.append(("triton-det", ck_step(b, True), lambda n: 0))
+        else:
+            out.append((b, ck_step(b), lambda n: 0))
+    try:
+        out.append(("inf_cl", infcl_step(), lambda n: 0))
+    except Exception as e:  # not installed / does not import
+        print(f"# Inf-CL skipped: {type(e).__name__}: {e}", file=sys.stderr)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N in {4096, 8192}, short timing")
+    ap.add_argument("--sizes", default=None, help="comma-separated N (default 8192..65536)")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "results_gpu.json"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else \
+        ([4096, 8192] if a.quick else [8192, 16384, 32768, 65536])
+    dtype, d = torch.bfloat16, a.dim
+    rows = []
+    meths = methods()
+    dev_name = torch.cuda.get_device_name()
+    print(f"# {dev_name}, bf16, D={d}, symmetric CLIP loss, forward + backward")
+    hdr = f"{'method':>10} {'N':>6} {'ms':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'% matmul':>9}  note"
+    print(hdr)
+    print("-" * len(hdr))
+    for n in sizes:
+        mm = matmul_rate(n, d, dtype, a.quick)
+        for name, step, extra in meths:
+            row = dict(method=name, N=n, D=d, dtype="bf16", ms=None, peak_bytes=None,
+                       tflops=None, matmul_tflops=mm, frac_matmul=None, note="")
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info()[0]
+            if extra(n) > 0.9 * free:
+                row["note"] = f"skipped: needs ~{extra(n) / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+            else:
+                try:
+                    g = torch.Generator(device="cuda").manual_seed(n)
+                    q = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+                    k = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+                    t0 = time.time()
+                    step(q, k)                       # compile / autotune outside the timing
+                    warm_s = time.time() - t0
+                    peak = _peak(lambda: step(q, k))
+                    ms = _bench(lambda: step(q, k), a.quick)
+                    tf = 8 * n * n * d / (ms * 1e-3) / 1e12
+                    row.update(ms=ms, peak_bytes=peak, tflops=tf,
+                               frac_matmul=(tf / mm if mm else None), note=f"first call {warm_s:.1f}s")
+                except torch.cuda.OutOfMemoryError:
+                    row["note"] = "skipped: out of memory"
+                except Exception as e:
+                    row["note"] = f"error: {type(e).__name__}: {str(e)[:120]}"
+                finally:
+                    q = k = None
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            f = lambda v, fmt: (fmt % v) if v is not None else "-"
+            print(f"{name:>10} {n:>6} {f(row['ms'], '%9.2f'):>9} "
+                  f"{f(row['peak_bytes'] and row['peak_bytes'] / 2**30, '%9.2f'):>9} "
+                  f"{f(row['tflops'], '%8.1f'):>8} "
+                  f"{f(row['frac_matmul'] and 100 * row['frac_matmul'], '%8.1f%%'):>9}  {row['note']}",
+                  flush=True)
+        fmt = lambda v, spec: (spec % v) if v is not None else "-"
+        print(f"{'matmul':>10} {n:>6} {'':>9} {'':>9} {fmt(mm, '%8.1f'):>8}  bf16 {n}x{d} @ {d}x{n}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as fh:
+        json.dump(dict(device=dev_name, torch=torch.__version__, dtype="bf16", D=d,
+                       flops_per_step="8*N^2*D", rows=rows), fh, indent=1)
+    print(f"# wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

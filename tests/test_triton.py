@@ -1,0 +1,284 @@
+"""Triton backend: kernel statistics and raw gradients against float64 math, and the
+loss family end to end, in both backward modes (atomic and deterministic).
+
+On CPU this runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1 before
+triton is imported; standalone: `TRITON_INTERPRET=1 pytest tests/test_triton.py`).
+Every kernel output buffer is poisoned with NaN first (backends.triton.POISON), so an
+entry a kernel fails to write shows up as a non-finite value.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contrastive_kernels as ck
+from conftest import DEVICE, rel_err
+
+pytest.importorskip("triton")
+T = pytest.importorskip("contrastive_kernels.backends.triton")
+
+if T.unavailable_reason(torch.device(DEVICE)) is not None:
+    pytest.skip(f"triton backend unavailable on {DEVICE}: "
+                f"{T.unavailable_reason(torch.device(DEVICE))}", allow_module_level=True)
+
+ON_GPU = DEVICE == "cuda"
+# Kernel-level tolerances, relative to the largest reference value. Half types are
+# compared with float64 math on the same rounded inputs: S and the statistics are
+# accumulated in fp32, dS is rounded once to the input dtype for the gradient GEMMs.
+KTOL = {torch.float64: (1e-12, 1e-11), torch.float32: (2e-6, 2e-5),
+        torch.float16: (2e-6, 2e-3), torch.bfloat16: (2e-6, 1.6e-2)}
+DTYPES = [torch.float64, torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+DT_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def _settings(monkeypatch):
+    monkeypatch.setattr(T, "POISON", True)
+    monkeypatch.setattr(T, "DETERMINISTIC", False)
+    monkeypatch.setattr(T, "PRECISION", "ieee")
+
+
+def dense(q, k, scale, self_mask, g_r, g_c):
+    """Statistics and raw gradients in float64, from the full matrix."""
+    q, k = q.double(), k.double()
+    s = scale * (q @ k.T)
+    if self_mask:
+        s.fill_diagonal_(float("-inf"))
+    lse_r, lse_c = torch.logsumexp(s, 1), torch.logsumexp(s, 0)
+    p_r = torch.exp(s - lse_r[:, None]).nan_to_num(0.0)
+    ds = g_r.double()[:, None] * p_r
+    if g_c is not None:
+        ds = ds + g_c.double()[None, :] * torch.exp(s - lse_c[None, :]).nan_to_num(0.0)
+    return lse_r, lse_c, ds @ k, ds.T @ q
+
+
+def _err(a, e):
+    a, e = a.detach().double().cpu(), e.detach().double().cpu()
+    fin = torch.isfinite(e)
+    assert torch.equal(torch.isfinite(a), fin), "non-finite values where the reference has none"
+    assert torch.equal(a[~fin], e[~fin])
+    if not fin.any():
+        return 0.0
+    return float((a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1e-30))
+
+
+def _qk(n, m, d, dtype, self_mask, seed=0, spread=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    k = q if self_mask else F.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
+    # spread * sqrt(d) keeps the logits O(spread) whatever d is
+    return (q * spread).to(dtype).to(DEVICE), (k * spread).to(dtype).to(DEVICE)
+
+
+def check_kernels(n, m, d, dtype, self_mask, cols, with_gc=True, scale=2.0, seed=0, g_scale=1.0):
+    if self_mask:
+        m = n
+    q, k = _qk(n, m, d, dtype, self_mask, seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(seed + 1)
+    g_r = (torch.randn(n, generator=gen, dtype=torch.float64) * g_scale).to(acc).to(DEVICE)
+    g_c = (torch.randn(m, generator=gen, dtype=torch.float64) * g_scale).to(acc).to(DEVICE) \
+        if cols and with_gc else None
+    lse_r, lse_c = T.lse_forward(q, k, scale, self_mask, cols)
+    assert lse_r.dtype == acc and lse_r.shape == (n,)
+    assert (lse_c is None) == (not cols)
+    dq, dk = T.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c)
+    assert dq.dtype == acc and dq.shape == (n, d) and dk.dtype == acc and dk.shape == (m, d)
+    er, ec, eq, ek = dense(q, k, scale, self_mask, g_r, g_c)
+    tl, tg = KTOL[dtype]
+    assert _err(lse_r, er) <= tl, ("lse_r", _err(lse_r, er))
+    if cols:
+        assert lse_c.dtype == acc and lse_c.shape == (m,)
+        assert _err(lse_c, ec) <= tl, ("lse_c", _err(lse_c, ec))
+    assert _err(dq, eq) <= tg, ("dq", _err(dq, eq))
+    assert _err(dk, ek) <= tg, ("dk", _err(dk, ek))
+    return dq, dk
+
+
+# (N, M, D): ones, odd sizes, tiles with one valid row/column, D above the one-chunk
+# limit (128 under the interpreter, 256/128/64 on GPU by dtype) so the D loop runs.
+SHAPES = [(1, 1, 1), (1, 3, 5), (3, 1, 17), (17, 3, 100), (33, 65, 3), (100, 17, 129),
+          (65, 100, 300)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: DT_IDS[t])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["rows", "cols", "self", "self_cols"])
+def test_kernels_against_float64(dtype, shape, mode):
+    n, m, d = shape
+    if dtype == torch.float16 and not ON_GPU and d > 128:
+        pytest.skip("interpreter time")
+    check_kernels(n, m, d, dtype, self_mask=mode.startswith("self"), cols=mode.endswith("cols"),
+                  seed=n * 7 + m)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 33, 3), (65, 65, 200)], ids=str)
+@pytest.mark.parametrize("mode", ["rows", "cols", "self", "self_cols"])
+def test_deterministic_backward(monkeypatch, shape, mode):
+    n, m, d = shape
+    self_mask, cols = mode.startswith("self"), mode.endswith("cols")
+    monkeypatch.setattr(T, "DETERMINISTIC", True)
+    a = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3)
+    b = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "not bitwise reproducible"
+    monkeypatch.setattr(T, "DETERMINISTIC", False)
+    c = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3)
+    assert rel_err(c[0], a[0]) < 1e-5 and rel_err(c[1], a[1]) < 1e-5
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_column_stats_without_column_gradient(monkeypatch, det):
+    # FusedLSE passes lse_c with g_c=None when the column output gets no gradient.
+    monkeypatch.setattr(T, "DETERMINISTIC", det)
+    check_kernels(20, 37, 9, torch.float32, self_mask=False, cols=True, with_gc=False)
+
+
+def test_fully_masked_row_gives_zero_not_nan():
+    # N = M = 1 with the self-mask: no valid entry, lse = -inf, gradients 0.
+    q = torch.randn(1, 4, dtype=torch.float32, device=DEVICE)
+    lse_r, _ = T.lse_forward(q, q, 1.0, True, False)
+    assert lse_r.item() == float("-inf")
+    dq, dk = T.lse_backward(q, q, 1.0, True, lse_r, None, torch.ones(1, device=DEVICE), None)
+    assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
+
+
+def test_large_logits_and_small_upstream_gradient():
+    # Logits up to +-100 (no overflow in the online max/sum), and upstream gradients of
+    # 1e-7: without the 1/max|g| normalisation, fp16 dS would underflow to zero.
+    check_kernels(40, 50, 16, torch.float32, False, True, scale=100.0 / 9.0)
+    check_kernels(40, 50, 16, torch.float16, False, True, g_scale=1e-7)
+
+
+def test_strided_inputs():
+    q0 = torch.randn(30, 48, dtype=torch.float32, device=DEVICE)
+    k0 = torch.randn(40, 20, dtype=torch.float32, device=DEVICE)
+    q = q0[::2, 5:25]                 # row stride 96, unit column stride
+    k = k0.T.contiguous().T           # column stride != 1: the backend copies it
+    g = torch.randn(15, device=DEVICE)
+    gc = torch.randn(40, device=DEVICE)
+    lse_r, lse_c = T.lse_forward(q, k, 0.5, False, True)
+    dq, dk = T.lse_backward(q, k, 0.5, False, lse_r, lse_c, g, gc)
+    er, ec, eq, ek = dense(q, k, 0.5, False, g, gc)
+    assert max(_err(lse_r, er), _err(lse_c, ec)) < 2e-6
+    assert max(_err(dq, eq), _err(dk, ek)) < 2e-5
+
+
+def test_tf32_precision_setting(monkeypatch):
+    monkeypatch.setattr(T, "PRECISION", "tf32")
+    q, k = _qk(20, 30, 40, torch.float32, False)
+    lse_r, _ = T.lse_forward(q, k, 2.0, False, False)
+    er = dense(q, k, 2.0, False, torch.zeros(20), None)[0]
+    assert _err(lse_r, er) < 1e-2
+    monkeypatch.setattr(T, "PRECISION", "fp8")
+    with pytest.raises(ValueError, match="PRECISION"):
+        T.lse_forward(q, k, 2.0, False, False)
+
+
+def test_unsupported_dtypes_raise_type_error():
+    q = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="same dtype"):
+        T.lse_forward(q, q.double(), 1.0, False, False)
+    if not ON_GPU:
+        with pytest.raises(TypeError, match="bfloat16"):
+            ck.info_nce(q.bfloat16(), q.bfloat16(), backend="triton")
+
+
+def test_needs_interpreter_on_cpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, contrastive_kernels as ck; "
+            "from contrastive_kernels.backends import triton as T; "
+            "print(T.unavailable_reason(torch.device('cpu'))); "
+            "print('triton' in ck.available_backends('cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and out.stdout.strip().endswith("False")
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _e2e(n, m, d, dtype, kwargs, scale=14.0, bias=-0.5, tol=(1e-5, 1e-4)):
+    kwargs = dict(kwargs)
+    self_c = "key" in kwargs and kwargs.pop("key") is None
+    q, k = _qk(n, m, d, torch.float64, self_c, seed=n + m + d, spread=1.0)
+    kw = {a: (v.to(DEVICE) if torch.is_tensor(v) else v) for a, v in kwargs.items()}
+
+    def leaves(dt, to_dt):
+        qq = q.to(dtype).to(to_dt).requires_grad_()
+        kk = None if self_c else k.to(dtype).to(to_dt).requires_grad_()
+        sdt = torch.float64 if to_dt == torch.float64 else torch.float32
+        s = torch.tensor(scale, dtype=sdt, device=DEVICE, requires_grad=True)
+        b = torch.tensor(bias, dtype=sdt, device=DEVICE, requires_grad=True)
+        return [x for x in (qq, kk, s, b) if x is not None]
+
+    la = leaves(dtype, dtype)
+    lr = leaves(dtype, torch.float64)
+    out = ck.info_nce(la[0], None if self_c else la[1], logit_scale=la[-2], logit_bias=la[-1],
+                      backend="triton", **kw)
+    ref = ck.reference.info_nce(lr[0], None if self_c else lr[1], logit_scale=lr[-2],
+                                logit_bias=lr[-1], **kw)
+    assert rel_err(out, ref) <= tol[0], ("loss", rel_err(out, ref))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(DEVICE)
+    ga = torch.autograd.grad((out.double() * w).sum(), la)
+    gr = torch.autograd.grad((ref.double() * w).sum(), lr)
+    for i, (a, r) in enumerate(zip(ga[:-1], gr[:-1])):
+        assert a.dtype == la[i].dtype
+        assert rel_err(a, r) <= tol[1], (i, rel_err(a, r))
+    assert abs(float(ga[-1])) < 1e-5      # bias: exactly 0 in exact arithmetic
+
+
+def _labels(n, c, seed):
+    return torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+E2E = {
+    "clip": (48, 48, 40, dict(symmetric=True)),
+    "hard_negatives": (20, 70, 33, dict()),
+    "perm_sym": (31, 31, 7, dict(positive_index=torch.randperm(31, generator=torch.Generator().manual_seed(1)),
+                                 symmetric=True)),
+    "smooth": (25, 60, 19, dict(label_smoothing=0.1)),
+    "clip_smooth_sum": (37, 37, 150, dict(symmetric=True, label_smoothing=0.2, reduction="sum")),
+    "ntxent": (40, 40, 24, dict(key=None)),
+    "ntxent_sym": (30, 30, 129, dict(key=None, symmetric=True, label_smoothing=0.05)),
+    "supcon": (36, 45, 16, dict(labels=_labels(36, 4, 2), key_labels=_labels(45, 4, 3), symmetric=True)),
+    "supcon_self_none": (33, 33, 12, dict(key=None, labels=_labels(33, 5, 4), reduction="none")),
+}
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("case", list(E2E))
+def test_loss_family_fp32(monkeypatch, case, det):
+    monkeypatch.setattr(T, "DETERMINISTIC", det)
+    n, m, d, kw = E2E[case]
+    _e2e(n, m, d, torch.float32, kw)
+
+
+@pytest.mark.parametrize("case", ["clip", "ntxent", "supcon"])
+def test_loss_family_fp64(case):
+    n, m, d, kw = E2E[case]
+    _e2e(n, m, d, torch.float64, kw, tol=(1e-11, 1e-10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []),
+                         ids=lambda t: DT_IDS[t])
+@pytest.mark.parametrize("case", ["clip", "hard_negatives", "ntxent_sym", "supcon"])
+def test_loss_family_half(dtype, case):
+    n, m, d, kw = E2E[case]
+    # Reference on the same rounded inputs in float64; loss accumulated in fp32,
+    # gradients through dS rounded to the input dtype.
+    tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
+    _e2e(n, m, d, dtype, kw, tol=tol)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autotuned launches run on GPU only")
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 768), (torch.float16, 256)], ids=["bf16-768", "f16-256"])
+def test_autotuned_path_gpu(dtype, d):
+    # Above AUTOTUNE_MIN_MACS the backend launches the autotuned kernels; D=768 runs the
+    # D-chunk loop, D=256 the one-chunk path. (Each new size class autotunes: keep few.)
+    n = 2048 if d == 768 else 4096
+    assert n * n * d >= T.AUTOTUNE_MIN_MACS
+    check_kernels(n, n, d, dtype, self_mask=False, cols=True, scale=10.0)

@@ -1,0 +1,71 @@
+"""Ahead-of-time compilation of the Triton kernels for sm90, with no GPU.
+
+Runs `python -m contrastive_kernels.triton_kernels.aot --json` in a subprocess with
+TRITON_INTERPRET removed from its environment (the test suite sets it on CPU, and
+triton.jit then makes interpreter functions that cannot be compiled). Checks that every
+launch variant compiles for GPUTarget("cuda", 90, 32), that fp16/bf16 use tensor cores
+(wgmma/mma in the PTX), that the atomic backward has atomics and the deterministic
+kernels have none, and that each default config fits sm90 shared memory.
+CK_AOT_FULL=1 compiles every flag combination (several minutes).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "contrastive_kernels.triton_kernels.aot", "--json",
+           "--jobs", os.environ.get("CK_AOT_JOBS", "2")]
+    if os.environ.get("CK_AOT_FULL") == "1":
+        cmd.append("--full")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _name(r):
+    return f"{r['kind']}-{r['dtype']}-" + "-".join(k for k, v in r["flags"].items() if v)
+
+
+def test_every_variant_compiled(compiled):
+    kinds = {(r["kind"], r["dtype"]) for r in compiled}
+    assert kinds == {(k, d) for k in ("fwd", "bwd") for d in ("fp16", "bf16", "fp32", "fp64")}
+    for dt in ("fp16", "bf16"):
+        fwd = {(r["flags"]["SELF_MASK"], r["flags"]["COLS"]) for r in compiled
+               if r["kind"] == "fwd" and r["dtype"] == dt}
+        assert len(fwd) == 4, fwd
+        bwd = {(r["flags"]["SELF_MASK"], r["flags"]["HAS_R"], r["flags"]["HAS_C"], r["flags"]["ATOMIC_DK"])
+               for r in compiled if r["kind"] == "bwd" and r["dtype"] == dt}
+        assert len(bwd) == 10, bwd
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        one_d = {(r["kind"], r["flags"]["ONE_D"]) for r in compiled if r["dtype"] == dt}
+        assert len(one_d) == 4, (dt, one_d)
+
+
+def test_half_types_use_tensor_cores(compiled):
+    for r in compiled:
+        if r["dtype"] in ("fp16", "bf16"):
+            assert r["wgmma"] or r["mma"], _name(r)
+    # On sm90 Triton should pick the Hopper warpgroup MMA for the half-type GEMMs.
+    assert any(r["wgmma"] for r in compiled if r["dtype"] in ("fp16", "bf16"))
+
+
+def test_atomics_only_where_intended(compiled):
+    for r in compiled:
+        if r["kind"] == "bwd":
+            assert r["atomic"] == r["flags"]["ATOMIC_DK"], _name(r)
+        else:
+            assert not r["atomic"], _name(r)
+
+
+def test_default_configs_fit_shared_memory(compiled):
+    for r in compiled:
+        assert r["shared"] <= r["smem_limit"], (_name(r), r["shared"])

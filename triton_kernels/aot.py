@@ -1,0 +1,135 @@
+"""Ahead-of-time compilation of every kernel variant for a GPU target, without a GPU.
+
+    python -m contrastive_kernels.triton_kernels.aot [--arch 90] [--json]
+
+Compiles lse_fwd_kernel and lse_bwd_kernel for each dtype and the flags the backend
+launches (self-mask, column statistics, the dq/dk kernels of the deterministic mode,
+the atomic kernel, ONE_D on/off; see `variants`) with the default config of each dtype
+(lse.PARAMS), through
+triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)), and reports per
+variant whether the PTX has tensor-core instructions and how much shared memory it needs.
+Must run with TRITON_INTERPRET unset (triton.jit then returns interpreter functions
+that cannot be compiled); tests/test_triton_aot.py runs it in a subprocess.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
+# Shared memory per block on sm90 (227 KiB).
+SMEM_LIMIT = {90: 232448, 80: 166912}
+
+
+_RCA = [(1, 0, 1), (1, 1, 1), (1, 0, 0), (1, 1, 0), (0, 1, 0)]
+
+
+def variants(dtypes, full=False):
+    """(kernel, dtype, flags) for the launches the backend can make.
+
+    full: every flag combination, each with ONE_D on and off. Otherwise a covering set:
+    for fp16/bf16 every launch variant once (ONE_D alternating), for fp32/fp64 every
+    value of every flag at least once (they take longest to compile).
+    (HAS_R, HAS_C, ATOMIC_DK) in _RCA: the atomic kernel without/with column statistics,
+    the deterministic dq kernel (rows) and its dk kernel (q <-> k swapped).
+    """
+    out = []
+    for dt in dtypes:
+        fwd = [(sm, c) for sm in (False, True) for c in (False, True)]
+        bwd = [(sm, r, c, a) for (r, c, a) in _RCA for sm in (False, True)]
+        if not full and dt in ("fp32", "fp64"):
+            fwd = [(False, True), (True, False)]
+            bwd = [(i % 2 == 1, r, c, a) for i, (r, c, a) in enumerate(_RCA)]
+        ones = (True, False)
+        for i, (sm, c) in enumerate(fwd):
+            for one_d in (ones if full else (i % 2 == 0,)):
+                out.append(("fwd", dt, dict(SELF_MASK=sm, COLS=c, ONE_D=one_d)))
+        for i, (sm, r, c, a) in enumerate(bwd):
+            for one_d in (ones if full else ((i // 2) % 2 == 0,) if dt in ("fp16", "bf16")
+                          else (i % 3 != 1,)):
+                out.append(("bwd", dt, dict(SELF_MASK=sm, HAS_R=bool(r), HAS_C=bool(c),
+                                            ATOMIC_DK=bool(a), ONE_D=one_d)))
+    return out
+
+
+def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=None):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from . import lse as L
+    acc_tl, acc_s = (tl.float64, "fp64") if dt == "fp64" else (tl.float32, "fp32")
+    if prec is None:
+        prec = "ieee"
+    P = L.PARAMS[L.dtype_class(dt)]
+    if block_d is None:
+        block_d = P["MAX_ONE_D"] if flags["ONE_D"] else P["CHUNK_D"]
+    if kind == "fwd":
+        fn = L.lse_fwd_kernel
+        cfg = dict(config or P["FWD"])
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "LSE_R": f"*{acc_s}",
+               "PART_C": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32", "stride_q": "i32",
+               "stride_k": "i32", "SIZE_KEY": "i32"}
+        const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=block_d,
+                     BLOCK_N=cfg["BLOCK_N"])
+    else:
+        fn = L.lse_bwd_kernel
+        cfg = dict(config or P["BWD"])
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "GNORM": f"*{acc_s}",
+               "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}", "G_C": f"*{acc_s}",
+               "DQ": f"*{acc_s}", "DK": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32",
+               "stride_q": "i32", "stride_k": "i32", "SIZE_KEY": "i32"}
+        const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
+                     BLOCK_N=cfg["BLOCK_N"])
+    for name in const:
+        sig[name] = "constexpr"
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
+    opts = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def _one(job):
+    kind, dt, flags, arch = job
+    t0 = time.time()
+    k = compile_variant(kind, dt, flags, arch)
+    ptx = k.asm["ptx"]
+    return dict(kind=kind, dtype=dt, flags=flags, seconds=round(time.time() - t0, 2),
+                wgmma="wgmma" in ptx, mma="mma" in ptx, atomic=bool(re.search(r"(?<![\w.])(red|atom)\.global", ptx)),
+                shared=k.metadata.shared, smem_limit=SMEM_LIMIT.get(arch))
+
+
+def run(dtypes=("fp16", "bf16", "fp32", "fp64"), arch=90, full=False, jobs=1):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET to compile ahead of time")
+    from . import lse as L
+    if L.INTERPRET:
+        raise RuntimeError("the kernels were loaded in interpreter mode")
+    todo = [(kind, dt, flags, arch) for kind, dt, flags in variants(dtypes, full)]
+    if jobs <= 1:
+        return [_one(j) for j in todo]
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(_one, todo, chunksize=1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--dtypes", default="fp16,bf16,fp32,fp64")
+    ap.add_argument("--full", action="store_true", help="every flag combination (slow)")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    ap.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    a = ap.parse_args(argv)
+    res = run(tuple(a.dtypes.split(",")), a.arch, a.full, a.jobs)
+    if a.json:
+        print(json.dumps(res))
+        return
+    for r in res:
+        print(f"{r['kind']} {r['dtype']:5s} {r['flags']} wgmma={r['wgmma']} mma={r['mma']} "
+              f"smem={r['shared']} {r['seconds']}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Triton kernels for the fused log-sum-exp of S = scale * q k^T (issue 3).
+
+Installed as `contrastive_kernels.triton_kernels.lse`; the backend that drives them
+is `contrastive_kernels.backends.triton`. Import this module only after
+TRITON_INTERPRET has its final value: `triton.jit` reads it at decoration time.
+
+Kernels (one program per block of BLOCK_M rows; every program loops over all key
+tiles of BLOCK_N columns, and inside a tile over the embedding dim in BLOCK_D chunks):
+
+  lse_fwd_kernel   S tile = scale * q k^T (fp32 accumulation, fp64 for fp64 inputs),
+                   self-mask, online (max, sum) per row -> LSE_R (N,).
+                   With COLS, the same tile also gives each column's log-sum-exp over
+                   this program's rows; it is written to PART_C[pid, j], a
+                   (cdiv(N, BLOCK_M), M) buffer that the host reduces with a logsumexp
+                   over dim 0. Every entry of LSE_R and PART_C is written.
+  lse_bwd_kernel   recomputes S, forms dS = g_r exp(S - lse_r) + g_c exp(S - lse_c)
+                   (either term optional: HAS_R, HAS_C), and accumulates DQ = dS @ k
+                   for its own rows (no atomics). With ATOMIC_DK it also adds
+                   dS^T @ q into DK with tl.atomic_add (DK must be zeroed): 3 backward GEMM
+                   passes (recompute, dS k, dS^T q), 4 with the forward.
+                   Without it the host launches the kernel a second time with q <-> k
+                   and the row/column statistics swapped, which writes DK the same way
+                   as DQ: deterministic, one recompute more (4 backward passes, 5 in all).
+
+N, M and SIZE_KEY (the autotuning size class) are not specialized on (fewer compiles
+across batch sizes); D and the row strides are, for aligned vector loads.
+
+ONE_D (D <= BLOCK_D): the q tile is loaded once per program and DQ is accumulated in
+registers. Otherwise DQ is accumulated in place in global memory per D chunk (the first
+key tile stores, the others read-add-write; the rows belong to one program only).
+
+Row/column offsets are int64, so N*D and cdiv(N, BLOCK_M)*M may exceed 2**31.
+dS is normalised by 1/max|g| (GNORM) before it is cast to the input dtype for the
+tensor-core GEMMs, so fp16 does not underflow on small upstream gradients; the host
+multiplies DQ/DK back by max|g|.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Per input-dtype class ("half" = fp16/bf16, "fp32", "fp64") launch parameters:
+#   FWD_BLOCK_M  rows per forward program: fixed (not autotuned) so that PART_C has a
+#                known shape;
+#   MAX_ONE_D    embedding dims up to this are held in one chunk (q tile kept, DQ in
+#                registers); larger D is looped over in CHUNK_D chunks;
+#   FWD/BWD      the config used in the interpreter, for problems too small to be worth
+#                tuning, and (fp64) always. Each fits sm90 shared memory (see
+#                tests/test_triton_aot.py); "tune" says whether large problems autotune.
+if INTERPRET:
+    _I = dict(FWD_BLOCK_M=32, MAX_ONE_D=128, CHUNK_D=32, tune=False,
+              FWD=dict(BLOCK_N=32, num_warps=4, num_stages=1),
+              BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
+    PARAMS = {"half": _I, "fp32": _I, "fp64": _I}
+else:
+    PARAMS = {
+        "half": dict(FWD_BLOCK_M=128, MAX_ONE_D=256, CHUNK_D=64, tune=True,
+                     FWD=dict(BLOCK_N=64, num_warps=8, num_stages=3),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+        "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=128, CHUNK_D=32, tune=True,
+                     FWD=dict(BLOCK_N=64, num_warps=8, num_stages=2),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+        "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
+                     FWD=dict(BLOCK_N=32, num_warps=4, num_stages=2),
+                     BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
+    }
+
+
+def dtype_class(name):
+    """'half', 'fp32' or 'fp64' for a dtype name such as 'float16' / 'fp16'."""
+    name = str(name).replace("torch.", "")
+    if name in ("float64", "fp64"):
+        return "fp64"
+    if name in ("float32", "fp32"):
+        return "fp32"
+    return "half"
+
+
+def _fwd_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 4), (64, 8, 4),
+                             (32, 4, 4)]]
+
+
+def _bwd_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                                 (64, 128, 8, 2), (128, 128, 8, 2), (64, 32, 4, 3)]]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    # A 128-row program holding a (128, BLOCK_D) fp32 dq accumulator in registers with
+    # BLOCK_D > 128 spills badly: keep the smaller row blocks then.
+    one_d, bd = kwargs.get("ONE_D", named_args.get("ONE_D")), kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if one_d and bd is not None and bd > 128:
+        small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+        return small or configs
+    return configs
+
+
+@triton.jit
+def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
+            q_one, scale, SELF_MASK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
+            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """scale * q[offs_m] k[offs_n]^T with invalid entries (out of range, diagonal) -inf,
+    and (with ONE_D) the k tile it loaded."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    kt = tl.zeros((BLOCK_N, BLOCK_D), dtype=K.dtype.element_ty)
+    if ONE_D:
+        dm = offs_d < D
+        kt = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :],
+                     mask=col_ok[:, None] & dm[None, :], other=0.0)
+        acc = tl.dot(q_one, tl.trans(kt), acc, input_precision=PREC, out_dtype=ACC)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            dm = dd < D
+            qt = tl.load(Q + offs_m[:, None] * stride_q + dd[None, :],
+                         mask=row_ok[:, None] & dm[None, :], other=0.0)
+            kc = tl.load(K + offs_n[:, None] * stride_k + dd[None, :],
+                         mask=col_ok[:, None] & dm[None, :], other=0.0)
+            acc = tl.dot(qt, tl.trans(kc), acc, input_precision=PREC, out_dtype=ACC)
+    s = acc * scale
+    valid = row_ok[:, None] & col_ok[None, :]
+    if SELF_MASK:
+        valid = valid & (offs_m[:, None] != offs_n[None, :])
+    return tl.where(valid, s, float("-inf")), kt
+
+
+@triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
+def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE_KEY,
+                   SELF_MASK: tl.constexpr, COLS: tl.constexpr, ONE_D: tl.constexpr,
+                   PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    scale = tl.load(SCALE)
+    q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=Q.dtype.element_ty)
+    if ONE_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = offs_n < M
+        s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
+                    q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+        # Online (max, sum) per row; a max of -inf (nothing valid yet) is shifted by 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_sh) + tl.sum(tl.exp(s - m_sh[:, None]), 1)
+        m_i = m_new
+        if COLS:
+            cm = tl.max(s, 0)
+            cm_sh = tl.where(cm == float("-inf"), 0.0, cm)
+            cs = tl.sum(tl.exp(s - cm_sh[None, :]), 0)
+            # -inf for a column with no valid entry in these rows.
+            part = tl.where(cs > 0, cm_sh + tl.log(tl.where(cs > 0, cs, 1.0)), float("-inf"))
+            tl.store(PART_C + pid.to(tl.int64) * M + offs_n, part, mask=col_ok)
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(LSE_R + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
+def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
+                   stride_q, stride_k, SIZE_KEY,
+                   SELF_MASK: tl.constexpr, HAS_R: tl.constexpr, HAS_C: tl.constexpr,
+                   ATOMIC_DK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = tl.load(SCALE)
+    gnorm = tl.load(GNORM)
+    in_ty = Q.dtype.element_ty
+    if HAS_R:
+        lr = tl.load(LSE_R + offs_m, mask=row_ok, other=float("inf"))
+        # A row whose lse is -inf has no valid entry: probabilities 0, not NaN.
+        lr = tl.where(lr == float("-inf"), float("inf"), lr)
+        gr = tl.load(G_R + offs_m, mask=row_ok, other=0.0) * gnorm
+    q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
+    dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    if ONE_D:
+        q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = offs_n < M
+        s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
+                    q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+        ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if HAS_R:
+            ds += gr[:, None] * tl.exp(s - lr[:, None])
+        if HAS_C:
+            lc = tl.load(LSE_C + offs_n, mask=col_ok, other=float("inf"))
+            lc = tl.where(lc == float("-inf"), float("inf"), lc)
+            gc = tl.load(G_C + offs_n, mask=col_ok, other=0.0) * gnorm
+            ds += gc[None, :] * tl.exp(s - lc[None, :])
+        ds_in = ds.to(in_ty)
+        if ONE_D:
+            dm = offs_d < D
+            dq_acc = tl.dot(ds_in, k_one, dq_acc, input_precision=PREC, out_dtype=ACC)
+            if ATOMIC_DK:
+                dk = tl.dot(tl.trans(ds_in), q_one, input_precision=PREC, out_dtype=ACC)
+                tl.atomic_add(DK + offs_n[:, None] * D + offs_d[None, :], dk,
+                              mask=col_ok[:, None] & dm[None, :], sem="relaxed")
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                dm = dd < D
+                kt = tl.load(K + offs_n[:, None] * stride_k + dd[None, :],
+                             mask=col_ok[:, None] & dm[None, :], other=0.0)
+                dq_part = tl.dot(ds_in, kt, input_precision=PREC, out_dtype=ACC)
+                dq_ptrs = DQ + offs_m[:, None] * D + dd[None, :]
+                io = row_ok[:, None] & dm[None, :]
+                # The first key tile stores; the later ones add to what it stored.
+                old = tl.load(dq_ptrs, mask=io & (n0 > 0), other=0.0)
+                tl.store(dq_ptrs, old + dq_part, mask=io)
+                if ATOMIC_DK:
+                    qt = tl.load(Q + offs_m[:, None] * stride_q + dd[None, :],
+                                 mask=row_ok[:, None] & dm[None, :], other=0.0)
+                    dk = tl.dot(tl.trans(ds_in), qt, input_precision=PREC, out_dtype=ACC)
+                    tl.atomic_add(DK + offs_n[:, None] * D + dd[None, :], dk,
+                                  mask=col_ok[:, None] & dm[None, :], sem="relaxed")
+    if ONE_D:
+        tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], dq_acc,
+                 mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+
+_FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_D"]
+_BWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "HAS_R", "HAS_C", "ATOMIC_DK", "ONE_D", "PREC", "BLOCK_D"]
+
+lse_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY)(lse_fwd_kernel)
+lse_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY, reset_to_zero=["DK"],
+                                prune_configs_by={"early_config_prune": _prune_bwd})(lse_bwd_kernel)
