@@ -27,7 +27,7 @@ def _sources(pattern):
 
 
 def extension():
-    sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/bindings.cpp", "csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     include = [os.path.join(ROOT, "csrc")]
     cxx = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2"]
     if _want_cuda():

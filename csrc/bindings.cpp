@@ -1,14 +1,6 @@
-// Operator schemas for torch.ops.contrastive_kernels; each backend registers
-// its kernels for its dispatch key (csrc/cpu/, csrc/cuda/).
+// The Python module contrastive_kernels._C. Importing it loads the ops defined in
+// ops.cpp and registered by the backends; it has no Python functions of its own.
 #include <torch/extension.h>
-
-TORCH_LIBRARY(contrastive_kernels, m) {
-  // lse_rows (N,), lse_cols (M,) or (0,) when !cols, of S = scale * q k^T.
-  m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols) -> (Tensor, Tensor)");
-  // dq_raw = dS k, dk_raw = dS^T q with dS_ij = g_r[i] P_ij + g_c[j] Pc_ij; g_c may be empty.
-  m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
-        "Tensor g_r, Tensor g_c) -> (Tensor, Tensor)");
-}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "contrastive_kernels C++ extension; the ops live in torch.ops.contrastive_kernels";

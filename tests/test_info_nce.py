@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
-from conftest import DEVICE, TOL, rel_err
+from conftest import DEVICE, TOL, rel_err, seed_for
 
 BACKENDS = ck.available_backends(DEVICE)
 # The Triton interpreter runs on numpy: keep its shapes small.
@@ -106,7 +106,8 @@ def run_and_compare(backend, q, k, kwargs, dtype, ref_dtype=torch.float64, scale
     ref = ck.reference.info_nce(qr, kr, logit_scale=sr, logit_bias=br, **kw)
     assert out.shape == ref.shape
     tol = TOL[dtype]
-    assert rel_err(out, ref) <= tol["loss"], ("loss", rel_err(out, ref))
+    err = rel_err(out, ref, floor=1.0)
+    assert err <= tol["loss"], ("loss", err)
     # A random upstream gradient exercises reduction="none" fully.
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dev)
     ins_a = [x for x in (qa, ka, sa, ba) if x is not None]
@@ -121,7 +122,9 @@ def run_and_compare(backend, q, k, kwargs, dtype, ref_dtype=torch.float64, scale
             # The softmax is shift invariant: the exact gradient is 0.
             assert abs(float(a)) <= 1e-6 * max(1.0, float(out.detach().abs().max())), (name, float(a))
             continue
-        err = rel_err(a, r)
+        # Floor 1e-2: where the exact gradient is ~0 (P - w cancels), rounding leaves
+        # an absolute error of about eps * scale; compare it against 1e-2, not against 0.
+        err = rel_err(a, r, floor=1e-2)
         assert err <= tol["grad"], (name, err)
     return out
 
@@ -139,7 +142,7 @@ def test_against_reference(backend, dtype, case, shape):
     n, m, d = shape
     if not _fits(backend, n, m, d):
         pytest.skip(f"{backend} on {DEVICE}: shapes above {MAX_SIZE[backend]} are too slow here")
-    gen = torch.Generator().manual_seed(hash((case.__name__, shape)) % 2**31)
+    gen = torch.Generator().manual_seed(seed_for(case.__name__, shape, str(dtype)))
     kwargs = case(n, m, gen)
     if kwargs is None:
         pytest.skip("shape does not fit this case")

@@ -59,10 +59,12 @@ def _has_cuda_kernels():
         return False
 
 
-def _jit_sources():
+def _jit_sources(standalone):
     d = os.path.join(_CSRC, "cuda")
     names = ["lse_kernels.cu", "lse_cuda.cpp"]
-    return [os.path.join(d, s) for s in names]
+    # The op schemas live in _C; without it the JIT module defines them itself (ops.cpp).
+    extra = [os.path.join(_CSRC, "ops.cpp")] if standalone else []
+    return [os.path.join(d, s) for s in names] + extra
 
 
 def _jit_build():
@@ -81,14 +83,13 @@ def _jit_build_locked():
     from torch.utils import cpp_extension as ce
     if ce.CUDA_HOME is None:
         return f"the loaded extension has no CUDA kernels and no CUDA toolkit (nvcc) was found to build them; {BUILD_HOWTO}"
-    sources = _jit_sources()
+    standalone = not _ext.loaded()
+    sources = _jit_sources(standalone)
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
         return f"the CUDA sources are not installed ({missing[0]} is missing); {BUILD_HOWTO}"
-    # The op schemas live in _C; without it the JIT module defines them itself.
-    standalone = not _ext.loaded()
     # no -std flag: torch adds the standard its headers need (C++20 for torch >= 2.13)
-    flags = ["-O3", "-DCK_WITH_CUDA"] + (["-DCK_CUDA_DEFINE_SCHEMA"] if standalone else [])
+    flags = ["-O3", "-DCK_WITH_CUDA"]
     cuda_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
     name = "contrastive_kernels_cuda" + ("_standalone" if standalone else "")
     _log.warning("contrastive_kernels: the loaded extension has no CUDA kernels; building them "

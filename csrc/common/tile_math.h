@@ -58,12 +58,19 @@ struct OnlineLSE {
 template <typename T>
 CK_HD T backward_lse(T lse) { return lse == neg_inf<T>() ? static_cast<T>(INFINITY) : lse; }
 
+// The exp used by default; a backend may pass a faster one (the CPU kernel's
+// vectorizable polynomial, say) to the helpers below.
+struct Exp {
+  template <typename T>
+  CK_HD T operator()(T x) const { return ck_exp<T>(x); }
+};
+
 // Gradient of sum_i g_r[i] * LSE_rows[i] + sum_j g_c[j] * LSE_cols[j] with respect
 // to one logit S_ij: the softmax part of dS. Pass g_c = 0 for one direction.
 // lse_r and lse_c must already be passed through backward_lse.
-template <typename T>
-CK_HD T tile_grad(T s, T lse_r, T g_r, T lse_c, T g_c) {
-  return g_r * ck_exp<T>(s - lse_r) + g_c * ck_exp<T>(s - lse_c);
+template <typename T, typename E = Exp>
+CK_HD T tile_grad(T s, T lse_r, T g_r, T lse_c, T g_c, E exp_fn = E()) {
+  return g_r * exp_fn(s - lse_r) + g_c * exp_fn(s - lse_c);
 }
 
 // The diagonal of the full matrix is excluded under self-contrast.

@@ -1,7 +1,9 @@
 // Fused CPU kernel for the row/column log-sum-exp of S = scale * q k^T and its gradient.
 // Algorithm: docs/DESIGN.md, sections 3 and 4. Per-element math: common/tile_math.h.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,6 +44,11 @@ inline float exp_poly(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return zero ? 0.0f : p * scale;
 }
+
+struct FastExp {
+  float operator()(float x) const { return exp_poly(x); }
+  double operator()(double x) const { return std::exp(x); }
+};
 
 // ---- tile passes; x is a rows x cols tile of logits (row-major, leading dim cols)
 
@@ -115,11 +122,11 @@ void col_partials<double>(const double* x, int64_t rows, int64_t cols, double* m
 // dS in place: x_ij <- g_r[i] exp(x_ij - lse_r[i]) + g_c[j] exp(x_ij - lse_c[j]).
 // lse values are already passed through ck::backward_lse; g_c == nullptr: rows only.
 template <typename T>
-void tile_grad(T* x, int64_t rows, int64_t cols, const T* lse_r, const T* g_r, const T* lse_c,
+void grad_tile(T* x, int64_t rows, int64_t cols, const T* lse_r, const T* g_r, const T* lse_c,
                const T* g_c);
 
 template <>
-CK_MULTIVERSION void tile_grad<float>(float* x, int64_t rows, int64_t cols, const float* lse_r,
+CK_MULTIVERSION void grad_tile<float>(float* x, int64_t rows, int64_t cols, const float* lse_r,
                                       const float* g_r, const float* lse_c, const float* g_c) {
   for (int64_t i = 0; i < rows; ++i) {
     float* xi = x + i * cols;
@@ -127,7 +134,7 @@ CK_MULTIVERSION void tile_grad<float>(float* x, int64_t rows, int64_t cols, cons
     if (g_c) {
 #pragma omp simd
       for (int64_t j = 0; j < cols; ++j)
-        xi[j] = gr * exp_poly(xi[j] - lr) + g_c[j] * exp_poly(xi[j] - lse_c[j]);
+        xi[j] = ck::tile_grad(xi[j], lr, gr, lse_c[j], g_c[j], FastExp());
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < cols; ++j) xi[j] = gr * exp_poly(xi[j] - lr);
@@ -136,12 +143,12 @@ CK_MULTIVERSION void tile_grad<float>(float* x, int64_t rows, int64_t cols, cons
 }
 
 template <>
-void tile_grad<double>(double* x, int64_t rows, int64_t cols, const double* lse_r,
+void grad_tile<double>(double* x, int64_t rows, int64_t cols, const double* lse_r,
                        const double* g_r, const double* lse_c, const double* g_c) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j)
-      x[i * cols + j] = ck::tile_grad<double>(x[i * cols + j], lse_r[i], g_r[i],
-                                              g_c ? lse_c[j] : 0.0, g_c ? g_c[j] : 0.0);
+      x[i * cols + j] = g_c ? ck::tile_grad(x[i * cols + j], lse_r[i], g_r[i], lse_c[j], g_c[j])
+                            : g_r[i] * std::exp(x[i * cols + j] - lse_r[i]);
 }
 
 // ---- shared set-up
@@ -280,7 +287,12 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   const at::Tensor ka = k.detach().to(acc).contiguous();
   // backward_lse: a row with lse = -inf gets probability 0.
   auto safe = [&](const at::Tensor& v) {
-    return at::where(v == -INFINITY, at::full_like(v, INFINITY), v).to(acc).contiguous();
+    at::Tensor out = v.to(acc).contiguous().clone();
+    AT_DISPATCH_FLOATING_TYPES(acc, "backward_lse", [&] {
+      scalar_t* p = out.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < out.numel(); ++i) p[i] = ck::backward_lse(p[i]);
+    });
+    return out;
   };
   const at::Tensor lr = safe(lse_r.detach()), gr = g_r.detach().to(acc).contiguous();
   const at::Tensor lc = cols ? safe(lse_c.detach()) : at::Tensor();
@@ -305,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
             const int64_t nj = std::min(kCols, m - j0);
             at::Tensor x = tile.logits(qs, ka, i0, ni, j0, nj, self_mask);
-            tile_grad<T>(x.data_ptr<T>(), ni, nj, lr.data_ptr<T>() + i0, gr.data_ptr<T>() + i0,
+            grad_tile<T>(x.data_ptr<T>(), ni, nj, lr.data_ptr<T>() + i0, gr.data_ptr<T>() + i0,
                          cols ? lc.data_ptr<T>() + j0 : nullptr, cols ? gc.data_ptr<T>() + j0 : nullptr);
             dq_i.addmm_(x, ka.narrow(0, j0, nj));
             at::Tensor dk_j = dk.narrow(0, j0, nj);

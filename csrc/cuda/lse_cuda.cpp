@@ -1,6 +1,6 @@
 // ATen launcher of the CUDA kernels: checks arguments, allocates outputs, launches
 // (lse_kernels.cu does the work) and registers the CUDA implementations of the ops
-// whose schemas are defined in csrc/bindings.cpp.
+// whose schemas are defined in csrc/ops.cpp.
 //
 // Runtime switches (read on every call):
 //   CK_CUDA_DETERMINISTIC=1, or torch.use_deterministic_algorithms(True): no float
@@ -164,16 +164,6 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
 }  // namespace
 }  // namespace cuda
 }  // namespace ck
-
-#ifdef CK_CUDA_DEFINE_SCHEMA
-// Only for a just-in-time build loaded without contrastive_kernels._C (which defines
-// these schemas; keep the two in sync with csrc/bindings.cpp).
-TORCH_LIBRARY(contrastive_kernels, m) {
-  m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols) -> (Tensor, Tensor)");
-  m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
-        "Tensor g_r, Tensor g_c) -> (Tensor, Tensor)");
-}
-#endif
 
 TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
   m.impl("lse_forward", &ck::cuda::lse_forward_cuda);

@@ -1,0 +1,12 @@
+// Operator schemas for torch.ops.contrastive_kernels; each backend registers
+// its kernels for its dispatch key (csrc/cpu/, csrc/cuda/). Python-free, so the
+// CMake build can produce a plain shared library loadable by torch.ops.load_library.
+#include <torch/library.h>
+
+TORCH_LIBRARY(contrastive_kernels, m) {
+  // lse_rows (N,), lse_cols (M,) or (0,) when !cols, of S = scale * q k^T.
+  m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols) -> (Tensor, Tensor)");
+  // dq_raw = dS k, dk_raw = dS^T q with dS_ij = g_r[i] P_ij + g_c[j] Pc_ij; g_c may be empty.
+  m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
+        "Tensor g_r, Tensor g_c) -> (Tensor, Tensor)");
+}
