@@ -27,3 +27,16 @@ def has_kernel(op, dispatch_key):
 
 def missing_reason():
     return f"the C++ extension is not built or failed to load ({LOAD_ERROR}); {BUILD_HINT}"
+
+
+# The C++ ops: the dispatcher picks the CPU or the CUDA kernel by the tensors' device.
+def lse_forward(q, k, scale, self_mask, cols):
+    lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward(q, k, scale, self_mask, cols)
+    return lse_r, (lse_c if cols else None)
+
+
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
+    empty = lse_r.new_empty(0)
+    return torch.ops.contrastive_kernels.lse_backward(
+        q, k, scale, self_mask, lse_r, empty if lse_c is None else lse_c,
+        g_r, empty if g_c is None else g_c)

@@ -33,6 +33,7 @@ import threading
 import torch
 
 from .. import _ext
+from .._ext import lse_backward, lse_forward  # noqa: F401  (the backend contract)
 
 NAME = "cuda"
 
@@ -113,15 +114,3 @@ def unavailable_reason(device):
         return (f"torch {torch.__version__} is a CPU-only build, which cannot build or run the CUDA "
                 f"kernels; {BUILD_HOWTO}")
     return _jit_build()
-
-
-def lse_forward(q, k, scale, self_mask, cols):
-    lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward(q, k, scale, self_mask, cols)
-    return lse_r, (lse_c if cols else None)
-
-
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
-    empty = lse_r.new_empty(0)
-    return torch.ops.contrastive_kernels.lse_backward(
-        q, k, scale, self_mask, lse_r, empty if lse_c is None else lse_c,
-        g_r, empty if g_c is None else g_c)
