@@ -9,7 +9,7 @@ rounds the inputs to 10 mantissa bits); float64 is computed in float64 throughou
 (DMMA on sm80+). bfloat16 is rejected on CPU (the interpreter's bf16 tl.dot is wrong).
 
 Settings (module attributes, read at every call; their defaults come from the environment):
-  DETERMINISTIC  CK_TRITON_DETERMINISTIC=1. False: one backward kernel computes dq for
+  DETERMINISTIC  CK_TRITON_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)). False: one backward kernel computes dq for
                  its rows and adds dk with fp32 atomics (1 forward + 3 backward GEMM
                  passes over N*M*D; dk's summation order varies from run to run).
                  True: two backward kernels, dq over row blocks and dk over column
@@ -178,7 +178,7 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
 
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         dq = _out((n, d), acc, dev, POISON)
-        if DETERMINISTIC:
+        if DETERMINISTIC or torch.are_deterministic_algorithms_enabled():
             dk = _out((m, d), acc, dev, POISON)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
             launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
