@@ -15,7 +15,7 @@ Settings (module attributes, read at every call; their defaults come from the en
                  True: two backward kernels, dq over row blocks and dk over column
                  blocks, no atomics, bitwise reproducible (1 + 4 passes).
   PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
-  POISON         CK_TRITON_POISON=1 (debug): fill every buffer a kernel must write in
+  POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill every buffer a kernel must write in
                  full with NaN first, so that a missed store shows up in the results.
 
 The triton import is lazy: `import contrastive_kernels` does not import triton.
@@ -30,7 +30,7 @@ NAME = "triton"
 
 DETERMINISTIC = os.environ.get("CK_TRITON_DETERMINISTIC", "0") == "1"
 PRECISION = os.environ.get("CK_TRITON_PRECISION", "ieee")
-POISON = os.environ.get("CK_TRITON_POISON", "0") == "1"
+POISON = "1" in (os.environ.get("CK_TRITON_POISON"), os.environ.get("CK_POISON"))
 
 _PRECISIONS = ("ieee", "tf32")
 _KERNEL_MODULE = "contrastive_kernels.triton_kernels.lse"

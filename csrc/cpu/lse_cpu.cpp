@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -32,12 +33,13 @@ inline float exp_poly(float x) {
   x = std::min(std::max(x, lo), 88.0f);
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  // Taylor series of exp(r) to r^7 (|r| <= ln2/2: truncation error < 1e-8).
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
   p = p * r * r + r + 1.0f;
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
@@ -185,6 +187,16 @@ struct Stripes {
   int64_t end(int64_t s) const { return std::min(n, (s + 1) * per); }
 };
 
+// CK_POISON=1 (the test suite sets it): outputs and scratch start as NaN, so
+// any element a kernel fails to write shows up in the results.
+at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const char* v = std::getenv("CK_POISON");
+  const bool poison = v != nullptr && v[0] == '1';
+  at::Tensor t = at::empty(sizes, opts);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -209,16 +221,16 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
   const at::Tensor qs = (q.detach().to(acc) * scale).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
   const int64_t n = q.size(0), m = k.size(0);
-  at::Tensor lse_r = at::empty({n}, q.options().dtype(acc));
+  at::Tensor lse_r = new_buffer({n}, q.options().dtype(acc));
   const Stripes st(n, at::get_num_threads());
   // Column partials per stripe, merged after the parallel loop.
-  at::Tensor col_m = at::empty({cols ? st.count : 0, m}, lse_r.options());
-  at::Tensor col_l = at::empty({cols ? st.count : 0, m}, lse_r.options());
+  at::Tensor col_m = new_buffer({cols ? st.count : 0, m}, lse_r.options());
+  at::Tensor col_l = new_buffer({cols ? st.count : 0, m}, lse_r.options());
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
-      Tile tile{at::empty({kRows * kCols}, lse_r.options())};
+      Tile tile{new_buffer({kRows * kCols}, lse_r.options())};
       std::vector<T> tm(std::max(kRows, kCols)), tl(std::max(kRows, kCols));
       std::vector<ck::OnlineLSE<T>> rows(kRows);
       for (int64_t s = s0; s < s1; ++s) {
@@ -252,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
     });
   });
 
-  at::Tensor lse_c = at::empty({cols ? m : 0}, lse_r.options());
+  at::Tensor lse_c = new_buffer({cols ? m : 0}, lse_r.options());
   if (cols) {
     AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu_cols", [&] {
       using T = scalar_t;
@@ -308,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
-      Tile tile{at::empty({kRows * kCols}, qa.options())};
+      Tile tile{new_buffer({kRows * kCols}, qa.options())};
       for (int64_t s = s0; s < s1; ++s) {
         at::Tensor dk = dk_parts[s];
         for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
