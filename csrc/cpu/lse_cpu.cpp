@@ -234,7 +234,6 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
       std::vector<T> tm(std::max(kRows, kCols)), tl(std::max(kRows, kCols));
       std::vector<ck::OnlineLSE<T>> rows(kRows);
       for (int64_t s = s0; s < s1; ++s) {
-        ck::OnlineLSE<T>* cm = nullptr;
         std::vector<ck::OnlineLSE<T>> col_acc;
         if (cols) col_acc.assign(m, ck::OnlineLSE<T>::empty());
         for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
@@ -259,7 +258,6 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
           T* pl = col_l.data_ptr<T>() + s * m;
           for (int64_t j = 0; j < m; ++j) { pm[j] = col_acc[j].m; pl[j] = col_acc[j].l; }
         }
-        (void)cm;
       }
     });
   });
