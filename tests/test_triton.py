@@ -136,6 +136,40 @@ def test_column_stats_without_column_gradient(monkeypatch, det):
     check_kernels(20, 37, 9, torch.float32, self_mask=False, cols=True, with_gc=False)
 
 
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_forward_scratch_is_linear_and_reproducible(monkeypatch, programs):
+    # 130 rows = 5 row blocks of 32 in the interpreter, shared by 1-3 programs: each
+    # merges several blocks into its own row of column partials. Every buffer the
+    # forward allocates must be O(N + P*M), never one row per row block.
+    monkeypatch.setattr(T, "INTERPRET_PROGRAMS", programs)
+    n, m, d = 130, 70, 12
+    q, k = _qk(n, m, d, torch.float32, False, seed=programs)
+    sizes = []
+    real_full, real_empty = torch.full, torch.empty
+
+    def full(shape, *a, **kw):
+        sizes.append(torch.Size(shape).numel())
+        return real_full(shape, *a, **kw)
+
+    def empty(*shape, **kw):
+        sizes.append(torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
+                                else shape).numel())
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "full", full)
+    monkeypatch.setattr(torch, "empty", empty)
+    a = T.lse_forward(q, k, 3.0, False, True)
+    monkeypatch.setattr(torch, "full", real_full)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    b = T.lse_forward(q, k, 3.0, False, True)
+    block_m = T._kernels().PARAMS["fp32"]["FWD_BLOCK_M"]
+    progs = T.forward_programs(-(-n // block_m), torch.device(DEVICE)) if ON_GPU else programs
+    assert max(sizes) <= max(n, progs * m), sizes
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "forward not reproducible"
+    er, ec, _, _ = dense(q, k, 3.0, False, torch.zeros(n), None)
+    assert _err(a[0], er) <= 2e-6 and _err(a[1], ec) <= 2e-6
+
+
 def test_fully_masked_row_gives_zero_not_nan():
     # N = M = 1 with the self-mask: no valid entry, lse = -inf, gradients 0.
     q = torch.randn(1, 4, dtype=torch.float32, device=DEVICE)

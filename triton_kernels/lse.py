@@ -4,15 +4,18 @@ Installed as `contrastive_kernels.triton_kernels.lse`; the backend that drives t
 is `contrastive_kernels.backends.triton`. Import this module only after
 TRITON_INTERPRET has its final value: `triton.jit` reads it at decoration time.
 
-Kernels (one program per block of BLOCK_M rows; every program loops over all key
-tiles of BLOCK_N columns, and inside a tile over the embedding dim in BLOCK_D chunks):
+Kernels (every program loops over all key tiles of BLOCK_N columns, and inside a tile
+over the embedding dim in BLOCK_D chunks):
 
-  lse_fwd_kernel   S tile = scale * q k^T (fp32 accumulation, fp64 for fp64 inputs),
-                   self-mask, online (max, sum) per row -> LSE_R (N,).
-                   With COLS, the same tile also gives each column's log-sum-exp over
-                   this program's rows; it is written to PART_C[pid, j], a
-                   (cdiv(N, BLOCK_M), M) buffer that the host reduces with a logsumexp
-                   over dim 0. Every entry of LSE_R and PART_C is written.
+  lse_fwd_kernel   a fixed number of programs P (the grid) share the blocks of BLOCK_M
+                   rows: program p takes blocks p, p + P, ... For each: S tile = scale *
+                   q k^T (fp32 accumulation, fp64 for fp64 inputs), self-mask, online
+                   (max, sum) per row -> LSE_R (N,). With COLS, the same tile also gives
+                   each column's log-sum-exp over the block's rows, merged into the
+                   program's own row PART_C[p, :] of a (P, M) buffer that the host
+                   reduces with a logsumexp over dim 0: O(P*M) scratch, no atomics, and
+                   the same result on every run. Every entry of LSE_R and PART_C is
+                   written.
   lse_bwd_kernel   recomputes S, forms dS = g_r exp(S - lse_r) + g_c exp(S - lse_c)
                    (either term optional: HAS_R, HAS_C), and accumulates DQ = dS @ k
                    for its own rows (no atomics). With ATOMIC_DK it also adds
@@ -29,7 +32,7 @@ ONE_D (D <= BLOCK_D): the q tile is loaded once per program and DQ is accumulate
 registers. Otherwise DQ is accumulated in place in global memory per D chunk (the first
 key tile stores, the others read-add-write; the rows belong to one program only).
 
-Row/column offsets are int64, so N*D and cdiv(N, BLOCK_M)*M may exceed 2**31.
+Row/column offsets are int64, so N*D and P*M may exceed 2**31.
 dS is normalised by 1/max|g| (GNORM) before it is cast to the input dtype for the
 tensor-core GEMMs, so fp16 does not underflow on small upstream gradients; the host
 multiplies DQ/DK back by max|g|.
@@ -42,8 +45,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Per input-dtype class ("half" = fp16/bf16, "fp32", "fp64") launch parameters:
-#   FWD_BLOCK_M  rows per forward program: fixed (not autotuned) so that PART_C has a
-#                known shape;
+#   FWD_BLOCK_M  rows per forward row block: fixed (not autotuned), so that the host
+#                knows how many row blocks there are to share among the programs;
 #   MAX_ONE_D    embedding dims up to this are held in one chunk (q tile kept, DQ in
 #                registers); larger D is looped over in CHUNK_D chunks;
 #   FWD/BWD      the config used in the interpreter, for problems too small to be worth
@@ -135,41 +138,62 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
     return tl.where(valid, s, float("-inf")), kt
 
 
+@triton.jit
+def _logaddexp(a, b):
+    """log(exp a + exp b), -inf when both are -inf."""
+    mx = tl.maximum(a, b)
+    mx_sh = tl.where(mx == float("-inf"), 0.0, mx)
+    t = tl.exp(a - mx_sh) + tl.exp(b - mx_sh)
+    return tl.where(t > 0, mx_sh + tl.log(tl.where(t > 0, t, 1.0)), float("-inf"))
+
+
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
 def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE_KEY,
                    SELF_MASK: tl.constexpr, COLS: tl.constexpr, ONE_D: tl.constexpr,
                    PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
+    nprog = tl.num_programs(0)
     scale = tl.load(SCALE)
-    q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=Q.dtype.element_ty)
-    if ONE_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
-    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    for n0 in range(0, M, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = offs_n < M
-        s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
-                    q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
-        # Online (max, sum) per row; a max of -inf (nothing valid yet) is shifted by 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_sh) + tl.sum(tl.exp(s - m_sh[:, None]), 1)
-        m_i = m_new
+    part_row = PART_C + pid.to(tl.int64) * M
+    # Row blocks pid, pid + nprog, ...: a fixed partition, so the result is deterministic.
+    for rb in range(pid, tl.cdiv(N, BLOCK_M), nprog):
+        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = offs_m < N
+        q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=Q.dtype.element_ty)
+        if ONE_D:
+            offs_d = tl.arange(0, BLOCK_D)
+            q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                            mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+        l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+        for n0 in range(0, M, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = offs_n < M
+            s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
+                               stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M,
+                               BLOCK_N, BLOCK_D)
+            # Online (max, sum) per row; a max of -inf (nothing valid yet) is shifted by 0.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_sh) + tl.sum(tl.exp(s - m_sh[:, None]), 1)
+            m_i = m_new
+            if COLS:
+                # The tile's column log-sum-exp, merged into this program's partial row
+                # (the first row block stores, the later ones read, merge and store).
+                cm = tl.max(s, 0)
+                cm_sh = tl.where(cm == float("-inf"), 0.0, cm)
+                cs = tl.sum(tl.exp(s - cm_sh[None, :]), 0)
+                part = tl.where(cs > 0, cm_sh + tl.log(tl.where(cs > 0, cs, 1.0)), float("-inf"))
+                # (A mask of offs_n < limit: `col_ok & (rb > pid)` is int32 in the interpreter.)
+                merged_cols = tl.where(rb > pid, M, 0)
+                old = tl.load(part_row + offs_n, mask=offs_n < merged_cols, other=float("-inf"))
+                tl.store(part_row + offs_n, _logaddexp(old, part), mask=col_ok)
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_R + offs_m, lse, mask=row_ok)
         if COLS:
-            cm = tl.max(s, 0)
-            cm_sh = tl.where(cm == float("-inf"), 0.0, cm)
-            cs = tl.sum(tl.exp(s - cm_sh[None, :]), 0)
-            # -inf for a column with no valid entry in these rows.
-            part = tl.where(cs > 0, cm_sh + tl.log(tl.where(cs > 0, cs, 1.0)), float("-inf"))
-            tl.store(PART_C + pid.to(tl.int64) * M + offs_n, part, mask=col_ok)
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(LSE_R + offs_m, lse, mask=row_ok)
+            # The next row block reads what other threads of this program stored.
+            tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])

@@ -8,15 +8,21 @@ tl.dot with input_precision PRECISION ("ieee" by default, "tf32" is faster and
 rounds the inputs to 10 mantissa bits); float64 is computed in float64 throughout
 (DMMA on sm80+). bfloat16 is rejected on CPU (the interpreter's bf16 tl.dot is wrong).
 
+The forward is reproducible in every mode: a fixed number of programs share the row
+blocks in a fixed order and write their column partials to a (programs x M) buffer
+(forward_programs: PROGRAMS_PER_SM per SM on a GPU), reduced on the host.
+
 Settings (module attributes, read at every call; their defaults come from the environment):
-  DETERMINISTIC  CK_TRITON_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)). False: one backward kernel computes dq for
-                 its rows and adds dk with fp32 atomics (1 forward + 3 backward GEMM
-                 passes over N*M*D; dk's summation order varies from run to run).
-                 True: two backward kernels, dq over row blocks and dk over column
-                 blocks, no atomics, bitwise reproducible (1 + 4 passes).
+  DETERMINISTIC  CK_TRITON_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)).
+                 False: one backward kernel computes dq for its rows and adds dk with
+                 fp32 atomics (1 forward + 3 backward GEMM passes over N*M*D; dk's
+                 summation order varies from run to run). True: two backward kernels,
+                 dq over row blocks and dk over column blocks, no atomics, bitwise
+                 reproducible (1 + 4 passes).
   PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
-  POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill every buffer a kernel must write in
-                 full with NaN first, so that a missed store shows up in the results.
+  POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill
+                 every buffer a kernel must write in full with NaN first, so that a
+                 missed store shows up in the results.
 
 The triton import is lazy: `import contrastive_kernels` does not import triton.
 """
@@ -36,6 +42,11 @@ _PRECISIONS = ("ieee", "tf32")
 _KERNEL_MODULE = "contrastive_kernels.triton_kernels.lse"
 # Problems with fewer multiply-adds than this use one fixed config instead of autotuning.
 AUTOTUNE_MIN_MACS = 1 << 30
+# Forward programs per SM: the column partials take (programs x M) floats. The
+# interpreter uses INTERPRET_PROGRAMS, so that the tests merge several row blocks
+# in one program.
+PROGRAMS_PER_SM = 2
+INTERPRET_PROGRAMS = 2
 
 
 def _interpret_env():
@@ -111,6 +122,14 @@ def _common(K, q, k):
     return n, m, d, one_d, block_d, prec, acc_tl, tuned, P
 
 
+def forward_programs(n_blocks, device):
+    """How many programs share the forward's row blocks (the rows of the column partials)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks, PROGRAMS_PER_SM * sms))
+    return max(1, min(n_blocks, INTERPRET_PROGRAMS))
+
+
 def _size_key(n, m):
     # Autotuning is keyed on the size class (powers of two), not every exact size.
     return (int(n).bit_length() << 8) | int(m).bit_length()
@@ -126,16 +145,16 @@ def lse_forward(q, k, scale, self_mask, cols):
     dev = q.device
     scale_t = torch.full((1,), float(scale), dtype=acc, device=dev)
     lse_r = _out((n,), acc, dev, POISON)
-    nb = triton.cdiv(n, P["FWD_BLOCK_M"])
-    part = _out((nb, m), acc, dev, POISON) if cols else lse_r
+    progs = forward_programs(triton.cdiv(n, P["FWD_BLOCK_M"]), dev)
+    part = _out((progs, m), acc, dev, POISON) if cols else lse_r
     args = (q, k, scale_t, lse_r, part, n, m, d, q.stride(0), k.stride(0), _size_key(n, m))
     meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=one_d, PREC=prec, ACC=acc_tl,
                 BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=block_d)
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         if tuned:
-            K.lse_fwd_tuned[(nb,)](*args, **meta)
+            K.lse_fwd_tuned[(progs,)](*args, **meta)
         else:
-            K.lse_fwd_kernel[(nb,)](*args, **meta, **P["FWD"])
+            K.lse_fwd_kernel[(progs,)](*args, **meta, **P["FWD"])
     lse_c = torch.logsumexp(part, 0) if cols else None
     return lse_r, lse_c
 
