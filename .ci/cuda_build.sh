@@ -8,7 +8,8 @@
 #   Without it the check is skipped (exit 0) with a message.
 # - A separate venv with the CUDA build of torch ($CK_CUDA_TORCH_SPEC, ~5 GB) is created
 #   once, outside the repo, and reused: ${CK_CUDA_VENV:-$HOME/.cache/contrastive_kernels/venv-cuda}.
-# - Builds out of tree (a temporary build dir), so the CPU build in the work tree is untouched.
+# - Builds out of tree (a temporary build dir), so the CPU build in the work tree is untouched:
+#   first setup.py (CK_BUILD_CUDA=1), then CMakeLists.txt (-DCK_BUILD_CUDA=ON).
 # - Quiet on success (one line), the full log on failure (exit non-zero).
 # Knobs: CK_CUDA_ARCHS (default "80;90"), CK_CUDA_TORCH_SPEC (default torch==2.14.1),
 #        CK_CUDA_KEEP=1 keeps the build dir and prints where it is.
@@ -90,5 +91,23 @@ CUOBJ=$(command -v cuobjdump || true)
 if [ -n "$CUOBJ" ]; then
     "$CUOBJ" -lelf "$SO" >>"$LOG" 2>&1 || fail "cuobjdump found no device code in _C"
 fi
+SETUP_S=$(( $(date +%s) - START ))
+
+# --- the same sources through CMakeLists.txt (CK_BUILD_CUDA=ON) ---------------------
+START=$(date +%s)
+NVRTC=$(ls "$SITE"/nvidia/*/lib/libnvrtc.so.* 2>/dev/null | head -n 1 || true)
+CMAKE_ARGS=(-S "$ROOT" -B "$TMP/cmake" -DPython3_EXECUTABLE="$PY" -DCK_BUILD_CUDA=ON
+            -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DCMAKE_CUDA_ARCHITECTURES="$CK_CUDA_ARCHS"
+            -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCUDAToolkit_ROOT="$CUDA_HOME")
+[ -n "$NVRTC" ] && CMAKE_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
+if command -v cmake >/dev/null; then
+    { cmake "${CMAKE_ARGS[@]}" && cmake --build "$TMP/cmake" -j "$MAX_JOBS"; } >"$LOG" 2>&1 \
+        || fail "cmake build with CK_BUILD_CUDA=ON"
+    LIB=$(find "$TMP/cmake" -name 'libcontrastive_kernels_ops*.so' | head -n 1)
+    [ -n "$LIB" ] && grep -q -a "lse_forward_rows" "$LIB" || fail "CUDA launcher missing from the CMake library"
+    CMAKE_NOTE="cmake $(( $(date +%s) - START ))s"
+else
+    CMAKE_NOTE="cmake not found, CMake build skipped"
+fi
 rm -f "$LOG"
-echo "cuda_build: OK ($(basename "$SO"), archs $CK_CUDA_ARCHS, torch $("$PY" -c 'import torch; print(torch.__version__)'), $(( $(date +%s) - START ))s)"
+echo "cuda_build: OK ($(basename "$SO"), archs $CK_CUDA_ARCHS, torch $("$PY" -c 'import torch; print(torch.__version__)'), setup.py ${SETUP_S}s, $CMAKE_NOTE)"
