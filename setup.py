@@ -35,6 +35,9 @@ def extension():
         archs = os.environ.get("CK_CUDA_ARCHS", "80;90").split(";")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # PTX of the newest arch too, so that newer GPUs can JIT-compile the kernels.
+        newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
+        nvcc += [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
         return ce.CUDAExtension("contrastive_kernels._C", sources, include_dirs=include,
                                 extra_compile_args={"cxx": cxx + ["-DCK_WITH_CUDA"], "nvcc": nvcc},
                                 extra_link_args=["-fopenmp"])

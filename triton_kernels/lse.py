@@ -220,7 +220,13 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
     if ONE_D:
         q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
                         mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    for n0 in range(0, M, BLOCK_N):
+    # Each program starts at its own key tile, so that programs running at the same time
+    # do not add into the same DK rows at once.
+    tiles = tl.cdiv(M, BLOCK_N)
+    first = pid % tl.maximum(tiles, 1)
+    for t in range(0, tiles):
+        nt = first + t
+        n0 = tl.where(nt < tiles, nt, nt - tiles).to(tl.int64) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = offs_n < M
         s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
@@ -251,7 +257,7 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                 dq_ptrs = DQ + offs_m[:, None] * D + dd[None, :]
                 io = row_ok[:, None] & dm[None, :]
                 # The first key tile stores; the later ones add to what it stored.
-                old = tl.load(dq_ptrs, mask=io & (n0 > 0), other=0.0)
+                old = tl.load(dq_ptrs, mask=io & (t > 0), other=0.0)
                 tl.store(dq_ptrs, old + dq_part, mask=io)
                 if ATOMIC_DK:
                     qt = tl.load(Q + offs_m[:, None] * stride_q + dd[None, :],

@@ -296,6 +296,14 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, lo
   }
 }
 
+// The t-th column tile a block visits: each block starts at its own tile (blockIdx.x mod
+// tiles), so that blocks running at the same time do not merge into the same column
+// words (forward) or add into the same dk rows (backward) at once.
+__device__ __forceinline__ long long rotated_tile(long long t, long long tiles) {
+  const long long jt = static_cast<long long>(blockIdx.x) % tiles + t;
+  return jt < tiles ? jt : jt - tiles;
+}
+
 // sm.s = q[i0:i0+BM] k[j0:j0+BN]^T (unscaled), ends with a barrier.
 template <typename T, Mma M>
 __device__ __forceinline__ void compute_s_tile(Smem<T, M>& sm, const T* __restrict__ q,
@@ -315,11 +323,15 @@ __device__ __forceinline__ void compute_s_tile(Smem<T, M>& sm, const T* __restri
   __syncthreads();
 }
 
-// (max, sum exp(x - max)) of `len` values at x[0], x[stride], ...; (-inf, 0) if all -inf.
+// (max, sum exp(x - max)) of `len` values at x[0], x[stride], ...; (-inf, 0) if all -inf,
+// NaN if any is NaN (fmax alone would drop a row of NaNs as empty).
 template <typename Acc>
 __device__ __forceinline__ void partial_lse(const Acc* x, int stride, int len, Acc& mx, Acc& l) {
   mx = neg_inf<Acc>();
-  for (int t = 0; t < len; ++t) mx = fmax(mx, x[t * stride]);
+  for (int t = 0; t < len; ++t) {
+    const Acc v = x[t * stride];
+    mx = (v != v) ? v : fmax(mx, v);
+  }
   l = Acc(0);
   if (mx != neg_inf<Acc>())
     for (int t = 0; t < len; ++t) l += ck_exp<Acc>(x[t * stride] - mx);
@@ -378,7 +390,9 @@ lse_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long n
     sm.row_a[r] = neg_inf<Acc>();
     sm.row_b[r] = Acc(0);
   }
-  for (long long j0 = 0; j0 < m; j0 += BN) {
+  const long long tiles = (m + BN - 1) / BN;
+  for (long long t = 0; t < tiles; ++t) {
+    const long long j0 = rotated_tile(t, tiles) * BN;
     compute_s_tile(sm, q, k, n, m, d, i0, j0);
     for (int idx = tid; idx < BM * BN; idx += kThreads) {
       const int r = idx / BN, c = idx % BN;
@@ -441,7 +455,9 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
     sm.row_b[r] = has ? g_r[i] : Acc(0);
   }
   Acc* out = kSepP ? reinterpret_cast<Acc*>(sm.s) : sm.out;
-  for (long long j0 = 0; j0 < m; j0 += BN) {
+  const long long tiles = (m + BN - 1) / BN;
+  for (long long t = 0; t < tiles; ++t) {
+    const long long j0 = rotated_tile(t, tiles) * BN;
     for (int c = tid; c < BN; c += kThreads) {
       const long long j = j0 + c;
       const bool has = j < m && g_c != nullptr;
