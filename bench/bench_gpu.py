@@ -8,7 +8,11 @@ contrastive_kernels available on CUDA (Triton twice: "triton" with the atomic ba
 Columns: median time (triton.testing.do_bench), peak torch.cuda.max_memory_allocated
 during one step, TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and
 one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
-rate measured in the same run. A row that would not fit in memory is skipped.
+rate measured in the same run, and the peak over the ideal: inputs + gradients (4 N D
+bf16 values; the O(N) statistics are negligible). A row that would not fit in memory is
+skipped. At the end, `targets` checks the acceptance targets at the largest N (>= 60% of
+the matmul rate, >= 1.5x faster than naive and Inf-CL, peak within 5% of the ideal) and
+names the faster GPU backend.
 """
 import argparse
 import json
@@ -107,6 +111,45 @@ def methods():
     return out
 
 
+def ideal_bytes(n, d, itemsize=2):
+    """Inputs q, k and their gradients, in the input dtype."""
+    return 4 * n * d * itemsize
+
+
+def targets(rows):
+    """Lines checking the GPU acceptance targets at the largest N that has results."""
+    done = [r for r in rows if r.get("ms")]
+    if not done:
+        return ["targets: no results"]
+    n = max(r["N"] for r in done)
+    at = {r["method"]: r for r in done if r["N"] == n}
+    ours = [m for m in at if m not in ("naive", "inf_cl")]
+    out = [f"targets at N={n}, D={at[next(iter(at))]['D']}:"]
+    for m in ours:
+        r = at[m]
+        checks = []
+        if r.get("frac_matmul") is not None:
+            checks.append(("matmul rate >= 60%", r["frac_matmul"] >= 0.6,
+                           f"{100 * r['frac_matmul']:.0f}%"))
+        for ref in ("naive", "inf_cl"):
+            if ref in at:
+                x = at[ref]["ms"] / r["ms"]
+                checks.append((f">= 1.5x {ref}", x >= 1.5, f"{x:.2f}x"))
+            else:
+                checks.append((f">= 1.5x {ref}", None, "not measured"))
+        ratio = r["peak_bytes"] / ideal_bytes(n, r["D"])
+        checks.append(("peak <= 1.05 ideal", ratio <= 1.05, f"{ratio:.2f}x"))
+        for name, ok, val in checks:
+            verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+            out.append(f"  {m:>10}  {name:<20} {val:>13}  {verdict}")
+    gpu = [m for m in ("triton", "cuda") if m in at]
+    if gpu:
+        best = min(gpu, key=lambda m: at[m]["ms"])
+        out.append(f"  faster GPU backend (for 'auto'): {best} "
+                   + ", ".join(f"{m} {at[m]['ms']:.1f} ms" for m in gpu))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N in {4096, 8192}, short timing")
@@ -125,7 +168,8 @@ def main(argv=None):
     meths = methods()
     dev_name = torch.cuda.get_device_name()
     print(f"# {dev_name}, bf16, D={d}, symmetric CLIP loss, forward + backward")
-    hdr = f"{'method':>10} {'N':>6} {'ms':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'% matmul':>9}  note"
+    hdr = (f"{'method':>10} {'N':>6} {'ms':>9} {'peak GiB':>9} {'/ideal':>7} {'TFLOP/s':>8} "
+           f"{'% matmul':>9}  note")
     print(hdr)
     print("-" * len(hdr))
     for n in sizes:
@@ -161,11 +205,14 @@ def main(argv=None):
             f = lambda v, fmt: (fmt % v) if v is not None else "-"
             print(f"{name:>10} {n:>6} {f(row['ms'], '%9.2f'):>9} "
                   f"{f(row['peak_bytes'] and row['peak_bytes'] / 2**30, '%9.2f'):>9} "
+                  f"{f(row['peak_bytes'] and row['peak_bytes'] / ideal_bytes(n, d), '%7.2f'):>7} "
                   f"{f(row['tflops'], '%8.1f'):>8} "
                   f"{f(row['frac_matmul'] and 100 * row['frac_matmul'], '%8.1f%%'):>9}  {row['note']}",
                   flush=True)
         fmt = lambda v, spec: (spec % v) if v is not None else "-"
-        print(f"{'matmul':>10} {n:>6} {'':>9} {'':>9} {fmt(mm, '%8.1f'):>8}  bf16 {n}x{d} @ {d}x{n}")
+        print(f"{'matmul':>10} {n:>6} {'':>9} {'':>9} {'':>7} {fmt(mm, '%8.1f'):>8}  "
+              f"bf16 {n}x{d} @ {d}x{n}")
+    print("\n".join(targets(rows)))
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as fh:
         json.dump(dict(device=dev_name, torch=torch.__version__, dtype="bf16", D=d,

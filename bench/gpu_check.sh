@@ -3,8 +3,8 @@
 # test suite on CUDA tensors, then the bf16 benchmark table (bench/bench_gpu.py).
 #   bench/gpu_check.sh [--quick]      (--quick: benchmark N in {4096, 8192} only)
 # Uses the python on PATH (or $PYTHON); torch, triton, nvcc, ninja and pytest must be
-# installed there. Results go to $OUT (or bench/out): build.log, tests.log, bench.txt,
-# bench_gpu.json. Exit status: non-zero if the build, the tests or the benchmark failed.
+# installed there. Results go to $OUT (or bench/out): build.log, tests.log (and the
+# per-process tests.<i>.log), bench.txt, bench_gpu.json. Exit status: non-zero if the build, the tests or the benchmark failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -27,11 +27,23 @@ if ! CK_BUILD_CUDA=1 CK_CUDA_ARCHS=${CK_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
 fi
 "$PY" -c "import contrastive_kernels as ck; print('backends on cuda:', ck.available_backends('cuda'))"
 
-stamp "tests on cuda"
-if ! CK_TEST_DEVICE=cuda CK_AOT_JOBS=8 timeout 200 "$PY" -m pytest -q --maxfail=10 -p no:cacheprovider tests \
-        --durations=10 2>&1 | tee "$OUTDIR/tests.log" | tail -40; then
-    status=1
-fi
+# The suite runs as SHARDS pytest processes side by side (CK_TEST_SHARD=i/n, see
+# tests/conftest.py): most of its time is Triton compiling kernel variants, one at a
+# time per process. Logs: tests.<i>.log; the summary lines and failures are printed.
+SHARDS=${CK_TEST_SHARDS:-8}
+stamp "tests on cuda ($SHARDS processes)"
+pids=()
+for i in $(seq 0 $((SHARDS - 1))); do
+    CK_TEST_SHARD=$i/$SHARDS CK_TEST_DEVICE=cuda CK_AOT_JOBS=4 OMP_NUM_THREADS=2 timeout 240 \
+        "$PY" -m pytest -q -p no:cacheprovider tests --durations=3 >"$OUTDIR/tests.$i.log" 2>&1 &
+    pids+=($!)
+done
+for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then status=1; echo "shard $i/$SHARDS FAILED (rc != 0)"; fi
+    echo "shard $i/$SHARDS: $(tail -n 1 "$OUTDIR/tests.$i.log")"
+done
+cat "$OUTDIR"/tests.*.log > "$OUTDIR/tests.log"
+grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -40 || true
 
 stamp "benchmark"
 if ! timeout 240 "$PY" bench/bench_gpu.py $QUICK --json "$OUTDIR/bench_gpu.json" 2>&1 \

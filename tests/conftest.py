@@ -3,6 +3,8 @@
 CK_TEST_DEVICE=cuda runs the suite on CUDA tensors (bench/gpu_check.sh does).
 Without a GPU, the Triton interpreter is switched on so the Triton backend is
 tested on CPU tensors; it must be set before triton is imported.
+CK_TEST_SHARD=i/n keeps the i-th of n contiguous slices of the collected tests, so
+that n processes can share a run (bench/gpu_check.sh: Triton compiles in parallel).
 """
 import os
 import zlib
@@ -16,6 +18,26 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def shard_slice(n_items, shard):
+    """(start, stop) of the tests that shard "i/n" keeps out of n_items."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"CK_TEST_SHARD must look like 'i/n', got {shard!r}") from None
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"CK_TEST_SHARD {shard!r}: need 0 <= i < n")
+    return n_items * i // n, n_items * (i + 1) // n
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get("CK_TEST_SHARD")
+    if not shard:
+        return
+    start, stop = shard_slice(len(items), shard)
+    config.hook.pytest_deselected(items=items[:start] + items[stop:])
+    items[:] = items[start:stop]
 
 
 @pytest.fixture

@@ -82,3 +82,37 @@ def test_target_lines():
     # the cpu backend missing: every target fails, saying why
     lines = bench.check_targets([r for r in rows if r["method"] != "cpu"], "not built")
     assert len(lines) == 3 and all(line.startswith("FAIL") and "not built" in line for line in lines)
+
+
+def _bench_gpu():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "bench", "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_targets_summary_from_rows():
+    # bench/bench_gpu.py needs a GPU; its acceptance summary is checked on made-up rows.
+    B = _bench_gpu()
+    n, d = 65536, 768
+    ideal = B.ideal_bytes(n, d)
+    row = lambda m, ms, peak, frac: dict(method=m, N=n, D=d, ms=ms, peak_bytes=peak,
+                                         frac_matmul=frac)
+    rows = [row("naive", 300.0, 40 * GiB, 0.2), row("triton", 100.0, int(1.04 * ideal), 0.65),
+            row("cuda", 250.0, int(2.0 * ideal), 0.3), row("naive", 1.0, 1, 0.1) | {"N": 8192}]
+    text = "\n".join(B.targets(rows))
+    line = lambda m, what: next(l for l in text.splitlines() if l.split()[:1] == [m] and what in l)
+    assert text.startswith(f"targets at N={n}, D={d}:")
+    assert line("triton", "matmul").split()[-2:] == ["65%", "PASS"]
+    assert line("triton", "naive").split()[-2:] == ["3.00x", "PASS"]
+    assert line("triton", "peak").split()[-2:] == ["1.04x", "PASS"]
+    assert line("triton", "inf_cl").endswith("not measured  n/a")      # no Inf-CL row
+    assert line("cuda", "matmul").split()[-2:] == ["30%", "FAIL"]
+    assert line("cuda", "naive").split()[-2:] == ["1.20x", "FAIL"]
+    assert line("cuda", "peak").split()[-2:] == ["2.00x", "FAIL"]
+    assert "faster GPU backend (for 'auto'): triton" in text
+    assert B.targets([]) == ["targets: no results"]

@@ -1,0 +1,34 @@
+"""CK_TEST_SHARD=i/n: the shards of a run are disjoint and together hold every test."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _collect(shard=None):
+    env = {k: v for k, v in os.environ.items() if k != "CK_TEST_SHARD"}
+    if shard:
+        env["CK_TEST_SHARD"] = shard
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p",
+                          "no:cacheprovider", "tests/test_errors.py"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    return out.returncode, [line for line in out.stdout.splitlines() if "::" in line], out
+
+
+def test_shards_partition_the_suite():
+    rc, full, out = _collect()
+    assert rc == 0 and len(full) > 10, out.stdout + out.stderr
+    parts = []
+    for i in range(3):
+        rc, got, out = _collect(f"{i}/3")
+        assert rc == 0, out.stdout + out.stderr
+        assert got, f"shard {i}/3 is empty"
+        parts.append(got)
+    flat = [t for p in parts for t in p]
+    assert sorted(flat) == sorted(full) and len(set(flat)) == len(flat)
+
+
+def test_bad_shard_is_a_usage_error():
+    rc, _, out = _collect("3/3")
+    assert rc != 0 and "CK_TEST_SHARD" in out.stdout + out.stderr
