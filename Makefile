@@ -17,8 +17,14 @@ $(VENV)/.deps: requirements.txt
 
 setup: $(VENV)/.deps
 
+# Rebuilt only when the extension is missing or a C++/CUDA source is newer than the last build.
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 build: setup
-	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
+	@if [ ! -f $(VENV)/.built ] || ! ls contrastive_kernels/_C*.so >/dev/null 2>&1 || \
+	    [ -n "$$(find $(SOURCES) $(VENV)/.deps -newer $(VENV)/.built)" ]; then \
+		echo "building the extension"; \
+		$(PY) -m pip install -q -e . --no-build-isolation --no-deps && touch $(VENV)/.built; \
+	fi
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
@@ -27,4 +33,4 @@ bench: build
 	$(PY) -m contrastive_kernels.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info contrastive_kernels/*.so
+	rm -rf build *.egg-info contrastive_kernels/*.so $(VENV)/.built
