@@ -4,7 +4,8 @@ The loss splits into two parts (docs/DESIGN.md, "Decomposition"):
   * the log-sum-exp over rows (and columns), the only O(N*M*D) part, computed
     tile by tile by a backend through `FusedLSE`;
   * the target term sum_j w_ij S_ij, which is linear in S and costs O((N+M)*D):
-    computed here once for every backend, differentiated by autograd.
+    computed here once for every backend by `TargetDots`, which saves nothing but
+    q and k and recomputes its O((N+M)*D) intermediates in backward.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -46,11 +47,64 @@ class FusedLSE(torch.autograd.Function):
         with _no_autocast(q):
             dq_raw, dk_raw = ctx.backend.lse_backward(
                 q, k, ctx.s, ctx.self_mask, lse_r, lse_c if ctx.cols else None, g_r, g_c)
-        dq = (dq_raw * ctx.s).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = (dk_raw * ctx.s).to(k.dtype) if ctx.needs_input_grad[1] else None
         # dL/ds = sum_ij dS_ij <q_i, k_j> = sum_i <q_i, (dS k)_i>
-        ds = (q.to(acc) * dq_raw).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
+        ds = _inner(q, dq_raw).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        # dq_raw and dk_raw are the backend's own fresh buffers: scaled in place.
+        dq = dq_raw.mul_(ctx.s).to(q.dtype) if ctx.needs_input_grad[0] else None
+        dk = dk_raw.mul_(ctx.s).to(k.dtype) if ctx.needs_input_grad[1] else None
         return dq, dk, ds, None, None, None
+
+
+def _inner(a, b, rows=4096):
+    """sum(a * b) in b's dtype, over row chunks (no full-size temporary)."""
+    out = b.new_zeros(())
+    for i in range(0, a.shape[0], rows):
+        out += (a[i:i + rows].to(b.dtype) * b[i:i + rows]).sum()
+    return out
+
+
+class TargetDots(torch.autograd.Function):
+    """(q, k) -> (<q_i, t_i>, <k_j, u_j>) with t, u the target vectors of `target_terms`.
+
+    The targets are linear in q and k, so backward recomputes them from the saved q
+    and k instead of keeping the (N, D) and (M, D) target vectors (and float32 copies
+    of half inputs) alive between forward and backward.
+    Also returns row_ok and col_ok (not differentiable); col terms are empty unless
+    the problem is symmetric.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, p):
+        acc = p.out_dtype
+        with torch.no_grad():
+            rdot, row_ok, cdot, col_ok = _target_dots(p, q.to(acc), k.to(acc))
+        ctx.save_for_backward(q, k)
+        ctx.p = p
+        ctx.mark_non_differentiable(row_ok, col_ok)
+        return rdot, cdot, row_ok, col_ok
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_r, g_c, _row_ok, _col_ok):
+        q, k = ctx.saved_tensors
+        acc = ctx.p.out_dtype
+        with torch.enable_grad():
+            qf = q.detach().to(acc).requires_grad_()
+            kf = k.detach().to(acc).requires_grad_()
+            rdot, _, cdot, _ = _target_dots(ctx.p, qf, kf)
+            obj = (rdot * g_r).sum() + (cdot * g_c).sum()
+            dq, dk = torch.autograd.grad(obj, (qf, kf), allow_unused=True)
+        dq = torch.zeros_like(q) if dq is None else dq.to(q.dtype)
+        dk = torch.zeros_like(k) if dk is None else dk.to(k.dtype)
+        return dq, dk, None
+
+
+def _target_dots(p, qf, kf):
+    t, row_ok, u, col_ok = target_terms(p, qf, kf)
+    rdot = (qf * t).sum(1)
+    if u is None:
+        return rdot, row_ok, rdot.new_zeros(0), row_ok.new_zeros(0)
+    return rdot, row_ok, (kf * u).sum(1), col_ok
 
 
 def _mean_of_rows(x, index, count):
@@ -141,15 +195,14 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     if p.symmetric and p.self_contrast:
         lse_c = lse_r
 
-    qf, kf = q.to(acc), k.to(acc)
-    t, row_ok, u, col_ok = target_terms(p, qf, kf)
+    rdot, cdot, row_ok, col_ok = TargetDots.apply(q, k, p)
     s, b = p.scale, p.bias
     zero = lse_r.new_zeros(())
     # l_i = (LSE_i + b) - (s <q_i, t_i> + b); the bias cancels but keeps its (zero) gradient.
-    row = torch.where(row_ok, (lse_r + b) - (s * (qf * t).sum(1) + b), zero)
+    row = torch.where(row_ok, (lse_r + b) - (s * rdot + b), zero)
     if not p.symmetric:
         return _reduce([row], [row_ok], p.reduction)
-    col = torch.where(col_ok, (lse_c + b) - (s * (kf * u).sum(1) + b), zero)
+    col = torch.where(col_ok, (lse_c + b) - (s * cdot + b), zero)
     return _reduce([0.5 * row, 0.5 * col], [row_ok, col_ok], p.reduction)
 
 

@@ -66,3 +66,42 @@ def test_fused_cuda_peak_memory_far_below_n_squared(backend):
     torch.cuda.synchronize()
     above = torch.cuda.max_memory_allocated() - base
     assert above < n_squared_bytes(n) / 4, f"{backend}: {above / MiB:.0f} MiB above inputs"
+
+
+# What autograd keeps between forward and backward must be q, k and O(N + M)
+# statistics: no N x D target vectors, no float32 copies of half inputs.
+SAVED_CASES = {
+    "clip": dict(symmetric=True),
+    "smoothing": dict(symmetric=True, label_smoothing=0.1),
+    "supcon": dict(labels="labels", symmetric=True),
+    "ntxent": dict(self_contrast=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", sorted(SAVED_CASES))
+@pytest.mark.parametrize("backend", ck.available_backends(os.environ.get("CK_TEST_DEVICE", "cpu")))
+def test_saved_for_backward_is_inputs_plus_linear_statistics(backend, case, dtype):
+    dev = os.environ.get("CK_TEST_DEVICE", "cpu")
+    if dtype == torch.bfloat16 and backend == "triton" and dev == "cpu":
+        pytest.skip("bf16 Triton runs on GPU only")
+    n, d = 96, 40
+    kw = dict(SAVED_CASES[case])
+    q = torch.randn(n, d, device=dev).to(dtype).requires_grad_()
+    k = None if kw.pop("self_contrast", False) else torch.randn(n, d, device=dev).to(dtype).requires_grad_()
+    if kw.get("labels") == "labels":
+        kw["labels"] = torch.arange(n, device=dev) % 7
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ck.info_nce(q, k, backend=backend, **kw)
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k) if x is not None}
+    extra = sum(v for ptr, v in saved.items() if ptr not in inputs)
+    assert extra <= 16 * 8 * n, (f"{backend}/{case}: {extra} bytes saved beyond q and k; one "
+                                 f"input is {n * d * q.element_size()} bytes")
+    loss.backward()   # still differentiable after the hooks
+    assert torch.isfinite(q.grad).all()
