@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from test_cuda_build import NVCC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,16 +25,7 @@ def test_cmake_build_and_ctest(tmp_path):
     assert "100% tests passed, 0 tests failed out of 2" in out.stdout, out.stdout
 
 
-def _nvcc():
-    home = os.environ.get("CUDA_HOME")
-    for cand in ([os.path.join(home, "bin", "nvcc")] if home else []) + \
-            [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]:
-        if cand and os.path.exists(cand):
-            return cand
-    return None
-
-
-@pytest.mark.skipif(shutil.which("cmake") is None or _nvcc() is None,
+@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None,
                     reason="cmake or nvcc is not installed")
 def test_cmake_builds_cuda_kernels_for_sm80_and_sm90(tmp_path):
     # CK_BUILD_CUDA=ON with CK_BUILD_TORCH=OFF: the torch-free kernels of csrc/cuda/
@@ -41,7 +33,7 @@ def test_cmake_builds_cuda_kernels_for_sm80_and_sm90(tmp_path):
     build = tmp_path / "build"
     run = lambda *cmd: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     out = run("cmake", "-S", ROOT, "-B", str(build), "-DCK_BUILD_TORCH=OFF", "-DCK_BUILD_CUDA=ON",
-              f"-DCMAKE_CUDA_COMPILER={_nvcc()}")
+              f"-DCMAKE_CUDA_COMPILER={NVCC}")
     assert out.returncode == 0, out.stdout + out.stderr
     out = run("cmake", "--build", str(build), "--target", "ck_cuda_kernels", "--verbose")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -108,18 +108,27 @@ def _out(shape, dtype, device, poison):
         torch.empty(shape, dtype=dtype, device=device)
 
 
-def _common(K, q, k):
+def _setup(q, k, scale):
+    """Checks, row-strided q and k, and what both launches need, as a namespace."""
+    import types
+
     import triton
     import triton.language as tl
+    _check(q, k)
+    K = _kernels()
+    q, k = _rows(q), _rows(k)
     n, d = q.shape
     m = k.shape[0]
     P = K.PARAMS[K.dtype_class(q.dtype)]
     one_d = d <= P["MAX_ONE_D"]
-    block_d = max(16, triton.next_power_of_2(d)) if one_d else P["CHUNK_D"]
-    prec = PRECISION if q.dtype == torch.float32 else "ieee"
-    acc_tl = tl.float64 if q.dtype == torch.float64 else tl.float32
-    tuned = P["tune"] and (not K.INTERPRET) and n * m * d >= AUTOTUNE_MIN_MACS
-    return n, m, d, one_d, block_d, prec, acc_tl, tuned, P
+    acc = _acc(q.dtype)
+    return types.SimpleNamespace(
+        K=K, triton=triton, q=q, k=k, n=n, m=m, d=d, P=P, one_d=one_d, acc=acc, dev=q.device,
+        block_d=max(16, triton.next_power_of_2(d)) if one_d else P["CHUNK_D"],
+        prec=PRECISION if q.dtype == torch.float32 else "ieee",
+        acc_tl=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        tuned=P["tune"] and (not K.INTERPRET) and n * m * d >= AUTOTUNE_MIN_MACS,
+        scale_t=torch.full((1,), float(scale), dtype=acc, device=q.device))
 
 
 def forward_programs(n_blocks, device):
@@ -136,37 +145,27 @@ def _size_key(n, m):
 
 
 def lse_forward(q, k, scale, self_mask, cols):
-    _check(q, k)
-    K = _kernels()
-    import triton
-    q, k = _rows(q), _rows(k)
-    n, m, d, one_d, block_d, prec, acc_tl, tuned, P = _common(K, q, k)
-    acc = _acc(q.dtype)
-    dev = q.device
-    scale_t = torch.full((1,), float(scale), dtype=acc, device=dev)
-    lse_r = _out((n,), acc, dev, POISON)
-    progs = forward_programs(triton.cdiv(n, P["FWD_BLOCK_M"]), dev)
-    part = _out((progs, m), acc, dev, POISON) if cols else lse_r
-    args = (q, k, scale_t, lse_r, part, n, m, d, q.stride(0), k.stride(0), _size_key(n, m))
-    meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=one_d, PREC=prec, ACC=acc_tl,
-                BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=block_d)
+    L = _setup(q, k, scale)
+    n, m, P, dev = L.n, L.m, L.P, L.dev
+    lse_r = _out((n,), L.acc, dev, POISON)
+    progs = forward_programs(L.triton.cdiv(n, P["FWD_BLOCK_M"]), dev)
+    part = _out((progs, m), L.acc, dev, POISON) if cols else lse_r
+    args = (L.q, L.k, L.scale_t, lse_r, part, n, m, L.d, L.q.stride(0), L.k.stride(0),
+            _size_key(n, m))
+    meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=L.one_d, PREC=L.prec,
+                ACC=L.acc_tl, BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=L.block_d)
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        if tuned:
-            K.lse_fwd_tuned[(progs,)](*args, **meta)
+        if L.tuned:
+            L.K.lse_fwd_tuned[(progs,)](*args, **meta)
         else:
-            K.lse_fwd_kernel[(progs,)](*args, **meta, **P["FWD"])
+            L.K.lse_fwd_kernel[(progs,)](*args, **meta, **P["FWD"])
     lse_c = torch.logsumexp(part, 0) if cols else None
     return lse_r, lse_c
 
 
 def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
-    _check(q, k)
-    K = _kernels()
-    import triton
-    q, k = _rows(q), _rows(k)
-    n, m, d, one_d, block_d, prec, acc_tl, tuned, P = _common(K, q, k)
-    acc = _acc(q.dtype)
-    dev = q.device
+    L = _setup(q, k, scale)
+    acc, dev, triton = L.acc, L.dev, L.triton
     has_c = lse_c is not None and g_c is not None
     g_r = g_r.to(acc).contiguous()
     lse_r = lse_r.to(acc).contiguous()
@@ -179,30 +178,31 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
         gmax = torch.maximum(gmax, g_c.abs().amax())
     gmax = torch.where(gmax == 0, torch.ones_like(gmax), gmax)
     gnorm = (1.0 / gmax).reshape(1)
-    scale_t = torch.full((1,), float(scale), dtype=acc, device=dev)
-    meta = dict(SELF_MASK=bool(self_mask), ONE_D=one_d, PREC=prec, ACC=acc_tl, BLOCK_D=block_d)
+    meta = dict(SELF_MASK=bool(self_mask), ONE_D=L.one_d, PREC=L.prec, ACC=L.acc_tl,
+                BLOCK_D=L.block_d)
 
     def launch(a, b, lse_a, g_a, has_a, lse_b, g_b, has_b, da, db, atomic):
         na, nb_ = a.shape[0], b.shape[0]
         dummy = lse_r
-        args = (a, b, scale_t, gnorm, lse_a if has_a else dummy, g_a if has_a else dummy,
+        args = (a, b, L.scale_t, gnorm, lse_a if has_a else dummy, g_a if has_a else dummy,
                 lse_b if has_b else dummy, g_b if has_b else dummy, da, db if atomic else da,
-                na, nb_, d, a.stride(0), b.stride(0), _size_key(na, nb_))
+                na, nb_, L.d, a.stride(0), b.stride(0), _size_key(na, nb_))
         kw = dict(meta, HAS_R=has_a, HAS_C=has_b, ATOMIC_DK=atomic)
-        if tuned:
-            K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
+        if L.tuned:
+            L.K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
         else:
-            cfg = P["BWD"]
-            K.lse_bwd_kernel[(triton.cdiv(na, cfg["BLOCK_M"]),)](*args, **kw, **cfg)
+            cfg = L.P["BWD"]
+            L.K.lse_bwd_kernel[(triton.cdiv(na, cfg["BLOCK_M"]),)](*args, **kw, **cfg)
 
+    q, k = L.q, L.k
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        dq = _out((n, d), acc, dev, POISON)
+        dq = _out((L.n, L.d), acc, dev, POISON)
         if DETERMINISTIC or torch.are_deterministic_algorithms_enabled():
-            dk = _out((m, d), acc, dev, POISON)
+            dk = _out((L.m, L.d), acc, dev, POISON)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
             launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
         else:
-            dk = torch.zeros((m, d), dtype=acc, device=dev)
+            dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, dk, True)
     return dq.mul_(gmax), dk.mul_(gmax)
 

@@ -73,6 +73,31 @@ at::Tensor stat(const at::Tensor& t, int64_t len, at::ScalarType acc, const at::
   return t.to(acc).contiguous();
 }
 
+const at::Tensor& checked(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
+  check_inputs(q, k);
+  TORCH_CHECK(!self_mask || q.size(0) == k.size(0),
+              "contrastive_kernels (cuda): self_mask needs N == M, got ", q.size(0), " and ",
+              k.size(0));
+  return q;
+}
+
+// What both ops start with: checked inputs, q's device made current, contiguous q and k,
+// and the launch settings.
+struct Call {
+  Call(const at::Tensor& q_in, const at::Tensor& k_in, bool self_mask)
+      : n(checked(q_in, k_in, self_mask).size(0)), m(k_in.size(0)), d(q_in.size(1)),
+        guard(q_in.device()), q(q_in.contiguous()), k(k_in.contiguous()), acc(acc_type(q_in)),
+        dt(dtype_of(q_in)), tf32(env_on("CK_CUDA_TF32")),
+        stream(c10::cuda::getCurrentCUDAStream()) {}
+  int64_t n, m, d;
+  c10::cuda::CUDAGuard guard;  // before the copies and the stream: they use q's device
+  at::Tensor q, k;
+  at::ScalarType acc;
+  DType dt;
+  bool tf32;
+  cudaStream_t stream;
+};
+
 void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "contrastive_kernels (cuda): ", what, " failed: ",
               cudaGetErrorString(err));
@@ -80,16 +105,13 @@ void check(cudaError_t err, const char* what) {
 
 std::tuple<at::Tensor, at::Tensor> lse_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                     double scale, bool self_mask, bool cols) {
-  check_inputs(q_in, k_in);
-  const int64_t n = q_in.size(0), m = k_in.size(0), d = q_in.size(1);
-  TORCH_CHECK(!self_mask || n == m, "contrastive_kernels (cuda): self_mask needs N == M, got ", n,
-              " and ", m);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
-  const auto acc = acc_type(q);
-  const DType dt = dtype_of(q);
-  const bool tf32 = env_on("CK_CUDA_TF32");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Call c(q_in, k_in, self_mask);
+  const int64_t n = c.n, m = c.m, d = c.d;
+  const at::Tensor &q = c.q, &k = c.k;
+  const auto acc = c.acc;
+  const DType dt = c.dt;
+  const bool tf32 = c.tf32;
+  cudaStream_t stream = c.stream;
   at::Tensor lse_r = at::empty({n}, q.options().dtype(acc));
   at::Tensor lse_c = at::empty({cols ? m : 0}, q.options().dtype(acc));
   if (env_on("CK_POISON")) {  // the test suite sets it: an unwritten entry stays NaN
@@ -122,16 +144,13 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
                                                      const at::Tensor& lse_c_in,
                                                      const at::Tensor& g_r_in,
                                                      const at::Tensor& g_c_in) {
-  check_inputs(q_in, k_in);
-  const int64_t n = q_in.size(0), m = k_in.size(0), d = q_in.size(1);
-  TORCH_CHECK(!self_mask || n == m, "contrastive_kernels (cuda): self_mask needs N == M, got ", n,
-              " and ", m);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
-  const auto acc = acc_type(q);
-  const DType dt = dtype_of(q);
-  const bool tf32 = env_on("CK_CUDA_TF32");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Call c(q_in, k_in, self_mask);
+  const int64_t n = c.n, m = c.m, d = c.d;
+  const at::Tensor &q = c.q, &k = c.k;
+  const auto acc = c.acc;
+  const DType dt = c.dt;
+  const bool tf32 = c.tf32;
+  cudaStream_t stream = c.stream;
 
   const at::Tensor lse_r = stat(lse_r_in, n, acc, q, "lse_r");
   const at::Tensor g_r = stat(g_r_in, n, acc, q, "g_r");
