@@ -316,3 +316,36 @@ def test_autotuned_path_gpu(dtype, d):
     n = 2048 if d == 768 else 4096
     assert n * n * d >= T.AUTOTUNE_MIN_MACS
     check_kernels(n, n, d, dtype, self_mask=False, cols=True, scale=10.0)
+
+
+def test_deterministic_turns_autotuning_off(monkeypatch):
+    # Timing could pick different tiles in different processes (another summation order).
+    K = T._kernels()
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setitem(K.PARAMS, "fp32", dict(K.PARAMS["fp32"], tune=True))
+    monkeypatch.setattr(T, "AUTOTUNE_MIN_MACS", 0)
+    q = torch.randn(8, 4, device=DEVICE)
+    assert T._setup(q, q, 1.0).tuned
+    monkeypatch.setattr(T, "DETERMINISTIC", True)
+    assert not T._setup(q, q, 1.0).tuned
+    monkeypatch.setattr(T, "DETERMINISTIC", False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not T._setup(q, q, 1.0).tuned
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_backward_prune_drops_spilling_configs():
+    import triton
+    K = T._kernels()
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}) for bm, bn in
+            [(64, 64), (128, 64), (128, 128), (64, 32)]]
+    sizes = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+    q32, q16 = torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.float16)
+    assert sizes(K._prune_bwd(cfgs, {"Q": q32}, PREC="ieee", ONE_D=False, BLOCK_D=32)) == \
+        [(64, 64), (128, 64), (64, 32)]
+    assert len(K._prune_bwd(cfgs, {"Q": q32}, PREC="tf32", ONE_D=False, BLOCK_D=32)) == 4
+    assert len(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=False, BLOCK_D=64)) == 4
+    assert sizes(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=True, BLOCK_D=256)) == \
+        [(64, 64), (64, 32)]

@@ -3,8 +3,9 @@
 Runs `python -m contrastive_kernels.triton_kernels.aot --json` in a subprocess with
 TRITON_INTERPRET removed from its environment (the test suite sets it on CPU, and
 triton.jit then makes interpreter functions that cannot be compiled). Checks that every
-launch variant compiles for GPUTarget("cuda", 90, 32), that fp16/bf16 use tensor cores
-(wgmma/mma in the PTX), that the atomic backward has atomics and the deterministic
+launch variant compiles for GPUTarget("cuda", 90, 32), with the divisibility hints a
+real launch gets (aligned pointers, D and strides divisible by 16), that fp16/bf16 use tensor cores
+(wgmma/mma in the PTX; so must fp32 with input_precision="tf32"), that the atomic backward has atomics and the deterministic
 kernels have none, and that each default config fits sm90 shared memory.
 CK_AOT_FULL=1 compiles every flag combination (several minutes).
 """
@@ -37,7 +38,7 @@ def _name(r):
 
 def test_every_variant_compiled(compiled):
     kinds = {(r["kind"], r["dtype"]) for r in compiled}
-    assert kinds == {(k, d) for k in ("fwd", "bwd") for d in ("fp16", "bf16", "fp32", "fp64")}
+    assert kinds == {(k, d) for k in ("fwd", "bwd") for d in ("fp16", "bf16", "fp32", "tf32", "fp64")}
     for dt in ("fp16", "bf16"):
         fwd = {(r["flags"]["SELF_MASK"], r["flags"]["COLS"]) for r in compiled
                if r["kind"] == "fwd" and r["dtype"] == dt}
@@ -45,14 +46,14 @@ def test_every_variant_compiled(compiled):
         bwd = {(r["flags"]["SELF_MASK"], r["flags"]["HAS_R"], r["flags"]["HAS_C"], r["flags"]["ATOMIC_DK"])
                for r in compiled if r["kind"] == "bwd" and r["dtype"] == dt}
         assert len(bwd) == 10, bwd
-    for dt in ("fp16", "bf16", "fp32", "fp64"):
+    for dt in ("fp16", "bf16", "fp32", "tf32", "fp64"):
         one_d = {(r["kind"], r["flags"]["ONE_D"]) for r in compiled if r["dtype"] == dt}
         assert len(one_d) == 4, (dt, one_d)
 
 
 def test_half_types_use_tensor_cores(compiled):
     for r in compiled:
-        if r["dtype"] in ("fp16", "bf16"):
+        if r["dtype"] in ("fp16", "bf16", "tf32"):
             assert r["wgmma"] or r["mma"], _name(r)
     # On sm90 Triton should pick the Hopper warpgroup MMA for the half-type GEMMs.
     assert any(r["wgmma"] for r in compiled if r["dtype"] in ("fp16", "bf16"))

@@ -62,7 +62,10 @@ else:
         "half": dict(FWD_BLOCK_M=128, MAX_ONE_D=256, CHUNK_D=64, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=3),
                      BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-        "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=128, CHUNK_D=32, tune=True,
+        # fp32 "ieee" dots are FMA loops that keep both operands in registers: a D chunk
+        # above 32 spills heavily (seen in sm_90 ptxas -v), so fp32 always works in chunks
+        # of 32.
+        "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=32, CHUNK_D=32, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=2),
                      BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
         "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
@@ -98,11 +101,17 @@ def _bwd_configs():
 
 
 def _prune_bwd(configs, named_args, **kwargs):
+    arg = lambda name: kwargs.get(name, named_args.get(name))
     # A 128-row program holding a (128, BLOCK_D) fp32 dq accumulator in registers with
     # BLOCK_D > 128 spills badly: keep the smaller row blocks then.
-    one_d, bd = kwargs.get("ONE_D", named_args.get("ONE_D")), kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if one_d and bd is not None and bd > 128:
+    if arg("ONE_D") and arg("BLOCK_D") is not None and arg("BLOCK_D") > 128:
         small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+        return small or configs
+    # fp32 "ieee" dots (FMA loops): 128 x 128 tiles spill (and take ~80 s to compile).
+    q = arg("Q")
+    if arg("PREC") == "ieee" and q is not None and getattr(q, "dtype", None) is not None \
+            and str(q.dtype).endswith("float32"):
+        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
         return small or configs
     return configs
 
@@ -256,7 +265,10 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                 dq_part = tl.dot(ds_in, kt, input_precision=PREC, out_dtype=ACC)
                 dq_ptrs = DQ + offs_m[:, None] * D + dd[None, :]
                 io = row_ok[:, None] & dm[None, :]
-                # The first key tile stores; the later ones add to what it stored.
+                # The first key tile stores; the later ones add to what it stored. The load
+                # and the store may map elements to different threads: the barrier makes
+                # the previous tile's stores visible to every thread of the program.
+                tl.debug_barrier()
                 old = tl.load(dq_ptrs, mask=io & (t > 0), other=0.0)
                 tl.store(dq_ptrs, old + dq_part, mask=io)
                 if ATOMIC_DK:

@@ -8,17 +8,19 @@ tl.dot with input_precision PRECISION ("ieee" by default, "tf32" is faster and
 rounds the inputs to 10 mantissa bits); float64 is computed in float64 throughout
 (DMMA on sm80+). bfloat16 is rejected on CPU (the interpreter's bf16 tl.dot is wrong).
 
-The forward is reproducible in every mode: a fixed number of programs share the row
-blocks in a fixed order and write their column partials to a (programs x M) buffer
-(forward_programs: PROGRAMS_PER_SM per SM on a GPU), reduced on the host.
+The forward uses no atomics: a fixed number of programs share the row blocks in a
+fixed order and write their column partials to a (programs x M) buffer
+(forward_programs: PROGRAMS_PER_SM per SM on a GPU), reduced on the host. It gives the
+same bits on every run with the same config; large problems autotune their config per
+process unless DETERMINISTIC is on, which also turns autotuning off.
 
 Settings (module attributes, read at every call; their defaults come from the environment):
   DETERMINISTIC  CK_TRITON_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)).
                  False: one backward kernel computes dq for its rows and adds dk with
                  fp32 atomics (1 forward + 3 backward GEMM passes over N*M*D; dk's
                  summation order varies from run to run). True: two backward kernels,
-                 dq over row blocks and dk over column blocks, no atomics, bitwise
-                 reproducible (1 + 4 passes).
+                 dq over row blocks and dk over column blocks, no atomics, and the
+                 fixed (not autotuned) config: bitwise reproducible (1 + 4 passes).
   PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
   POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill
                  every buffer a kernel must write in full with NaN first, so that a
@@ -94,6 +96,10 @@ def _check(q, k):
                          f"{_PRECISIONS}, got {PRECISION!r}")
 
 
+def _deterministic():
+    return DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -127,7 +133,10 @@ def _setup(q, k, scale):
         block_d=max(16, triton.next_power_of_2(d)) if one_d else P["CHUNK_D"],
         prec=PRECISION if q.dtype == torch.float32 else "ieee",
         acc_tl=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        tuned=P["tune"] and (not K.INTERPRET) and n * m * d >= AUTOTUNE_MIN_MACS,
+        # Autotuning picks tile sizes by timing, which can differ between processes and
+        # change the summation order: off when determinism is asked for.
+        tuned=P["tune"] and (not K.INTERPRET) and n * m * d >= AUTOTUNE_MIN_MACS
+        and not _deterministic(),
         scale_t=torch.full((1,), float(scale), dtype=acc, device=q.device))
 
 
@@ -197,7 +206,7 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
     q, k = L.q, L.k
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         dq = _out((L.n, L.d), acc, dev, POISON)
-        if DETERMINISTIC or torch.are_deterministic_algorithms_enabled():
+        if _deterministic():
             dk = _out((L.m, L.d), acc, dev, POISON)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
             launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
