@@ -93,10 +93,8 @@ class TargetDots(torch.autograd.Function):
             kf = k.detach().to(acc).requires_grad_()
             rdot, _, cdot, _ = _target_dots(ctx.p, qf, kf)
             obj = (rdot * g_r).sum() + (cdot * g_c).sum()
-            dq, dk = torch.autograd.grad(obj, (qf, kf), allow_unused=True)
-        dq = torch.zeros_like(q) if dq is None else dq.to(q.dtype)
-        dk = torch.zeros_like(k) if dk is None else dk.to(k.dtype)
-        return dq, dk, None
+            dq, dk = torch.autograd.grad(obj, (qf, kf))
+        return dq.to(q.dtype), dk.to(k.dtype), None
 
 
 def _target_dots(p, qf, kf):

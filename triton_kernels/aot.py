@@ -91,9 +91,8 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
     # The hints the runtime JIT adds for aligned tensors and sizes (16-byte-aligned
     # pointers; D and row strides divisible by 16, as at D = 768): without them the
     # compiler emits other loads, layouts and pipelining than a real launch gets.
-    names = list(sig)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-             for a in names if sig[a].startswith("*") or a in ("D", "stride_q", "stride_k")}
+             for a, ty in sig.items() if ty.startswith("*") or a in ("D", "stride_q", "stride_k")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

@@ -14,7 +14,7 @@ over the embedding dim in BLOCK_D chunks):
                    each column's log-sum-exp over the block's rows, merged into the
                    program's own row PART_C[p, :] of a (P, M) buffer that the host
                    reduces with a logsumexp over dim 0: O(P*M) scratch, no atomics, and
-                   the same result on every run. Every entry of LSE_R and PART_C is
+                   (for a given config) the same result on every run. Every entry of LSE_R and PART_C is
                    written.
   lse_bwd_kernel   recomputes S, forms dS = g_r exp(S - lse_r) + g_c exp(S - lse_c)
                    (either term optional: HAS_R, HAS_C), and accumulates DQ = dS @ k
@@ -108,9 +108,7 @@ def _prune_bwd(configs, named_args, **kwargs):
         small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
         return small or configs
     # fp32 "ieee" dots (FMA loops): 128 x 128 tiles spill (and take ~80 s to compile).
-    q = arg("Q")
-    if arg("PREC") == "ieee" and q is not None and getattr(q, "dtype", None) is not None \
-            and str(q.dtype).endswith("float32"):
+    if arg("PREC") == "ieee" and str(getattr(arg("Q"), "dtype", "")).endswith("float32"):
         small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
         return small or configs
     return configs
@@ -148,12 +146,17 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
 
 
 @triton.jit
+def _finish(m, l):
+    """m + log(l) of a (shift, sum) pair; -inf for an empty one (l = 0)."""
+    return tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _logaddexp(a, b):
     """log(exp a + exp b), -inf when both are -inf."""
     mx = tl.maximum(a, b)
     mx_sh = tl.where(mx == float("-inf"), 0.0, mx)
-    t = tl.exp(a - mx_sh) + tl.exp(b - mx_sh)
-    return tl.where(t > 0, mx_sh + tl.log(tl.where(t > 0, t, 1.0)), float("-inf"))
+    return _finish(mx_sh, tl.exp(a - mx_sh) + tl.exp(b - mx_sh))
 
 
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
@@ -193,12 +196,12 @@ def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE
                 cm = tl.max(s, 0)
                 cm_sh = tl.where(cm == float("-inf"), 0.0, cm)
                 cs = tl.sum(tl.exp(s - cm_sh[None, :]), 0)
-                part = tl.where(cs > 0, cm_sh + tl.log(tl.where(cs > 0, cs, 1.0)), float("-inf"))
+                part = _finish(cm_sh, cs)
                 # (A mask of offs_n < limit: `col_ok & (rb > pid)` is int32 in the interpreter.)
                 merged_cols = tl.where(rb > pid, M, 0)
                 old = tl.load(part_row + offs_n, mask=offs_n < merged_cols, other=float("-inf"))
                 tl.store(part_row + offs_n, _logaddexp(old, part), mask=col_ok)
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        lse = _finish(m_i, l_i)
         tl.store(LSE_R + offs_m, lse, mask=row_ok)
         if COLS:
             # The next row block reads what other threads of this program stored.

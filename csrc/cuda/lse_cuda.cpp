@@ -73,6 +73,11 @@ at::Tensor stat(const at::Tensor& t, int64_t len, at::ScalarType acc, const at::
   return t.to(acc).contiguous();
 }
 
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "contrastive_kernels (cuda): ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
 const at::Tensor& checked(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
   check_inputs(q, k);
   TORCH_CHECK(!self_mask || q.size(0) == k.size(0),
@@ -89,6 +94,12 @@ struct Call {
         guard(q_in.device()), q(q_in.contiguous()), k(k_in.contiguous()), acc(acc_type(q_in)),
         dt(dtype_of(q_in)), tf32(env_on("CK_CUDA_TF32")),
         stream(c10::cuda::getCurrentCUDAStream()) {}
+  void forward(const LseForwardArgs& a, const char* what) const {
+    check(lse_forward_rows(dt, tf32, a, stream), what);
+  }
+  void backward(const LseBackwardArgs& a, const char* what) const {
+    check(lse_backward_rows(dt, tf32, a, stream), what);
+  }
   int64_t n, m, d;
   c10::cuda::CUDAGuard guard;  // before the copies and the stream: they use q's device
   at::Tensor q, k;
@@ -98,41 +109,32 @@ struct Call {
   cudaStream_t stream;
 };
 
-void check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "contrastive_kernels (cuda): ", what, " failed: ",
-              cudaGetErrorString(err));
-}
-
 std::tuple<at::Tensor, at::Tensor> lse_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                     double scale, bool self_mask, bool cols) {
   const Call c(q_in, k_in, self_mask);
   const int64_t n = c.n, m = c.m, d = c.d;
   const at::Tensor &q = c.q, &k = c.k;
-  const auto acc = c.acc;
-  const DType dt = c.dt;
-  const bool tf32 = c.tf32;
-  cudaStream_t stream = c.stream;
-  at::Tensor lse_r = at::empty({n}, q.options().dtype(acc));
-  at::Tensor lse_c = at::empty({cols ? m : 0}, q.options().dtype(acc));
+  at::Tensor lse_r = at::empty({n}, q.options().dtype(c.acc));
+  at::Tensor lse_c = at::empty({cols ? m : 0}, q.options().dtype(c.acc));
   if (env_on("CK_POISON")) {  // the test suite sets it: an unwritten entry stays NaN
     lse_r.fill_(std::numeric_limits<double>::quiet_NaN());
     lse_c.fill_(std::numeric_limits<double>::quiet_NaN());
   }
 
   LseForwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(), nullptr};
-  if (cols && acc == at::kFloat && !deterministic() && m > 0) {
+  if (cols && c.acc == at::kFloat && !deterministic() && m > 0) {
     // one pass: column (max, sum) pairs merged across row blocks by compare-and-swap
     at::Tensor colstat = at::empty({m}, q.options().dtype(at::kLong));
     auto* cs = reinterpret_cast<unsigned long long*>(colstat.data_ptr<int64_t>());
-    check(colstat_init(cs, m, stream), "colstat_init");
+    check(colstat_init(cs, m, c.stream), "colstat_init");
     a.colstat = cs;
-    check(lse_forward_rows(dt, tf32, a, stream), "lse_forward");
-    check(colstat_finish(cs, lse_c.data_ptr<float>(), m, stream), "colstat_finish");
+    c.forward(a, "lse_forward");
+    check(colstat_finish(cs, lse_c.data_ptr<float>(), m, c.stream), "colstat_finish");
   } else {
-    check(lse_forward_rows(dt, tf32, a, stream), "lse_forward");
+    c.forward(a, "lse_forward");
     if (cols) {  // the columns of S are the rows of S^T = scale k q^T
       LseForwardArgs t{k.data_ptr(), q.data_ptr(), m, n, d, scale, self_mask, lse_c.data_ptr(), nullptr};
-      check(lse_forward_rows(dt, tf32, t, stream), "lse_forward (columns)");
+      c.forward(t, "lse_forward (columns)");
     }
   }
   return {lse_r, lse_c};
@@ -147,23 +149,19 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
   const Call c(q_in, k_in, self_mask);
   const int64_t n = c.n, m = c.m, d = c.d;
   const at::Tensor &q = c.q, &k = c.k;
-  const auto acc = c.acc;
-  const DType dt = c.dt;
-  const bool tf32 = c.tf32;
-  cudaStream_t stream = c.stream;
 
-  const at::Tensor lse_r = stat(lse_r_in, n, acc, q, "lse_r");
-  const at::Tensor g_r = stat(g_r_in, n, acc, q, "g_r");
+  const at::Tensor lse_r = stat(lse_r_in, n, c.acc, q, "lse_r");
+  const at::Tensor g_r = stat(g_r_in, n, c.acc, q, "g_r");
   const bool has_c = lse_c_in.numel() > 0 && g_c_in.numel() > 0;
   TORCH_CHECK(has_c || m == 0 || (lse_c_in.numel() == 0 && g_c_in.numel() == 0),
               "contrastive_kernels (cuda): lse_c and g_c must both be given or both be empty");
   at::Tensor lse_c, g_c;
   if (has_c) {
-    lse_c = stat(lse_c_in, m, acc, q, "lse_c");
-    g_c = stat(g_c_in, m, acc, q, "g_c");
+    lse_c = stat(lse_c_in, m, c.acc, q, "lse_c");
+    g_c = stat(g_c_in, m, c.acc, q, "g_c");
   }
-  at::Tensor dq = at::zeros({n, d}, q.options().dtype(acc));
-  at::Tensor dk = at::zeros({m, d}, q.options().dtype(acc));
+  at::Tensor dq = at::zeros({n, d}, q.options().dtype(c.acc));
+  at::Tensor dk = at::zeros({m, d}, q.options().dtype(c.acc));
   if (n == 0 || m == 0 || d == 0) return {dq, dk};
 
   const void* lc = has_c ? lse_c.data_ptr() : nullptr;
@@ -172,15 +170,15 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
     // one pass over row blocks: dq owned per block, dk by float atomics
     LseBackwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
                       g_r.data_ptr(), lc, gc, dq.data_ptr(), dk.data_ptr()};
-    check(lse_backward_rows(dt, tf32, a, stream), "lse_backward");
+    c.backward(a, "lse_backward");
   } else {
     LseBackwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
                       g_r.data_ptr(), lc, gc, dq.data_ptr(), nullptr};
-    check(lse_backward_rows(dt, tf32, a, stream), "lse_backward (rows)");
+    c.backward(a, "lse_backward (rows)");
     // dk = dS^T q: the same row pass on S^T with the row and column terms swapped
     LseBackwardArgs t{k.data_ptr(), q.data_ptr(), m, n, d, scale, self_mask, lc, gc,
                       lse_r.data_ptr(), g_r.data_ptr(), dk.data_ptr(), nullptr};
-    check(lse_backward_rows(dt, tf32, t, stream), "lse_backward (columns)");
+    c.backward(t, "lse_backward (columns)");
   }
   return {dq, dk};
 }
