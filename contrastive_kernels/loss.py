@@ -2,16 +2,21 @@
 
 The loss splits into two parts (docs/DESIGN.md, "Decomposition"):
   * the log-sum-exp over rows (and columns), the only O(N*M*D) part, computed
-    tile by tile by a backend through `FusedLSE`;
-  * the target term sum_j w_ij S_ij, which is linear in S and costs O((N+M)*D):
-    computed here once for every backend by `TargetDots`, which saves nothing but
-    q and k and recomputes its O((N+M)*D) intermediates in backward.
+    tile by tile by a backend;
+  * the target term sum_j w_ij <q_i, k_j>, linear in q and in k and given by O(N + M)
+    label vectors (`Targets`): O((N + M) * D) work, done here once for every backend.
+`FusedLoss` is one autograd node for both, so backward writes each gradient once: the
+target gradient is added in place into the backend's float32 (float64) buffers.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._validate import DEFAULT_TEMPERATURE, check_inputs
+
+# Elements in one temporary of the target terms (1 MiB of float32): they work on
+# (rows x dim) and (classes x dim) blocks of at most about this size.
+CHUNK_ELEMS = 1 << 18
 
 
 def _no_autocast(x):
@@ -20,39 +25,193 @@ def _no_autocast(x):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-class FusedLSE(torch.autograd.Function):
-    """(q, k, scale) -> (lse_rows, lse_cols) of S = scale * q k^T, via a backend.
+def _blocks(size, step):
+    return [(i, min(i + step, size)) for i in range(0, size, step)]
 
-    Saves only q, k and the two O(N + M) statistics; backward recomputes tiles.
+
+class Targets:
+    """The target weights of the loss as O(N + M) vectors.
+
+    Row i's target weights over the keys j are
+        w_ij = (1 - eps) [rid_i == cid_j] / npos_i + eps / nvalid_r,
+    for valid j (all j, or j != i under self-contrast); the columns' weights are
+    the same with rows and keys swapped (npos_c, nvalid_c). positive_index is the
+    case rid = positive_index, cid = arange(M). So the row target term is
+    <q_i, t_i> with t_i = sum_j w_ij k_j, computed from per-class sums of k.
+    """
+
+    def __init__(self, p, n, m, device):
+        self.self_c, self.eps, self.symmetric = p.self_contrast, p.label_smoothing, p.symmetric
+        if p.labels is not None:
+            _, inv = torch.unique(torch.cat([p.labels, p.key_labels]), return_inverse=True)
+            self.rid, self.cid = inv[:n], inv[n:]
+            self.classes = int(inv.max()) + 1
+        else:
+            self.rid, self.cid = p.positive_index, torch.arange(m, device=device)
+            self.classes = m
+        rcount = torch.bincount(self.rid, minlength=self.classes)
+        ccount = torch.bincount(self.cid, minlength=self.classes)
+        sub = 1 if self.self_c else 0
+        # Under self-contrast j = i is not a candidate: drop it where it was a positive.
+        self.same = (self.rid == self.cid) if self.self_c else None
+        drop = self.same.long() if self.self_c else 0
+        self.npos_r = ccount[self.rid] - drop
+        self.npos_c = rcount[self.cid] - drop
+        self.nvalid_r, self.nvalid_c = max(m - sub, 1), max(n - sub, 1)
+        self.row_ok = self.npos_r > 0
+        self.col_ok = self.npos_c > 0 if self.symmetric else self.row_ok.new_zeros(0)
+
+    def _sizes(self, d):
+        dc = max(1, min(d, CHUNK_ELEMS // max(self.classes, 1)))
+        return dc, max(1, CHUNK_ELEMS // dc)
+
+    def _class_sum(self, x, ids, d0, d1, acc, weight=None, rows=1):
+        out = torch.zeros(self.classes, d1 - d0, dtype=acc, device=x.device)
+        for i0, i1 in _blocks(x.shape[0], rows):
+            xc = x[i0:i1, d0:d1].to(acc)
+            out.index_add_(0, ids[i0:i1], xc if weight is None else xc * weight[i0:i1, None])
+        return out
+
+    def _weigh(self, pos, all_, npos, nvalid):
+        return (1 - self.eps) * pos / npos.clamp_min(1).to(pos.dtype) + self.eps * all_ / nvalid
+
+    def dots(self, q, k, acc):
+        """(<q_i, t_i>, <k_j, u_j>), the row and column target dots; the column ones are
+        empty unless symmetric. k is q under self-contrast."""
+        n, d = q.shape
+        m = k.shape[0]
+        dc, rows = self._sizes(d)
+        rpos, rall = q.new_zeros(n, dtype=acc), q.new_zeros(n, dtype=acc)
+        cpos, call = q.new_zeros(m, dtype=acc), q.new_zeros(m, dtype=acc)
+        for d0, d1 in _blocks(d, dc):
+            ks = self._class_sum(k, self.cid, d0, d1, acc, rows=rows)
+            qs = self._class_sum(q, self.rid, d0, d1, acc, rows=rows) if self.symmetric else None
+            for x, pos, all_, sums, ids, lo in ((q, rpos, rall, ks, self.rid, True),
+                                                (k, cpos, call, qs, self.cid, False)):
+                if sums is None:
+                    continue
+                total = sums.sum(0)
+                for i0, i1 in _blocks(x.shape[0], rows):
+                    xc = x[i0:i1, d0:d1].to(acc)
+                    p_ = (xc * sums[ids[i0:i1]]).sum(1)
+                    a_ = xc @ total
+                    if self.self_c:
+                        own = (xc * xc).sum(1)
+                        p_ -= own * self.same[i0:i1]
+                        a_ -= own
+                    pos[i0:i1] += p_
+                    all_[i0:i1] += a_
+        rdot = self._weigh(rpos, rall, self.npos_r, self.nvalid_r)
+        if not self.symmetric:
+            return rdot, rdot.new_zeros(0)
+        return rdot, self._weigh(cpos, call, self.npos_c, self.nvalid_c)
+
+    def add_grads(self, q, k, g_r, g_c, dq, dk):
+        """Adds the gradient of sum_i g_r[i] <q_i, t_i> + sum_j g_c[j] <k_j, u_j> into dq
+        and dk in place (dk is dq under self-contrast, k is q)."""
+        n, d = q.shape
+        m = k.shape[0]
+        acc = dq.dtype
+        # d/d<q_i, k_j> is W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid (i, j).
+        a = g_r * (1 - self.eps) / self.npos_r.clamp_min(1).to(acc)
+        e = g_r * (self.eps / self.nvalid_r)
+        if g_c is not None and g_c.numel():
+            b = g_c * (1 - self.eps) / self.npos_c.clamp_min(1).to(acc)
+            f = g_c * (self.eps / self.nvalid_c)
+        else:
+            b = f = None
+        dc, rows = self._sizes(d)
+        for d0, d1 in _blocks(d, dc):
+            # dq_i += a_i S_k[rid_i] + S_bk[rid_i] + e_i sum_j k_j + sum_j f_j k_j
+            # dk_j += b_j S_q[cid_j] + S_aq[cid_j] + f_j sum_i q_i + sum_i e_i q_i
+            ks = self._class_sum(k, self.cid, d0, d1, acc, rows=rows)
+            qa = self._class_sum(q, self.rid, d0, d1, acc, a, rows)
+            kb = self._class_sum(k, self.cid, d0, d1, acc, b, rows) if b is not None else None
+            qs = self._class_sum(q, self.rid, d0, d1, acc, rows=rows) if b is not None else None
+            sides = [(q, dq, a, e, ks, kb, self.rid, b, f, k),
+                     (k, dk, b, f, qs, qa, self.cid, a, e, q)]
+            for x, dx, c1, c2, sums, wsums, ids, o1, o2, y in sides:
+                # c1, c2: this side's own coefficients; o1, o2: the other side's, whose
+                # weighted sum (wsums, and sum_y o2 y) reaches every row too.
+                total = sums.sum(0) if sums is not None else None
+                wtotal = None
+                if o2 is not None:
+                    wtotal = torch.zeros(d1 - d0, dtype=acc, device=x.device)
+                    for j0, j1 in _blocks(y.shape[0], rows):
+                        wtotal += o2[j0:j1] @ y[j0:j1, d0:d1].to(acc)
+                for i0, i1 in _blocks(x.shape[0], rows):
+                    ix = ids[i0:i1]
+                    upd = torch.zeros(i1 - i0, d1 - d0, dtype=acc, device=x.device)
+                    if c1 is not None:
+                        upd += c1[i0:i1, None] * sums[ix] + c2[i0:i1, None] * total
+                    if wsums is not None:
+                        upd += wsums[ix]
+                    if wtotal is not None:
+                        upd += wtotal
+                    if self.self_c:
+                        # Take out j = i: its weight W_ii counted where rid_i == cid_i, plus e_i + f_i.
+                        w = (self.same[i0:i1] * (a[i0:i1] + (b[i0:i1] if b is not None else 0))
+                             + e[i0:i1] + (f[i0:i1] if f is not None else 0))
+                        upd -= w[:, None] * y[i0:i1, d0:d1].to(acc)
+                    dx[i0:i1, d0:d1] += upd
+
+
+class FusedLoss(torch.autograd.Function):
+    """(q, k, scale) -> (lse_r, lse_c, rdot, cdot): the log-sum-exps of S = scale * q k^T
+    over rows (and columns) from a backend, and the raw target dots of `Targets`.
+    k is None under self-contrast (the keys are the queries).
+
+    Saves q, k, and O(N + M) vectors. Backward recomputes tiles in the backend, adds the
+    target gradient into the backend's own float32 (float64) buffers in place, and casts
+    each gradient once.
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, backend, self_mask, cols):
+    def forward(ctx, q, k, scale, backend, p, cols):
         s = float(scale)
+        kk = q if k is None else k
+        targets = Targets(p, q.shape[0], kk.shape[0], q.device)
         with _no_autocast(q):
-            lse_r, lse_c = backend.lse_forward(q, k, s, self_mask, cols)
+            lse_r, lse_c = backend.lse_forward(q, kk, s, p.self_contrast, cols)
+            rdot, cdot = targets.dots(q, kk, p.out_dtype)
         if lse_c is None:
             lse_c = lse_r.new_empty(0)
         ctx.save_for_backward(q, k, scale, lse_r, lse_c)
-        ctx.backend, ctx.self_mask, ctx.cols, ctx.s = backend, self_mask, cols, s
-        return lse_r, lse_c
+        ctx.backend, ctx.targets, ctx.p, ctx.cols, ctx.s = backend, targets, p, cols, s
+        ctx.mark_non_differentiable(targets.row_ok, targets.col_ok)
+        return lse_r, lse_c, rdot, cdot, targets.row_ok, targets.col_ok
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_r, g_c):
+    def backward(ctx, g_r, g_c, g_rdot, g_cdot, _row_ok, _col_ok):
         q, k, scale, lse_r, lse_c = ctx.saved_tensors
+        kk = q if k is None else k
         acc = lse_r.dtype
-        g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(acc).contiguous()
+        zeros = lambda g, like: torch.zeros_like(like) if g is None else g.to(acc).contiguous()
+        g_r = zeros(g_r, lse_r)
         g_c = g_c.to(acc).contiguous() if (ctx.cols and g_c is not None) else None
+        g_rdot = zeros(g_rdot, lse_r)
+        g_cdot = g_cdot.to(acc) if (g_cdot is not None and g_cdot.numel()) else None
         with _no_autocast(q):
-            dq_raw, dk_raw = ctx.backend.lse_backward(
-                q, k, ctx.s, ctx.self_mask, lse_r, lse_c if ctx.cols else None, g_r, g_c)
-        # dL/ds = sum_ij dS_ij <q_i, k_j> = sum_i <q_i, (dS k)_i>
-        ds = _inner(q, dq_raw).to(scale.dtype) if ctx.needs_input_grad[2] else None
-        # dq_raw and dk_raw are the backend's own fresh buffers: scaled in place.
-        dq = dq_raw.mul_(ctx.s).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = dk_raw.mul_(ctx.s).to(k.dtype) if ctx.needs_input_grad[1] else None
-        return dq, dk, ds, None, None, None
+            dq, dk = ctx.backend.lse_backward(q, kk, ctx.s, ctx.p.self_contrast, lse_r,
+                                              lse_c if ctx.cols else None, g_r, g_c)
+            # dL/ds of the log-sum-exp part = sum_ij dS_ij <q_i, k_j> = sum_i <q_i, (dS k)_i>;
+            # the target part reaches scale through s * rdot outside.
+            ds = _inner(q, dq).to(scale.dtype) if ctx.needs_input_grad[2] else None
+            # dq and dk are the backend's own fresh buffers: scaled and completed in place.
+            dq.mul_(ctx.s)
+            dk.mul_(ctx.s)
+            if k is None:
+                dq += dk
+                dk = dq
+            ctx.targets.add_grads(q, kk, g_rdot, g_cdot, dq, dk)
+        # One cast at a time, each float32 buffer dropped once cast.
+        dq_out = dq.to(q.dtype) if ctx.needs_input_grad[0] else None
+        dq = None
+        if k is None:
+            dk = None
+        dk_out = dk.to(k.dtype) if (k is not None and ctx.needs_input_grad[1]) else None
+        return dq_out, dk_out, ds, None, None, None
 
 
 def _inner(a, b, rows=4096):
@@ -61,104 +220,6 @@ def _inner(a, b, rows=4096):
     for i in range(0, a.shape[0], rows):
         out += (a[i:i + rows].to(b.dtype) * b[i:i + rows]).sum()
     return out
-
-
-class TargetDots(torch.autograd.Function):
-    """(q, k) -> (<q_i, t_i>, <k_j, u_j>) with t, u the target vectors of `target_terms`.
-
-    The targets are linear in q and k, so backward recomputes them from the saved q
-    and k instead of keeping the (N, D) and (M, D) target vectors (and float32 copies
-    of half inputs) alive between forward and backward.
-    Also returns row_ok and col_ok (not differentiable); col terms are empty unless
-    the problem is symmetric.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, p):
-        acc = p.out_dtype
-        with torch.no_grad():
-            rdot, row_ok, cdot, col_ok = _target_dots(p, q.to(acc), k.to(acc))
-        ctx.save_for_backward(q, k)
-        ctx.p = p
-        ctx.mark_non_differentiable(row_ok, col_ok)
-        return rdot, cdot, row_ok, col_ok
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_r, g_c, _row_ok, _col_ok):
-        q, k = ctx.saved_tensors
-        acc = ctx.p.out_dtype
-        with torch.enable_grad():
-            qf = q.detach().to(acc).requires_grad_()
-            kf = k.detach().to(acc).requires_grad_()
-            rdot, _, cdot, _ = _target_dots(ctx.p, qf, kf)
-            obj = (rdot * g_r).sum() + (cdot * g_c).sum()
-            dq, dk = torch.autograd.grad(obj, (qf, kf))
-        return dq.to(q.dtype), dk.to(k.dtype), None
-
-
-def _target_dots(p, qf, kf):
-    t, row_ok, u, col_ok = target_terms(p, qf, kf)
-    rdot = (qf * t).sum(1)
-    if u is None:
-        return rdot, row_ok, rdot.new_zeros(0), row_ok.new_zeros(0)
-    return rdot, row_ok, (kf * u).sum(1), col_ok
-
-
-def _mean_of_rows(x, index, count):
-    """sum over rows r with index[r] == c of x[r], divided by count[c]: (C, D)."""
-    out = torch.zeros(count.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-    out.index_add_(0, index, x)
-    return out / count.clamp_min(1).unsqueeze(1).to(x.dtype)
-
-
-def target_terms(p, qf, kf):
-    """Target vectors t (rows) and u (columns) with sum_j w_ij S_ij = s <q_i, t_i> + b.
-
-    Returns (t, row_ok, u, col_ok); u and col_ok are None unless symmetric.
-    t_i = (1 - eps) * mean of the positive keys of i + eps * mean of the valid keys of i.
-    Rows with no positive have row_ok False (they are left out of the loss).
-    """
-    n, m = qf.shape[0], kf.shape[0]
-    eps, self_c = p.label_smoothing, p.self_contrast
-    dev = qf.device
-    if p.labels is not None:
-        ids, inv = torch.unique(torch.cat([p.labels, p.key_labels]), return_inverse=True)
-        rid, cid = inv[:n], inv[n:]
-        ccount = torch.bincount(cid, minlength=ids.numel())
-        rcount = torch.bincount(rid, minlength=ids.numel())
-        # sum of the keys that share each row's label, minus the row itself under self-contrast
-        kpos = _mean_of_rows(kf, cid, torch.ones_like(ccount))[rid]
-        npos_r = ccount[rid]
-        if self_c:
-            kpos, npos_r = kpos - kf, npos_r - 1
-        t = kpos / npos_r.clamp_min(1).unsqueeze(1).to(kf.dtype)
-        row_ok = npos_r > 0
-        if p.symmetric:
-            qpos = _mean_of_rows(qf, rid, torch.ones_like(rcount))[cid]
-            npos_c = rcount[cid]
-            if self_c:
-                qpos, npos_c = qpos - qf, npos_c - 1
-            u = qpos / npos_c.clamp_min(1).unsqueeze(1).to(qf.dtype)
-            col_ok = npos_c > 0
-    else:
-        pi = p.positive_index
-        t = kf[pi]
-        row_ok = torch.ones(n, dtype=torch.bool, device=dev)
-        if p.symmetric:
-            cnt = torch.bincount(pi, minlength=m)
-            u = _mean_of_rows(qf, pi, cnt)
-            col_ok = cnt > 0
-    if eps:
-        sub = 1 if self_c else 0
-        kmean = (kf.sum(0, keepdim=True) - (kf if self_c else 0)) / max(m - sub, 1)
-        t = (1 - eps) * t + eps * kmean
-        if p.symmetric:
-            qmean = (qf.sum(0, keepdim=True) - (qf if self_c else 0)) / max(n - sub, 1)
-            u = (1 - eps) * u + eps * qmean
-    if not p.symmetric:
-        return t, row_ok, None, None
-    return t, row_ok, u, col_ok
 
 
 def _reduce(losses, oks, reduction):
@@ -184,16 +245,13 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction)
     be = backends.get_backend(backend, query.device)
     q = p.query
-    k = q if p.self_contrast else p.key
     acc = p.out_dtype
     scale_t = p.scale if torch.is_tensor(p.scale) else torch.tensor(p.scale, dtype=acc, device=q.device)
     # Self-contrast: S is symmetric and so is its mask, so column LSEs equal row LSEs.
     cols = p.symmetric and not p.self_contrast
-    lse_r, lse_c = FusedLSE.apply(q, k, scale_t, be, p.self_contrast, cols)
+    lse_r, lse_c, rdot, cdot, row_ok, col_ok = FusedLoss.apply(q, p.key, scale_t, be, p, cols)
     if p.symmetric and p.self_contrast:
         lse_c = lse_r
-
-    rdot, cdot, row_ok, col_ok = TargetDots.apply(q, k, p)
     s, b = p.scale, p.bias
     zero = lse_r.new_zeros(())
     # l_i = (LSE_i + b) - (s <q_i, t_i> + b); the bias cancels but keeps its (zero) gradient.

@@ -105,3 +105,42 @@ def test_saved_for_backward_is_inputs_plus_linear_statistics(backend, case, dtyp
                                  f"input is {n * d * q.element_size()} bytes")
     loss.backward()   # still differentiable after the hooks
     assert torch.isfinite(q.grad).all()
+
+
+
+# Peak of one whole step beyond the inputs, against what the backend must hold: its
+# own (N + M) x D float32 gradient buffers plus its declared scratch. The target terms
+# and the casts add only chunk-sized temporaries on top (CHUNK_ELEMS), so an O(N * D)
+# temporary anywhere in the host code (a target-vector matrix, a float copy of an input,
+# a second gradient for autograd to sum) breaks the bound. The worker is
+# bench/peak_step.py (fresh process, fixed mmap threshold, VmHWM).
+def _peak_step():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "peak_step.py")
+    spec = importlib.util.spec_from_file_location("peak_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _backend_scratch(backend, n, d, threads):
+    if backend == "cpu":       # one dk partial per extra thread (csrc/cpu/lse_cpu.cpp)
+        return (threads - 1) * n * d * 4
+    from contrastive_kernels.backends import torch_tiled
+    return 3 * torch_tiled.TILE ** 2 * 4   # a tile of logits and two of dS
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("case", ["clip", "supcon", "smoothing", "ntxent"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_step_peak_is_gradient_buffers_plus_backend_scratch(backend, case):
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"backend {backend!r} is not available on CPU")
+    n, d = 8192, 512
+    res = _peak_step().measure(backend, case, n, d)
+    buffers = 2 * n * d * 4           # the backend's dq and dk (float32)
+    bound = buffers + _backend_scratch(backend, n, d, res["threads"]) + 12 * MiB
+    assert res["above"] <= bound, (
+        f"{backend}/{case}: peak {res['above'] / MiB:.0f} MiB above the inputs; bound "
+        f"{bound / MiB:.0f} MiB ({buffers / MiB:.0f} MiB gradient buffers, one input is "
+        f"{n * d * 4 / MiB:.0f} MiB)")

@@ -59,9 +59,10 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, tile=TILE):
         for i0 in range(0, n, tile):
             qb = q[i0:i0 + tile].to(acc)
             s = _tile(qb, kb, scale, self_mask, i0, j0)
-            ds = torch.exp(s - lr[i0:i0 + tile, None]).mul_(g_r[i0:i0 + tile, None])
+            # Two tile-sized buffers at most: s itself is reused for the column term.
+            ds = (s - lr[i0:i0 + tile, None]).exp_().mul_(g_r[i0:i0 + tile, None])
             if lc is not None:
-                ds += torch.exp(s - lc[None, j0:j0 + tile]).mul_(g_c[None, j0:j0 + tile])
+                ds += s.sub_(lc[None, j0:j0 + tile]).exp_().mul_(g_c[None, j0:j0 + tile])
             dq[i0:i0 + tile] += ds @ kb
             dk[j0:j0 + tile] += ds.T @ qb
     return dq, dk

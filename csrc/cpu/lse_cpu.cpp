@@ -157,11 +157,12 @@ void grad_tile<double>(double* x, int64_t rows, int64_t cols, const double* lse_
 
 struct Tile {
   at::Tensor buf;  // kRows * kCols scratch, reused for every tile of a stripe
-  // S = a @ b^T for row block [i0, i0+ni) of a and [j0, j0+nj) of b, as an ni x nj view.
-  at::Tensor logits(const at::Tensor& a, const at::Tensor& b, int64_t i0, int64_t ni,
-                    int64_t j0, int64_t nj, bool self_mask) {
+  // S = scale * a @ b^T for row block [i0, i0+ni) of a and [j0, j0+nj) of b, as an
+  // ni x nj view (beta = 0: the scratch's old contents, NaN included, are ignored).
+  at::Tensor logits(const at::Tensor& a, const at::Tensor& b, double scale, int64_t i0,
+                    int64_t ni, int64_t j0, int64_t nj, bool self_mask) {
     at::Tensor s = at::from_blob(buf.data_ptr(), {ni, nj}, buf.options());
-    at::mm_out(s, a.narrow(0, i0, ni), b.narrow(0, j0, nj).t());
+    at::addmm_out(s, s, a.narrow(0, i0, ni), b.narrow(0, j0, nj).t(), /*beta=*/0, /*alpha=*/scale);
     if (self_mask) mask_diagonal(s, i0, j0);
     return s;
   }
@@ -216,9 +217,8 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
                                                    double scale, bool self_mask, bool cols) {
   check_inputs(q, k, self_mask);
   const auto acc = acc_type(q);
-  // The scale is folded into q: S = (scale q) k^T.
   // detach: parallel workers do not inherit the caller's no-grad mode.
-  const at::Tensor qs = (q.detach().to(acc) * scale).contiguous();
+  const at::Tensor qa = q.detach().to(acc).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
   const int64_t n = q.size(0), m = k.size(0);
   at::Tensor lse_r = new_buffer({n}, q.options().dtype(acc));
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
           std::fill(rows.begin(), rows.end(), ck::OnlineLSE<T>::empty());
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
             const int64_t nj = std::min(kCols, m - j0);
-            at::Tensor x = tile.logits(qs, ka, i0, ni, j0, nj, self_mask);
+            at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, self_mask);
             const T* xp = x.data_ptr<T>();
             row_partials<T>(xp, ni, nj, tm.data(), tl.data());
             for (int64_t i = 0; i < ni; ++i) rows[i].merge(tm[i], tl[i]);
@@ -293,7 +293,6 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   TORCH_CHECK(!cols || (lse_c.numel() == m && g_c.numel() == m), "lse_c and g_c must have M entries");
   // detach: parallel workers do not inherit the caller's no-grad mode.
   const at::Tensor qa = q.detach().to(acc).contiguous();
-  const at::Tensor qs = (qa * scale).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
   // backward_lse: a row with lse = -inf gets probability 0.
   auto safe = [&](const at::Tensor& v) {
@@ -313,7 +312,9 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   const int64_t bytes = m * d * static_cast<int64_t>(at::elementSize(acc));
   const int64_t want = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(bytes, 1)));
   const Stripes st(n, want);
-  at::Tensor dk_parts = at::zeros({st.count, m, d}, qa.options());
+  // Separate tensors, so that the ones summed into the first are freed on return.
+  std::vector<at::Tensor> dk_parts;
+  for (int64_t s = 0; s < st.count; ++s) dk_parts.push_back(at::zeros({m, d}, qa.options()));
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
@@ -326,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
           at::Tensor dq_i = dq.narrow(0, i0, ni);
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
             const int64_t nj = std::min(kCols, m - j0);
-            at::Tensor x = tile.logits(qs, ka, i0, ni, j0, nj, self_mask);
+            at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, self_mask);
             grad_tile<T>(x.data_ptr<T>(), ni, nj, lr.data_ptr<T>() + i0, gr.data_ptr<T>() + i0,
                          cols ? lc.data_ptr<T>() + j0 : nullptr, cols ? gc.data_ptr<T>() + j0 : nullptr);
             dq_i.addmm_(x, ka.narrow(0, j0, nj));
@@ -337,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
       }
     });
   });
-  at::Tensor dk = st.count == 1 ? dk_parts[0] : dk_parts.sum(0);
-  return {dq, dk};
+  for (int64_t s = 1; s < st.count; ++s) dk_parts[0].add_(dk_parts[s]);
+  return {dq, dk_parts[0]};
 }
 
 }  // namespace
