@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 MiB = 1 << 20
-CASES = ("clip", "supcon", "smoothing", "ntxent")
+CASES = ("clip", "supcon", "smoothing", "ntxent", "frozen_keys")
 
 
 def _status():
@@ -37,15 +37,17 @@ def worker(backend, case, n, d, dtype, threads=2):
         kw = dict(clip=dict(symmetric=True),
                   supcon=dict(symmetric=True, labels=torch.arange(rows) % 37),
                   smoothing=dict(symmetric=True, label_smoothing=0.1),
-                  ntxent=dict(symmetric=True))[case]
+                  ntxent=dict(symmetric=True), frozen_keys=dict(symmetric=True))[case]
         q = F.normalize(torch.randn(rows, d, generator=g), dim=1).to(dt).requires_grad_()
         k = None if case == "ntxent" else \
-            F.normalize(torch.randn(rows, d, generator=g), dim=1).to(dt).requires_grad_()
+            F.normalize(torch.randn(rows, d, generator=g), dim=1).to(dt)
+        if k is not None and case != "frozen_keys":   # frozen: a memory bank, a locked tower
+            k.requires_grad_()
         return q, k, kw
 
     def step(q, k, kw):
         loss = ck.info_nce(q, k, backend=backend, **kw)
-        return torch.autograd.grad(loss, [x for x in (q, k) if x is not None])
+        return torch.autograd.grad(loss, [x for x in (q, k) if x is not None and x.requires_grad])
 
     step(*make(256, 0))                  # load the code, start the thread pool
     q, k, kw = make(n, 1)

@@ -35,8 +35,10 @@ def lse_forward(q, k, scale, self_mask, cols):
     return lse_r, (lse_c if cols else None)
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True):
     empty = lse_r.new_empty(0)
-    return torch.ops.contrastive_kernels.lse_backward(
+    dq, dk = torch.ops.contrastive_kernels.lse_backward(
         q, k, scale, self_mask, lse_r, empty if lse_c is None else lse_c,
-        g_r, empty if g_c is None else g_c)
+        g_r, empty if g_c is None else g_c, need_dq, need_dk)
+    # The op returns an empty tensor for a gradient that was not asked for.
+    return (dq if need_dq else None), (dk if need_dk else None)

@@ -108,10 +108,10 @@ class Targets:
 
     def add_grads(self, q, k, g_r, g_c, dq, dk):
         """Adds the gradient of sum_i g_r[i] <q_i, t_i> + sum_j g_c[j] <k_j, u_j> into dq
-        and dk in place (dk is dq under self-contrast, k is q)."""
-        n, d = q.shape
-        m = k.shape[0]
-        acc = dq.dtype
+        and dk in place; either may be None (not wanted). Under self-contrast k is q and
+        dk is dq."""
+        d = q.shape[1]
+        acc = (dq if dq is not None else dk).dtype
         # d/d<q_i, k_j> is W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid (i, j).
         a = g_r * (1 - self.eps) / self.npos_r.clamp_min(1).to(acc)
         e = g_r * (self.eps / self.nvalid_r)
@@ -120,20 +120,21 @@ class Targets:
             f = g_c * (self.eps / self.nvalid_c)
         else:
             b = f = None
+        # dq_i += a_i K[rid_i] + Kb[rid_i] + e_i sum_j k_j + sum_j f_j k_j
+        # dk_j += b_j Q[cid_j] + Qa[cid_j] + f_j sum_i q_i + sum_i e_i q_i
+        # with K, Q the per-class sums and Kb, Qa the weighted ones. A side is
+        # (rows x, their grad, own coefficients c1 c2, ids, other rows y, other ids,
+        #  other side's coefficients o1 o2).
+        sides = [(q, dq, a, e, self.rid, k, self.cid, b, f),
+                 (k, dk, b, f, self.cid, q, self.rid, a, e)]
         dc, rows = self._sizes(d)
         for d0, d1 in _blocks(d, dc):
-            # dq_i += a_i S_k[rid_i] + S_bk[rid_i] + e_i sum_j k_j + sum_j f_j k_j
-            # dk_j += b_j S_q[cid_j] + S_aq[cid_j] + f_j sum_i q_i + sum_i e_i q_i
-            ks = self._class_sum(k, self.cid, d0, d1, acc, rows=rows)
-            qa = self._class_sum(q, self.rid, d0, d1, acc, a, rows)
-            kb = self._class_sum(k, self.cid, d0, d1, acc, b, rows) if b is not None else None
-            qs = self._class_sum(q, self.rid, d0, d1, acc, rows=rows) if b is not None else None
-            sides = [(q, dq, a, e, ks, kb, self.rid, b, f, k),
-                     (k, dk, b, f, qs, qa, self.cid, a, e, q)]
-            for x, dx, c1, c2, sums, wsums, ids, o1, o2, y in sides:
-                # c1, c2: this side's own coefficients; o1, o2: the other side's, whose
-                # weighted sum (wsums, and sum_y o2 y) reaches every row too.
-                total = sums.sum(0) if sums is not None else None
+            for x, dx, c1, c2, ids, y, yids, o1, o2 in sides:
+                if dx is None:
+                    continue
+                ysum = self._class_sum(y, yids, d0, d1, acc, rows=rows) if c1 is not None else None
+                ywsum = self._class_sum(y, yids, d0, d1, acc, o1, rows) if o1 is not None else None
+                total = ysum.sum(0) if ysum is not None else None
                 wtotal = None
                 if o2 is not None:
                     wtotal = torch.zeros(d1 - d0, dtype=acc, device=x.device)
@@ -143,9 +144,9 @@ class Targets:
                     ix = ids[i0:i1]
                     upd = torch.zeros(i1 - i0, d1 - d0, dtype=acc, device=x.device)
                     if c1 is not None:
-                        upd += c1[i0:i1, None] * sums[ix] + c2[i0:i1, None] * total
-                    if wsums is not None:
-                        upd += wsums[ix]
+                        upd += c1[i0:i1, None] * ysum[ix] + c2[i0:i1, None] * total
+                    if ywsum is not None:
+                        upd += ywsum[ix]
                     if wtotal is not None:
                         upd += wtotal
                     if self.self_c:
@@ -192,25 +193,37 @@ class FusedLoss(torch.autograd.Function):
         g_c = g_c.to(acc).contiguous() if (ctx.cols and g_c is not None) else None
         g_rdot = zeros(g_rdot, lse_r)
         g_cdot = g_cdot.to(acc) if (g_cdot is not None and g_cdot.numel()) else None
+        # Only the gradients someone wants: frozen keys (a memory bank, a locked tower)
+        # skip dk_raw, its buffer and its GEMM. Under self-contrast q's gradient needs both.
+        want_q, want_k = ctx.needs_input_grad[0], k is not None and ctx.needs_input_grad[1]
+        need_dq, need_dk = (want_q, want_q) if k is None else (want_q, want_k)
+        if ctx.needs_input_grad[2] and not (need_dq or need_dk):
+            need_dq = True   # for dL/ds
         with _no_autocast(q):
             dq, dk = ctx.backend.lse_backward(q, kk, ctx.s, ctx.p.self_contrast, lse_r,
-                                              lse_c if ctx.cols else None, g_r, g_c)
-            # dL/ds of the log-sum-exp part = sum_ij dS_ij <q_i, k_j> = sum_i <q_i, (dS k)_i>;
-            # the target part reaches scale through s * rdot outside.
-            ds = _inner(q, dq).to(scale.dtype) if ctx.needs_input_grad[2] else None
+                                              lse_c if ctx.cols else None, g_r, g_c,
+                                              need_dq=need_dq, need_dk=need_dk)
+            # dL/ds of the log-sum-exp part = sum_ij dS_ij <q_i, k_j> = sum_i <q_i, (dS k)_i>
+            # (= sum_j <k_j, (dS^T q)_j>); the target part reaches scale through s * rdot.
+            ds = None
+            if ctx.needs_input_grad[2]:
+                ds = (_inner(q, dq) if dq is not None else _inner(kk, dk)).to(scale.dtype)
             # dq and dk are the backend's own fresh buffers: scaled and completed in place.
-            dq.mul_(ctx.s)
-            dk.mul_(ctx.s)
-            if k is None:
+            for g in (dq, dk):
+                if g is not None:
+                    g.mul_(ctx.s)
+            if k is None and want_q:
                 dq += dk
                 dk = dq
-            ctx.targets.add_grads(q, kk, g_rdot, g_cdot, dq, dk)
+            if want_q or want_k:
+                ctx.targets.add_grads(q, kk, g_rdot, g_cdot, dq if want_q else None,
+                                      dk if want_k or k is None else None)
         # One cast at a time, each float32 buffer dropped once cast.
-        dq_out = dq.to(q.dtype) if ctx.needs_input_grad[0] else None
+        dq_out = dq.to(q.dtype) if want_q else None
         dq = None
         if k is None:
             dk = None
-        dk_out = dk.to(k.dtype) if (k is not None and ctx.needs_input_grad[1]) else None
+        dk_out = dk.to(k.dtype) if want_k else None
         return dq_out, dk_out, ds, None, None, None
 
 

@@ -7,6 +7,7 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   // lse_rows (N,), lse_cols (M,) or (0,) when !cols, of S = scale * q k^T.
   m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols) -> (Tensor, Tensor)");
   // dq_raw = dS k, dk_raw = dS^T q with dS_ij = g_r[i] P_ij + g_c[j] Pc_ij; g_c may be empty.
+  // A gradient not needed (need_dq / need_dk false) is not computed and comes back empty.
   m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
-        "Tensor g_r, Tensor g_c) -> (Tensor, Tensor)");
+        "Tensor g_r, Tensor g_c, bool need_dq=True, bool need_dk=True) -> (Tensor, Tensor)");
 }

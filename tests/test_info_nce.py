@@ -258,3 +258,56 @@ def test_temperature_and_defaults():
     tr = t.detach().clone().requires_grad_()
     ck.reference.info_nce(q, k, temperature=tr).backward()
     assert torch.allclose(t.grad, tr.grad, rtol=1e-9)
+
+
+# Frozen inputs: a memory bank or a locked tower gives keys (or queries) that need no
+# gradient. The backend is then asked for the other gradient only, and makes only that.
+FROZEN = {"key": (True, False, False), "query": (False, True, False),
+          "both": (False, False, True)}   # which of (query, key, logit_scale) require grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [case_clip, case_supcon, case_ntxent_sym_smooth],
+                         ids=["clip", "supcon", "ntxent"])
+@pytest.mark.parametrize("frozen", sorted(FROZEN))
+def test_frozen_inputs_get_no_gradient_work(backend, case, frozen, monkeypatch):
+    n, d = 34, 19
+    gen = torch.Generator().manual_seed(seed_for("frozen", case.__name__, frozen))
+    kwargs = dict(case(n, n, gen))
+    self_contrast = "key" in kwargs and kwargs.pop("key") is None
+    if self_contrast and frozen == "query":
+        pytest.skip("under self-contrast the keys are the queries")
+    q, k = _inputs(n, n, d, torch.float32, gen)
+    dev = torch.device(DEVICE)
+    want = FROZEN[frozen]
+    kw = {key: (v.to(dev) if torch.is_tensor(v) else v) for key, v in kwargs.items()}
+
+    def leaves(dt):
+        qq = q.to(dev, dt).requires_grad_(want[0])
+        kk = None if self_contrast else k.to(dev, dt).requires_grad_(want[1])
+        s = torch.tensor(14.0, dtype=dt, device=dev, requires_grad=want[2])
+        return qq, kk, s
+
+    be = ck.backends.get_backend(backend, dev)
+    calls, real = [], be.lse_backward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs.get("need_dq", True), kwargs.get("need_dk", True),
+                      out[0] is not None, out[1] is not None))
+        return out
+
+    monkeypatch.setattr(be, "lse_backward", spy)
+    qa, ka, sa = leaves(torch.float32)
+    qr, kr, sr = leaves(torch.float64)
+    out = ck.info_nce(qa, ka, logit_scale=sa, backend=backend, **kw)
+    ref = ck.reference.info_nce(qr, kr, logit_scale=sr, **kw)
+    ins_a = [x for x in (qa, ka, sa) if x is not None and x.requires_grad]
+    ins_r = [x for x in (qr, kr, sr) if x is not None and x.requires_grad]
+    for name, a, r in zip(frozen, torch.autograd.grad(out, ins_a), torch.autograd.grad(ref, ins_r)):
+        assert rel_err(a, r, floor=1e-2) <= TOL[torch.float32]["grad"], (frozen, name)
+    assert len(calls) == 1
+    need_dq, need_dk, got_dq, got_dk = calls[0]
+    expect = {"key": (True, self_contrast), "query": (False, True), "both": (True, False)}[frozen]
+    assert (need_dq, need_dk) == expect, calls
+    assert (got_dq, got_dk) == expect, "a gradient not asked for came back (or one asked for did not)"

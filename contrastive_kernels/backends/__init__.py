@@ -6,9 +6,12 @@ A backend computes only the fused, tiled part of the loss (see docs/DESIGN.md):
         lse_rows[i] = log sum_j exp(scale * <q_i, k_j>)   over valid j
         lse_cols[j] = log sum_i exp(scale * <q_i, k_j>)   over valid i (only if cols)
         self_mask excludes the diagonal i == j.
-    lse_backward(q, k, scale, self_mask, lse_rows, lse_cols, g_rows, g_cols) -> (dq_raw, dk_raw)
+    lse_backward(q, k, scale, self_mask, lse_rows, lse_cols, g_rows, g_cols,
+                 need_dq=True, need_dk=True) -> (dq_raw, dk_raw)
         dS_ij  = g_rows[i] * exp(S_ij - lse_rows[i]) + g_cols[j] * exp(S_ij - lse_cols[j])
         dq_raw = dS @ k,   dk_raw = dS.T @ q          (no scale applied)
+        A gradient that is not needed is None, and neither its buffer nor its GEMM is made.
+        Both are fresh buffers the caller may change in place.
 
 Statistics and raw gradients are float64 for float64 inputs and float32 otherwise.
 Everything else (targets, bias, reductions, the scale gradient) is shared in

@@ -47,11 +47,12 @@ def lse_forward(q, k, scale, self_mask, cols, tile=TILE):
     return lse_r, lse_c
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, tile=TILE):
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True,
+                 tile=TILE):
     acc = lse_r.dtype
     n, m = q.shape[0], k.shape[0]
-    dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device)
-    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device)
+    dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device) if need_dq else None
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if need_dk else None
     lr = _finite_or_inf(lse_r)
     lc = _finite_or_inf(lse_c) if g_c is not None else None
     for j0 in range(0, m, tile):
@@ -63,6 +64,8 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, tile=TILE):
             ds = (s - lr[i0:i0 + tile, None]).exp_().mul_(g_r[i0:i0 + tile, None])
             if lc is not None:
                 ds += s.sub_(lc[None, j0:j0 + tile]).exp_().mul_(g_c[None, j0:j0 + tile])
-            dq[i0:i0 + tile] += ds @ kb
-            dk[j0:j0 + tile] += ds.T @ qb
+            if need_dq:
+                dq[i0:i0 + tile] += ds @ kb
+            if need_dk:
+                dk[j0:j0 + tile] += ds.T @ qb
     return dq, dk

@@ -21,6 +21,8 @@ Settings (module attributes, read at every call; their defaults come from the en
                  summation order varies from run to run). True: two backward kernels,
                  dq over row blocks and dk over column blocks, no atomics, and the
                  fixed (not autotuned) config: bitwise reproducible (1 + 4 passes).
+                 When only dq or only dk is wanted (frozen keys or queries), its one
+                 kernel runs, without atomics, in either mode (1 + 2 passes).
   PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
   POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill
                  every buffer a kernel must write in full with NaN first, so that a
@@ -172,7 +174,7 @@ def lse_forward(q, k, scale, self_mask, cols):
     return lse_r, lse_c
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True):
     L = _setup(q, k, scale)
     acc, dev, triton = L.acc, L.dev, L.triton
     has_c = lse_c is not None and g_c is not None
@@ -204,16 +206,21 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c):
             L.K.lse_bwd_kernel[(triton.cdiv(na, cfg["BLOCK_M"]),)](*args, **kw, **cfg)
 
     q, k = L.q, L.k
+    dq = dk = None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        dq = _out((L.n, L.d), acc, dev, POISON)
-        if _deterministic():
-            dk = _out((L.m, L.d), acc, dev, POISON)
-            launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
-            launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
-        else:
+        if need_dq and need_dk and not _deterministic():
+            dq = _out((L.n, L.d), acc, dev, POISON)
             dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, dk, True)
-    return dq.mul_(gmax), dk.mul_(gmax)
+        else:
+            # dq over row blocks, dk over column blocks (the same kernel on S^T): no atomics.
+            if need_dq:
+                dq = _out((L.n, L.d), acc, dev, POISON)
+                launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
+            if need_dk:
+                dk = _out((L.m, L.d), acc, dev, POISON)
+                launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
+    return tuple(None if g is None else g.mul_(gmax) for g in (dq, dk))
 
 
 class _nullctx:

@@ -284,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
 std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     double scale, bool self_mask,
                                                     const at::Tensor& lse_r, const at::Tensor& lse_c,
-                                                    const at::Tensor& g_r, const at::Tensor& g_c) {
+                                                    const at::Tensor& g_r, const at::Tensor& g_c,
+                                                    bool need_dq, bool need_dk) {
   check_inputs(q, k, self_mask);
   const auto acc = acc_type(q);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
@@ -307,14 +308,16 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   const at::Tensor lc = cols ? safe(lse_c.detach()) : at::Tensor();
   const at::Tensor gc = cols ? g_c.detach().to(acc).contiguous() : at::Tensor();
 
-  at::Tensor dq = at::zeros({n, d}, qa.options());
+  // A gradient not needed is neither allocated nor computed (returned empty).
+  at::Tensor dq = at::zeros({need_dq ? n : 0, d}, qa.options());
   // dk: one partial per stripe, summed at the end; bounded by kPartialBudget.
   const int64_t bytes = m * d * static_cast<int64_t>(at::elementSize(acc));
-  const int64_t want = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(bytes, 1)));
+  const int64_t want = !need_dk ? at::get_num_threads() :
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(bytes, 1)));
   const Stripes st(n, want);
   // Separate tensors, so that the ones summed into the first are freed on return.
   std::vector<at::Tensor> dk_parts;
-  for (int64_t s = 0; s < st.count; ++s) dk_parts.push_back(at::zeros({m, d}, qa.options()));
+  for (int64_t s = 0; s < st.count; ++s) dk_parts.push_back(at::zeros({need_dk ? m : 0, d}, qa.options()));
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
@@ -324,15 +327,13 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
         at::Tensor dk = dk_parts[s];
         for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
           const int64_t ni = std::min(kRows, n - i0);
-          at::Tensor dq_i = dq.narrow(0, i0, ni);
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
             const int64_t nj = std::min(kCols, m - j0);
             at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, self_mask);
             grad_tile<T>(x.data_ptr<T>(), ni, nj, lr.data_ptr<T>() + i0, gr.data_ptr<T>() + i0,
                          cols ? lc.data_ptr<T>() + j0 : nullptr, cols ? gc.data_ptr<T>() + j0 : nullptr);
-            dq_i.addmm_(x, ka.narrow(0, j0, nj));
-            at::Tensor dk_j = dk.narrow(0, j0, nj);
-            dk_j.addmm_(x.t(), qa.narrow(0, i0, ni));
+            if (need_dq) dq.narrow(0, i0, ni).addmm_(x, ka.narrow(0, j0, nj));
+            if (need_dk) dk.narrow(0, j0, nj).addmm_(x.t(), qa.narrow(0, i0, ni));
           }
         }
       }

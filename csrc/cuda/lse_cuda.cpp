@@ -145,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
                                                      const at::Tensor& lse_r_in,
                                                      const at::Tensor& lse_c_in,
                                                      const at::Tensor& g_r_in,
-                                                     const at::Tensor& g_c_in) {
+                                                     const at::Tensor& g_c_in, bool need_dq,
+                                                     bool need_dk) {
   const Call c(q_in, k_in, self_mask);
   const int64_t n = c.n, m = c.m, d = c.d;
   const at::Tensor &q = c.q, &k = c.k;
@@ -160,25 +161,25 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
     lse_c = stat(lse_c_in, m, c.acc, q, "lse_c");
     g_c = stat(g_c_in, m, c.acc, q, "g_c");
   }
-  at::Tensor dq = at::zeros({n, d}, q.options().dtype(c.acc));
-  at::Tensor dk = at::zeros({m, d}, q.options().dtype(c.acc));
-  if (n == 0 || m == 0 || d == 0) return {dq, dk};
+  // A gradient not needed is neither allocated nor computed (returned empty).
+  at::Tensor dq = at::zeros({need_dq ? n : 0, d}, q.options().dtype(c.acc));
+  at::Tensor dk = at::zeros({need_dk ? m : 0, d}, q.options().dtype(c.acc));
+  if (n == 0 || m == 0 || d == 0 || !(need_dq || need_dk)) return {dq, dk};
 
   const void* lc = has_c ? lse_c.data_ptr() : nullptr;
   const void* gc = has_c ? g_c.data_ptr() : nullptr;
-  if (!deterministic()) {
-    // one pass over row blocks: dq owned per block, dk by float atomics
-    LseBackwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
-                      g_r.data_ptr(), lc, gc, dq.data_ptr(), dk.data_ptr()};
-    c.backward(a, "lse_backward");
+  // Rows: dq of S (and dk by float atomics, unless deterministic). Columns: dk alone,
+  // the same row pass on S^T with the row and column terms swapped.
+  LseBackwardArgs rows{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
+                       g_r.data_ptr(), lc, gc, dq.data_ptr(), nullptr};
+  const LseBackwardArgs cols{k.data_ptr(), q.data_ptr(), m, n, d, scale, self_mask, lc, gc,
+                             lse_r.data_ptr(), g_r.data_ptr(), dk.data_ptr(), nullptr};
+  if (need_dq && need_dk && !deterministic()) {
+    rows.dk = dk.data_ptr();
+    c.backward(rows, "lse_backward");
   } else {
-    LseBackwardArgs a{q.data_ptr(), k.data_ptr(), n, m, d, scale, self_mask, lse_r.data_ptr(),
-                      g_r.data_ptr(), lc, gc, dq.data_ptr(), nullptr};
-    c.backward(a, "lse_backward (rows)");
-    // dk = dS^T q: the same row pass on S^T with the row and column terms swapped
-    LseBackwardArgs t{k.data_ptr(), q.data_ptr(), m, n, d, scale, self_mask, lc, gc,
-                      lse_r.data_ptr(), g_r.data_ptr(), dk.data_ptr(), nullptr};
-    c.backward(t, "lse_backward (columns)");
+    if (need_dq) c.backward(rows, "lse_backward (rows)");
+    if (need_dk) c.backward(cols, "lse_backward (columns)");
   }
   return {dq, dk};
 }
