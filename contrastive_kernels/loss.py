@@ -14,9 +14,11 @@ from torch.autograd.function import once_differentiable
 from . import backends
 from ._validate import DEFAULT_TEMPERATURE, check_inputs
 
-# Elements in one temporary of the target terms (1 MiB of float32): they work on
-# (rows x dim) and (classes x dim) blocks of at most about this size.
+# Elements in one temporary of the target terms: at least CHUNK_ELEMS (1 MiB of
+# float32), and 1/32 of the inputs' elements for large problems, so that a step
+# launches a few dozen small ops, not thousands, and each temporary stays ~3% of q + k.
 CHUNK_ELEMS = 1 << 18
+CHUNK_FRACTION = 32
 
 
 def _no_autocast(x):
@@ -36,23 +38,30 @@ class Targets:
         w_ij = (1 - eps) [rid_i == cid_j] / npos_i + eps / nvalid_r,
     for valid j (all j, or j != i under self-contrast); the columns' weights are
     the same with rows and keys swapped (npos_c, nvalid_c). positive_index is the
-    case rid = positive_index, cid = arange(M). So the row target term is
-    <q_i, t_i> with t_i = sum_j w_ij k_j, computed from per-class sums of k.
+    case rid = positive_index, cid = arange(M), done by gathers (`_pi_*`); labels
+    go through per-class sums of the rows (`_class_*`). The eps part is rank one.
+    Everything works on blocks of about `budget` elements.
     """
 
-    def __init__(self, p, n, m, device):
+    def __init__(self, p, q, k):
+        n, d = q.shape
+        m = k.shape[0]
         self.self_c, self.eps, self.symmetric = p.self_contrast, p.label_smoothing, p.symmetric
+        self.budget = max(CHUNK_ELEMS, (n + m) * d // CHUNK_FRACTION)
+        self.pi = None
         if p.labels is not None:
             _, inv = torch.unique(torch.cat([p.labels, p.key_labels]), return_inverse=True)
             self.rid, self.cid = inv[:n], inv[n:]
             self.classes = int(inv.max()) + 1
         else:
-            self.rid, self.cid = p.positive_index, torch.arange(m, device=device)
+            self.pi = p.positive_index
+            self.rid, self.cid = self.pi, torch.arange(m, device=q.device)
             self.classes = m
         rcount = torch.bincount(self.rid, minlength=self.classes)
         ccount = torch.bincount(self.cid, minlength=self.classes)
         sub = 1 if self.self_c else 0
-        # Under self-contrast j = i is not a candidate: drop it where it was a positive.
+        # Under self-contrast j = i is not a candidate: drop it where it was a positive
+        # (never for positive_index, which may not point a query at itself).
         self.same = (self.rid == self.cid) if self.self_c else None
         drop = self.same.long() if self.self_c else 0
         self.npos_r = ccount[self.rid] - drop
@@ -61,99 +70,159 @@ class Targets:
         self.row_ok = self.npos_r > 0
         self.col_ok = self.npos_c > 0 if self.symmetric else self.row_ok.new_zeros(0)
 
-    def _sizes(self, d):
-        dc = max(1, min(d, CHUNK_ELEMS // max(self.classes, 1)))
-        return dc, max(1, CHUNK_ELEMS // dc)
+    # ---- helpers on row blocks of about `budget` elements, in the accumulation dtype
 
-    def _class_sum(self, x, ids, d0, d1, acc, weight=None, rows=1):
-        out = torch.zeros(self.classes, d1 - d0, dtype=acc, device=x.device)
-        for i0, i1 in _blocks(x.shape[0], rows):
-            xc = x[i0:i1, d0:d1].to(acc)
-            out.index_add_(0, ids[i0:i1], xc if weight is None else xc * weight[i0:i1, None])
+    def _rows(self, d):
+        return max(1, self.budget // max(d, 1))
+
+    def _wsum(self, x, w, acc):
+        """sum_i w_i x_i (or sum_i x_i), shape (D,)."""
+        out = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        for i0, i1 in _blocks(x.shape[0], self._rows(x.shape[1])):
+            xc = x[i0:i1].to(acc)
+            out += xc.sum(0) if w is None else w[i0:i1] @ xc
+        return out
+
+    def _rowdots(self, x, y, acc, idx=None):
+        """<x_i, y_i> (or <x_i, y_idx[i]>), shape (rows of x,)."""
+        out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        for i0, i1 in _blocks(x.shape[0], self._rows(x.shape[1])):
+            yc = y[i0:i1] if idx is None else y[idx[i0:i1]]
+            out[i0:i1] = (x[i0:i1].to(acc) * yc.to(acc)).sum(1)
+        return out
+
+    def _matvec(self, x, v, acc):
+        out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        for i0, i1 in _blocks(x.shape[0], self._rows(x.shape[1])):
+            out[i0:i1] = x[i0:i1].to(acc) @ v
         return out
 
     def _weigh(self, pos, all_, npos, nvalid):
-        return (1 - self.eps) * pos / npos.clamp_min(1).to(pos.dtype) + self.eps * all_ / nvalid
+        out = (1 - self.eps) * pos / npos.clamp_min(1).to(pos.dtype)
+        return out + self.eps * all_ / nvalid if self.eps else out
+
+    # ---- forward
 
     def dots(self, q, k, acc):
         """(<q_i, t_i>, <k_j, u_j>), the row and column target dots; the column ones are
         empty unless symmetric. k is q under self-contrast."""
-        n, d = q.shape
-        m = k.shape[0]
-        dc, rows = self._sizes(d)
-        rpos, rall = q.new_zeros(n, dtype=acc), q.new_zeros(n, dtype=acc)
-        cpos, call = q.new_zeros(m, dtype=acc), q.new_zeros(m, dtype=acc)
-        for d0, d1 in _blocks(d, dc):
-            ks = self._class_sum(k, self.cid, d0, d1, acc, rows=rows)
-            qs = self._class_sum(q, self.rid, d0, d1, acc, rows=rows) if self.symmetric else None
-            for x, pos, all_, sums, ids, lo in ((q, rpos, rall, ks, self.rid, True),
-                                                (k, cpos, call, qs, self.cid, False)):
-                if sums is None:
-                    continue
-                total = sums.sum(0)
-                for i0, i1 in _blocks(x.shape[0], rows):
-                    xc = x[i0:i1, d0:d1].to(acc)
-                    p_ = (xc * sums[ids[i0:i1]]).sum(1)
-                    a_ = xc @ total
-                    if self.self_c:
-                        own = (xc * xc).sum(1)
-                        p_ -= own * self.same[i0:i1]
-                        a_ -= own
-                    pos[i0:i1] += p_
-                    all_[i0:i1] += a_
+        if self.pi is not None:
+            rpos = self._rowdots(q, k, acc, self.pi)
+            cpos = rpos.new_zeros(k.shape[0]).index_add_(0, self.pi, rpos) if self.symmetric else None
+        else:
+            rpos, cpos = self._class_dots(q, k, acc)
+        rall = call = None
+        if self.eps:
+            rall = self._matvec(q, self._wsum(k, None, acc), acc)
+            call = self._matvec(k, self._wsum(q, None, acc), acc) if self.symmetric else None
+            if self.self_c:
+                own = self._rowdots(q, q, acc)
+                rall -= own
+                if call is not None:
+                    call -= own
         rdot = self._weigh(rpos, rall, self.npos_r, self.nvalid_r)
         if not self.symmetric:
             return rdot, rdot.new_zeros(0)
         return rdot, self._weigh(cpos, call, self.npos_c, self.nvalid_c)
 
+    def _class_dots(self, q, k, acc):
+        """sum_{j: cid_j = rid_i} <q_i, k_j> and its column twin (j = i left out under
+        self-contrast), over blocks of the embedding dim."""
+        n, d = q.shape
+        dc, rows = self._class_sizes(d)
+        rpos = q.new_zeros(n, dtype=acc)
+        cpos = q.new_zeros(k.shape[0], dtype=acc) if self.symmetric else None
+        for d0, d1 in _blocks(d, dc):
+            sides = [(q, rpos, self._class_sum(k, self.cid, d0, d1, acc), self.rid)]
+            if self.symmetric:
+                sides.append((k, cpos, self._class_sum(q, self.rid, d0, d1, acc), self.cid))
+            for x, pos, sums, ids in sides:
+                for i0, i1 in _blocks(x.shape[0], rows):
+                    xc = x[i0:i1, d0:d1].to(acc)
+                    p_ = (xc * sums[ids[i0:i1]]).sum(1)
+                    if self.self_c:
+                        p_ -= (xc * xc).sum(1) * self.same[i0:i1]
+                    pos[i0:i1] += p_
+        return rpos, cpos
+
+    def _class_sizes(self, d):
+        dc = max(1, min(d, self.budget // max(self.classes, 1)))
+        return dc, max(1, self.budget // dc)
+
+    def _class_sum(self, x, ids, d0, d1, acc, weight=None):
+        """(classes, d1 - d0): sum of the rows of x[:, d0:d1] (times weight) per class id."""
+        out = torch.zeros(self.classes, d1 - d0, dtype=acc, device=x.device)
+        for i0, i1 in _blocks(x.shape[0], max(1, self.budget // (d1 - d0))):
+            xc = x[i0:i1, d0:d1].to(acc)
+            out.index_add_(0, ids[i0:i1], xc if weight is None else xc * weight[i0:i1, None])
+        return out
+
+    # ---- backward
+
     def add_grads(self, q, k, g_r, g_c, dq, dk):
         """Adds the gradient of sum_i g_r[i] <q_i, t_i> + sum_j g_c[j] <k_j, u_j> into dq
         and dk in place; either may be None (not wanted). Under self-contrast k is q and
         dk is dq."""
-        d = q.shape[1]
         acc = (dq if dq is not None else dk).dtype
         # d/d<q_i, k_j> is W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid (i, j).
         a = g_r * (1 - self.eps) / self.npos_r.clamp_min(1).to(acc)
         e = g_r * (self.eps / self.nvalid_r)
+        b = f = None
         if g_c is not None and g_c.numel():
             b = g_c * (1 - self.eps) / self.npos_c.clamp_min(1).to(acc)
             f = g_c * (self.eps / self.nvalid_c)
+        if self.pi is not None:
+            self._pi_grads(q, k, a, b, dq, dk, acc)
         else:
-            b = f = None
-        # dq_i += a_i K[rid_i] + Kb[rid_i] + e_i sum_j k_j + sum_j f_j k_j
-        # dk_j += b_j Q[cid_j] + Qa[cid_j] + f_j sum_i q_i + sum_i e_i q_i
-        # with K, Q the per-class sums and Kb, Qa the weighted ones. A side is
-        # (rows x, their grad, own coefficients c1 c2, ids, other rows y, other ids,
-        #  other side's coefficients o1 o2).
-        sides = [(q, dq, a, e, self.rid, k, self.cid, b, f),
-                 (k, dk, b, f, self.cid, q, self.rid, a, e)]
-        dc, rows = self._sizes(d)
-        for d0, d1 in _blocks(d, dc):
-            for x, dx, c1, c2, ids, y, yids, o1, o2 in sides:
+            self._class_grads(q, k, a, b, dq, dk, acc)
+        if self.eps:
+            # dq_i += e_i sum_j k_j + sum_j f_j k_j, dk_j += f_j sum_i q_i + sum_i e_i q_i,
+            # less the j = i term under self-contrast (its weight there: e_i + f_i).
+            for x, dx, c2, y, o2 in ((q, dq, e, k, f), (k, dk, f, q, e)):
                 if dx is None:
                     continue
-                ysum = self._class_sum(y, yids, d0, d1, acc, rows=rows) if c1 is not None else None
-                ywsum = self._class_sum(y, yids, d0, d1, acc, o1, rows) if o1 is not None else None
-                total = ysum.sum(0) if ysum is not None else None
-                wtotal = None
+                if c2 is not None:
+                    dx.addr_(c2, self._wsum(y, None, acc))
                 if o2 is not None:
-                    wtotal = torch.zeros(d1 - d0, dtype=acc, device=x.device)
-                    for j0, j1 in _blocks(y.shape[0], rows):
-                        wtotal += o2[j0:j1] @ y[j0:j1, d0:d1].to(acc)
+                    dx += self._wsum(y, o2, acc)
+                if self.self_c:
+                    ef = e + f if f is not None else e
+                    for i0, i1 in _blocks(x.shape[0], self._rows(x.shape[1])):
+                        dx[i0:i1] -= ef[i0:i1, None] * y[i0:i1].to(acc)
+
+    def _pi_grads(self, q, k, a, b, dq, dk, acc):
+        # W_ij = a_i + b_j on j = pi_i: dq_i += w_i k_{pi_i}, dk_{pi_i} += w_i q_i.
+        pi = self.pi
+        w = a + b[pi] if b is not None else a
+        for i0, i1 in _blocks(q.shape[0], self._rows(q.shape[1])):
+            wi = w[i0:i1, None]
+            if dq is not None:
+                dq[i0:i1] += wi * k[pi[i0:i1]].to(acc)
+            if dk is not None:
+                dk.index_add_(0, pi[i0:i1], wi * q[i0:i1].to(acc))
+
+    def _class_grads(self, q, k, a, b, dq, dk, acc):
+        # dq_i += a_i K[rid_i] + Kb[rid_i],  dk_j += b_j Q[cid_j] + Qa[cid_j]
+        # with K, Q the per-class sums of the rows and Kb, Qa the weighted ones, less
+        # the j = i term (weight a_i + b_i where rid_i == cid_i) under self-contrast.
+        d = q.shape[1]
+        dc, rows = self._class_sizes(d)
+        sides = [(q, dq, a, self.rid, k, self.cid, b), (k, dk, b, self.cid, q, self.rid, a)]
+        for d0, d1 in _blocks(d, dc):
+            for x, dx, c1, ids, y, yids, o1 in sides:
+                if dx is None or (c1 is None and o1 is None):
+                    continue
+                ysum = self._class_sum(y, yids, d0, d1, acc) if c1 is not None else None
+                ywsum = self._class_sum(y, yids, d0, d1, acc, o1) if o1 is not None else None
                 for i0, i1 in _blocks(x.shape[0], rows):
                     ix = ids[i0:i1]
-                    upd = torch.zeros(i1 - i0, d1 - d0, dtype=acc, device=x.device)
+                    upd = ywsum[ix] if ywsum is not None else None
                     if c1 is not None:
-                        upd += c1[i0:i1, None] * ysum[ix] + c2[i0:i1, None] * total
-                    if ywsum is not None:
-                        upd += ywsum[ix]
-                    if wtotal is not None:
-                        upd += wtotal
+                        part = c1[i0:i1, None] * ysum[ix]
+                        upd = part if upd is None else upd.add_(part)
                     if self.self_c:
-                        # Take out j = i: its weight W_ii counted where rid_i == cid_i, plus e_i + f_i.
-                        w = (self.same[i0:i1] * (a[i0:i1] + (b[i0:i1] if b is not None else 0))
-                             + e[i0:i1] + (f[i0:i1] if f is not None else 0))
-                        upd -= w[:, None] * y[i0:i1, d0:d1].to(acc)
+                        ab = a[i0:i1] + (b[i0:i1] if b is not None else 0)
+                        upd -= (self.same[i0:i1] * ab)[:, None] * y[i0:i1, d0:d1].to(acc)
                     dx[i0:i1, d0:d1] += upd
 
 
@@ -171,7 +240,7 @@ class FusedLoss(torch.autograd.Function):
     def forward(ctx, q, k, scale, backend, p, cols):
         s = float(scale)
         kk = q if k is None else k
-        targets = Targets(p, q.shape[0], kk.shape[0], q.device)
+        targets = Targets(p, q, kk)
         with _no_autocast(q):
             lse_r, lse_c = backend.lse_forward(q, kk, s, p.self_contrast, cols)
             rdot, cdot = targets.dots(q, kk, p.out_dtype)

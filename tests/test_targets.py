@@ -1,0 +1,45 @@
+"""The target terms (contrastive_kernels.loss.Targets) do O((N + M) * D) work in few ops.
+
+Their values and gradients are checked against the reference in test_info_nce.py. Here:
+on a GPU every op is a kernel launch of a few microseconds, so the host part must not
+split a large problem into thousands of small pieces (an early version made ~21 000
+ops at N = 65536, D = 768, more launch time than the fused kernels' own run).
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from contrastive_kernels import loss
+from contrastive_kernels._validate import check_inputs
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+CASES = {"clip": dict(symmetric=True), "smoothing": dict(symmetric=True, label_smoothing=0.1),
+         "supcon": dict(symmetric=True, labels="labels")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_target_terms_take_few_ops_at_large_sizes(case):
+    n, d = 65536, 768
+    kw = dict(CASES[case])
+    labels = torch.arange(n) % 1000 if kw.pop("labels", None) else None
+    q = torch.randn(n, d, dtype=torch.bfloat16)
+    k = torch.randn(n, d, dtype=torch.bfloat16)
+    p = check_inputs(q, k, None, labels, None, 0.07, None, None, kw["symmetric"],
+                     kw.get("label_smoothing", 0.0), "mean")
+    g = torch.randn(n)
+    dq, dk = torch.zeros(n, d), torch.zeros(n, d)
+    with _CountOps() as c:
+        t = loss.Targets(p, q, k)
+        t.dots(q, k, torch.float32)
+        t.add_grads(q, k, g, g, dq, dk)
+    assert c.ops <= 1500, f"{case}: {c.ops} ops for the target terms of one step"
