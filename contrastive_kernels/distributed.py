@@ -546,6 +546,7 @@ class _RingStats(torch.autograd.Function):
         return dq, dk, ds, None, None
 
 
+@torch.compiler.disable
 def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                   key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                   symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto",
@@ -626,6 +627,7 @@ def _gather_rows(x, st, sizes):
     return torch.cat([t[:n] for t, n in zip(parts, sizes)]).to(x.device)
 
 
+@torch.compiler.disable
 def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                     key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                     symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto"):

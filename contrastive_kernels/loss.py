@@ -312,6 +312,9 @@ def _reduce(losses, oks, reduction):
     return sum(l.sum() / ok.sum().clamp_min(1) for l, ok in zip(losses, oks))
 
 
+# torch.compile: the loss is one opaque call (one graph break, then the fused kernels
+# run as they do in eager mode); tracing into it would break on its data-dependent parts.
+@torch.compiler.disable
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
              label_smoothing=0.0, reduction="mean", backend="auto"):
