@@ -78,7 +78,7 @@ import torch.distributed as dist
 
 from . import backends
 from ._validate import FLOAT_DTYPES, REDUCTIONS, _check_int_vector, check_inputs
-from .loss import info_nce
+from .loss import info_nce, not_traced
 
 __all__ = ["ring_info_nce", "gather_info_nce", "RING_STATS", "reset_ring_stats"]
 
@@ -546,7 +546,7 @@ class _RingStats(torch.autograd.Function):
         return dq, dk, ds, None, None
 
 
-@torch.compiler.disable
+@not_traced
 def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                   key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                   symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto",
@@ -627,7 +627,7 @@ def _gather_rows(x, st, sizes):
     return torch.cat([t[:n] for t, n in zip(parts, sizes)]).to(x.device)
 
 
-@torch.compiler.disable
+@not_traced
 def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                     key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                     symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto"):

@@ -312,9 +312,15 @@ def _reduce(losses, oks, reduction):
     return sum(l.sum() / ok.sum().clamp_min(1) for l, ok in zip(losses, oks))
 
 
-# torch.compile: the loss is one opaque call (one graph break, then the fused kernels
-# run as they do in eager mode); tracing into it would break on its data-dependent parts.
-@torch.compiler.disable
+def not_traced(fn):
+    """torch.compile: `fn` is one opaque call (one graph break, then the fused kernels run
+    as in eager mode); tracing into it would break on its data-dependent parts.
+    torch._disable_dynamo imports dynamo on the first call only (torch.compiler.disable
+    would import it, ~1 s, with the package)."""
+    return getattr(torch, "_disable_dynamo", torch.compiler.disable)(fn)
+
+
+@not_traced
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
              label_smoothing=0.0, reduction="mean", backend="auto"):

@@ -123,3 +123,11 @@ def test_torch_compile_trainer_step_matches_eager():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b)
+
+
+def test_import_does_not_load_dynamo():
+    # torch._dynamo takes ~1 s to import; the package loads it only when the loss is called.
+    code = "import sys, contrastive_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

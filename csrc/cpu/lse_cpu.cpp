@@ -319,6 +319,8 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   std::vector<at::Tensor> dk_parts;
   for (int64_t s = 0; s < st.count; ++s) dk_parts.push_back(at::zeros({need_dk ? m : 0, d}, qa.options()));
 
+  if (!need_dq && !need_dk) return {dq, dk_parts[0]};
+
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
