@@ -18,17 +18,12 @@ MiB = 1 << 20
 CASES = ("clip", "supcon", "smoothing", "ntxent", "frozen_keys")
 
 
-def _status():
-    with open("/proc/self/status") as f:
-        s = dict(line.split(":", 1) for line in f)
-    return int(s["VmRSS"].split()[0]) * 1024, int(s["VmHWM"].split()[0]) * 1024
-
-
 def worker(backend, case, n, d, dtype, threads=2):
     import torch
     import torch.nn.functional as F
 
     import contrastive_kernels as ck
+    from contrastive_kernels.bench import _status_bytes as status   # (VmRSS, VmHWM)
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
 
@@ -51,12 +46,12 @@ def worker(backend, case, n, d, dtype, threads=2):
 
     step(*make(256, 0))                  # load the code, start the thread pool
     q, k, kw = make(n, 1)
-    base = _status()[0]
+    base = status()[0]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                     # reset VmHWM
     grads = step(q, k, kw)
     return dict(backend=backend, case=case, n=n, d=d, dtype=dtype, threads=threads,
-                above=_status()[1] - base, grads=sum(g.numel() * g.element_size() for g in grads))
+                above=status()[1] - base, grads=sum(g.numel() * g.element_size() for g in grads))
 
 
 def measure(backend, case, n, d, dtype="float32", timeout=600):

@@ -276,7 +276,8 @@ class FusedLoss(torch.autograd.Function):
             # (= sum_j <k_j, (dS^T q)_j>); the target part reaches scale through s * rdot.
             ds = None
             if ctx.needs_input_grad[2]:
-                ds = (_inner(q, dq) if dq is not None else _inner(kk, dk)).to(scale.dtype)
+                rows, grads = (q, dq) if dq is not None else (kk, dk)
+                ds = ctx.targets._rowdots(rows, grads, acc).sum().to(scale.dtype)
             # dq and dk are the backend's own fresh buffers: scaled and completed in place.
             for g in (dq, dk):
                 if g is not None:
@@ -294,14 +295,6 @@ class FusedLoss(torch.autograd.Function):
             dk = None
         dk_out = dk.to(k.dtype) if want_k else None
         return dq_out, dk_out, ds, None, None, None
-
-
-def _inner(a, b, rows=4096):
-    """sum(a * b) in b's dtype, over row chunks (no full-size temporary)."""
-    out = b.new_zeros(())
-    for i in range(0, a.shape[0], rows):
-        out += (a[i:i + rows].to(b.dtype) * b[i:i + rows]).sum()
-    return out
 
 
 def _reduce(losses, oks, reduction):
