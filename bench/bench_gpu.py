@@ -3,8 +3,9 @@
     python bench/bench_gpu.py [--quick] [--sizes 8192,16384] [--dim 768] [--json out.json]
 
 Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
-contrastive_kernels available on CUDA (Triton twice: "triton" with the atomic backward,
-"triton-det" with backends.triton.DETERMINISTIC = True), and Inf-CL when the `inf_cl` package imports.
+contrastive_kernels available on CUDA (Triton three times: "triton" with the atomic backward,
+"triton-det" with backends.triton.DETERMINISTIC = True, "triton-low" with LOW_MEMORY =
+True), and Inf-CL when the `inf_cl` package imports.
 Columns: median time (triton.testing.do_bench), peak torch.cuda.max_memory_allocated
 during one step, TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and
 one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
@@ -47,19 +48,23 @@ def naive_step(q, k):
     return torch.autograd.grad(loss, (q, k))
 
 
-def ck_step(backend, deterministic=None):
+def ck_step(backend, **settings):
+    """One step of `backend`; settings (e.g. DETERMINISTIC=True) are set on its module
+    for the call."""
     import contrastive_kernels as ck
+    from contrastive_kernels import backends
 
     def step(q, k):
-        if deterministic is not None:
-            from contrastive_kernels.backends import triton as T
-            old, T.DETERMINISTIC = T.DETERMINISTIC, deterministic
+        mod = backends._BACKENDS[backend]
+        old = {name: getattr(mod, name) for name in settings}
+        for name, v in settings.items():
+            setattr(mod, name, v)
         try:
             loss = ck.info_nce(q, k, temperature=0.07, symmetric=True, backend=backend)
             return torch.autograd.grad(loss, (q, k))
         finally:
-            if deterministic is not None:
-                T.DETERMINISTIC = old
+            for name, v in old.items():
+                setattr(mod, name, v)
     return step
 
 
@@ -98,10 +103,12 @@ def methods():
     out = [("naive", naive_step, lambda n: 22 * n * n)]   # bf16 + fp32 logits, softmax, grads
     for b in ck.available_backends("cuda"):
         if b == "triton":
-            # both backward modes: fp32 atomics for dk (4 GEMM passes) and the
-            # deterministic two-kernel backward (5 passes, no atomics)
-            out.append(("triton", ck_step(b, False), lambda n: 0))
-            out.append(("triton-det", ck_step(b, True), lambda n: 0))
+            # the three backward modes: fp32 atomics for dk (4 GEMM passes), the
+            # deterministic two-kernel backward (5 passes, no atomics), and the
+            # low-memory kernels that write bf16 gradients (5 passes, no atomics)
+            out.append(("triton", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False), lambda n: 0))
+            out.append(("triton-det", ck_step(b, DETERMINISTIC=True, LOW_MEMORY=False), lambda n: 0))
+            out.append(("triton-low", ck_step(b, LOW_MEMORY=True), lambda n: 0))
         else:
             out.append((b, ck_step(b), lambda n: 0))
     try:

@@ -159,18 +159,27 @@ class Targets:
 
     # ---- backward
 
+    def weights(self, g_r, g_c):
+        """(a, e, b, f): the gradient of sum_i g_r[i] <q_i, t_i> + sum_j g_c[j] <k_j, u_j>
+        with respect to <q_i, k_j> is
+            W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j   on valid (i, j).
+        b and f are None without column targets (g_c None or empty), e and f without
+        label smoothing."""
+        acc = g_r.dtype
+        a = g_r * (1 - self.eps) / self.npos_r.clamp_min(1).to(acc)
+        e = g_r * (self.eps / self.nvalid_r) if self.eps else None
+        b = f = None
+        if g_c is not None and g_c.numel():
+            b = g_c * (1 - self.eps) / self.npos_c.clamp_min(1).to(acc)
+            f = g_c * (self.eps / self.nvalid_c) if self.eps else None
+        return a, e, b, f
+
     def add_grads(self, q, k, g_r, g_c, dq, dk):
         """Adds the gradient of sum_i g_r[i] <q_i, t_i> + sum_j g_c[j] <k_j, u_j> into dq
         and dk in place; either may be None (not wanted). Under self-contrast k is q and
         dk is dq."""
         acc = (dq if dq is not None else dk).dtype
-        # d/d<q_i, k_j> is W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid (i, j).
-        a = g_r * (1 - self.eps) / self.npos_r.clamp_min(1).to(acc)
-        e = g_r * (self.eps / self.nvalid_r)
-        b = f = None
-        if g_c is not None and g_c.numel():
-            b = g_c * (1 - self.eps) / self.npos_c.clamp_min(1).to(acc)
-            f = g_c * (self.eps / self.nvalid_c)
+        a, e, b, f = self.weights(g_r.to(acc), None if g_c is None else g_c.to(acc))
         if self.pi is not None:
             self._pi_grads(q, k, a, b, dq, dk, acc)
         else:
@@ -268,6 +277,19 @@ class FusedLoss(torch.autograd.Function):
         need_dq, need_dk = (want_q, want_q) if k is None else (want_q, want_k)
         if ctx.needs_input_grad[2] and not (need_dq or need_dk):
             need_dq = True   # for dL/ds
+        fused = getattr(ctx.backend, "input_grads", None)
+        if fused is not None:
+            # A backend that writes the final gradients itself (Triton's low-memory
+            # mode): the target weights go in as O(N + M) vectors.
+            t = ctx.targets
+            with _no_autocast(q):
+                res = fused(q, kk, ctx.s, ctx.p.self_contrast, lse_r, lse_c if ctx.cols else None,
+                            g_r, g_c, (t.rid, t.cid) + t.weights(g_rdot, g_cdot),
+                            need_dq=need_dq, need_dk=need_dk, need_ds=ctx.needs_input_grad[2])
+            if res is not None:
+                dq, dk, ds = res
+                return (dq if want_q else None, dk if want_k else None,
+                        None if ds is None else ds.to(scale.dtype), None, None, None)
         with _no_autocast(q):
             dq, dk = ctx.backend.lse_backward(q, kk, ctx.s, ctx.p.self_contrast, lse_r,
                                               lse_c if ctx.cols else None, g_r, g_c,

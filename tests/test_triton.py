@@ -38,7 +38,22 @@ DT_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torc
 def _settings(monkeypatch):
     monkeypatch.setattr(T, "POISON", True)
     monkeypatch.setattr(T, "DETERMINISTIC", False)
+    monkeypatch.setattr(T, "LOW_MEMORY", False)
     monkeypatch.setattr(T, "PRECISION", "ieee")
+
+
+# Backward modes of the loss: one atomic kernel, two launches of it, or the low-memory
+# kernel that writes final gradients (lse_backward must then not be called).
+MODES = ["atomic", "deterministic", "low_memory"]
+
+
+def set_mode(monkeypatch, mode):
+    monkeypatch.setattr(T, "DETERMINISTIC", mode == "deterministic")
+    monkeypatch.setattr(T, "LOW_MEMORY", mode == "low_memory")
+    if mode == "low_memory":
+        def not_this(*a, **k):
+            raise AssertionError("low-memory mode called lse_backward")
+        monkeypatch.setattr(T, "lse_backward", not_this)
 
 
 def dense(q, k, scale, self_mask, g_r, g_c):
@@ -283,24 +298,29 @@ E2E = {
 }
 
 
-@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(E2E))
-def test_loss_family_fp32(monkeypatch, case, det):
-    monkeypatch.setattr(T, "DETERMINISTIC", det)
+def test_loss_family_fp32(monkeypatch, case, mode):
+    set_mode(monkeypatch, mode)
     n, m, d, kw = E2E[case]
     _e2e(n, m, d, torch.float32, kw)
 
 
-@pytest.mark.parametrize("case", ["clip", "ntxent", "supcon"])
-def test_loss_family_fp64(case):
+@pytest.mark.parametrize("mode", ["atomic", "low_memory"])
+@pytest.mark.parametrize("case", ["clip", "ntxent", "supcon", "clip_smooth_sum"])
+def test_loss_family_fp64(monkeypatch, case, mode):
+    set_mode(monkeypatch, mode)
     n, m, d, kw = E2E[case]
     _e2e(n, m, d, torch.float64, kw, tol=(1e-11, 1e-10))
 
 
+@pytest.mark.parametrize("mode", ["atomic", "low_memory"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []),
                          ids=lambda t: DT_IDS[t])
-@pytest.mark.parametrize("case", ["clip", "hard_negatives", "ntxent_sym", "supcon"])
-def test_loss_family_half(dtype, case):
+@pytest.mark.parametrize("case", ["clip", "hard_negatives", "ntxent_sym", "supcon",
+                                  "clip_smooth_sum"])
+def test_loss_family_half(monkeypatch, dtype, case, mode):
+    set_mode(monkeypatch, mode)
     n, m, d, kw = E2E[case]
     # Reference on the same rounded inputs in float64; loss accumulated in fp32,
     # gradients through dS rounded to the input dtype.
@@ -349,3 +369,108 @@ def test_backward_prune_drops_spilling_configs():
     assert len(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=False, BLOCK_D=64)) == 4
     assert sizes(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=True, BLOCK_D=256)) == \
         [(64, 64), (64, 32)]
+
+
+# ---------------------------------------------------------------- low-memory backward
+
+# 97 / 98 rows: four blocks of 32 in the interpreter, shared by two programs, the last
+# block with 1 or 2 rows (its accumulator lies all in the scratch, or half in its own
+# output row); D = 131 is chunked (the in-place conversion runs).
+LOWMEM = {
+    "clip": (97, 97, 131, dict(symmetric=True)),
+    "pi_smooth": (98, 45, 131, dict(positive_index=torch.randint(0, 45, (98,), generator=torch.Generator().manual_seed(7)),
+                                    label_smoothing=0.1)),
+    "supcon_sym": (98, 97, 40, dict(labels=_labels(98, 6, 8), key_labels=_labels(97, 6, 9),
+                                    symmetric=True, label_smoothing=0.05)),
+    "ntxent_labels_sym": (97, 97, 131, dict(key=None, labels=_labels(97, 7, 10), symmetric=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda t: DT_IDS[t])
+@pytest.mark.parametrize("case", list(LOWMEM))
+def test_low_memory_blocks_and_partial_rows(monkeypatch, dtype, case):
+    set_mode(monkeypatch, "low_memory")
+    n, m, d, kw = LOWMEM[case]
+    tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-5, 1e-4)
+    _e2e(n, m, d, dtype, kw, tol=tol)
+
+
+@pytest.mark.parametrize("d", [24, 131])
+@pytest.mark.parametrize("trained", ["query", "key", "scale"])
+def test_low_memory_frozen_inputs_and_reproducible(monkeypatch, d, trained):
+    # Only the wanted gradients come back; the result is bitwise the same on a rerun.
+    set_mode(monkeypatch, "low_memory")
+    n = m = 70
+    q0, k0 = _qk(n, m, d, torch.float32, False, seed=d, spread=1.0)
+    s0 = torch.tensor(9.0, device=DEVICE)
+
+    def run(fn):
+        q = q0.clone().requires_grad_(trained == "query")
+        k = k0.clone().requires_grad_(trained == "key")
+        s = s0.clone().requires_grad_(trained == "scale")
+        loss = fn(q, k, logit_scale=s, symmetric=True, label_smoothing=0.1)
+        loss.backward()
+        return [x.grad for x in (q, k, s)]
+
+    got = run(lambda *a, **kw: ck.info_nce(*a, backend="triton", **kw))
+    again = run(lambda *a, **kw: ck.info_nce(*a, backend="triton", **kw))
+    ref = run(lambda q, k, **kw: ck.reference.info_nce(q.double(), k.double(), **kw))
+    for g, g2, r, name in zip(got, again, ref, ("query", "key", "scale")):
+        assert (g is None) == (name != trained), name
+        if g is not None:
+            assert torch.equal(g, g2), "not bitwise reproducible"
+            assert rel_err(g, r) < 1e-4, (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_low_memory_makes_no_float32_embedding_buffers(monkeypatch, mode):
+    # fp16 inputs: in the low-memory mode backward makes no float32 tensor as large as
+    # an fp16 gradient (half an N x D float32 buffer), only the two fp16 gradients and
+    # O(programs * BLOCK_M * D) scratch; the other modes do make them (so this check can
+    # fail). (The interpreter's own byte copies, uint8, are not counted.)
+    from torch.utils._python_dispatch import TorchDispatchMode
+    set_mode(monkeypatch, mode)
+    n, d = 90, 140
+    q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float16, False, seed=1, spread=1.0))
+    loss = ck.info_nce(q, k, temperature=0.1, symmetric=True, label_smoothing=0.1,
+                       backend="triton")
+    big = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t) and t.dtype.is_floating_point and \
+                        t.numel() * t.element_size() >= n * d * 2:
+                    big.append((str(func), t.dtype))
+            return out
+
+    with Record():
+        loss.backward()
+    wide = [b for b in big if b[1] != torch.float16]
+    if mode == "low_memory":
+        assert not wide, wide
+    else:
+        assert wide, big
+    assert q.grad.dtype == k.grad.dtype == torch.float16
+
+
+@pytest.mark.skipif(not ON_GPU, reason="peak memory of the GPU target size (CUDA only)")
+def test_low_memory_peak_at_target_size_gpu(monkeypatch):
+    # Issue 3's target: bf16, D = 768, N = 65536, symmetric CLIP with a learnable scale:
+    # peak within 5% of inputs + gradients (+ O(N) statistics).
+    set_mode(monkeypatch, "low_memory")
+    n, d = 65536, 768
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
+    k = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
+    s = torch.tensor(20.0, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton").backward()
+    torch.cuda.synchronize()
+    io = 4 * n * d * 2        # q, k and their gradients
+    peak = torch.cuda.max_memory_allocated() - base + 2 * n * d * 2
+    assert peak <= 1.05 * io, (peak / io)
+    assert torch.isfinite(q.grad.float()).all() and torch.isfinite(k.grad.float()).all()

@@ -6,7 +6,7 @@ triton.jit then makes interpreter functions that cannot be compiled). Checks tha
 launch variant compiles for GPUTarget("cuda", 90, 32), with the divisibility hints a
 real launch gets (aligned pointers, D and strides divisible by 16), that fp16/bf16 use tensor cores
 (wgmma/mma in the PTX; so must fp32 with input_precision="tf32"), that the atomic backward has atomics and the deterministic
-kernels have none, and that each default config fits sm90 shared memory.
+and low-memory kernels have none, and that each default config fits sm90 shared memory.
 CK_AOT_FULL=1 compiles every flag combination (several minutes).
 """
 import json
@@ -38,7 +38,8 @@ def _name(r):
 
 def test_every_variant_compiled(compiled):
     kinds = {(r["kind"], r["dtype"]) for r in compiled}
-    assert kinds == {(k, d) for k in ("fwd", "bwd") for d in ("fp16", "bf16", "fp32", "tf32", "fp64")}
+    assert kinds == {(k, d) for k in ("fwd", "bwd", "grad")
+                     for d in ("fp16", "bf16", "fp32", "tf32", "fp64")}
     for dt in ("fp16", "bf16"):
         fwd = {(r["flags"]["SELF_MASK"], r["flags"]["COLS"]) for r in compiled
                if r["kind"] == "fwd" and r["dtype"] == dt}
@@ -46,9 +47,11 @@ def test_every_variant_compiled(compiled):
         bwd = {(r["flags"]["SELF_MASK"], r["flags"]["HAS_R"], r["flags"]["HAS_C"], r["flags"]["ATOMIC_DK"])
                for r in compiled if r["kind"] == "bwd" and r["dtype"] == dt}
         assert len(bwd) == 10, bwd
+        grad = {tuple(r["flags"].values()) for r in compiled if r["kind"] == "grad" and r["dtype"] == dt}
+        assert len(grad) == 8, grad
     for dt in ("fp16", "bf16", "fp32", "tf32", "fp64"):
         one_d = {(r["kind"], r["flags"]["ONE_D"]) for r in compiled if r["dtype"] == dt}
-        assert len(one_d) == 4, (dt, one_d)
+        assert len(one_d) == 6, (dt, one_d)
 
 
 def test_half_types_use_tensor_cores(compiled):
@@ -63,6 +66,8 @@ def test_atomics_only_where_intended(compiled):
     for r in compiled:
         if r["kind"] == "bwd":
             assert r["atomic"] == r["flags"]["ATOMIC_DK"], _name(r)
+        elif r["kind"] == "grad":
+            assert not r["atomic"], _name(r)
         else:
             assert not r["atomic"], _name(r)
 

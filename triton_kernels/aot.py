@@ -2,9 +2,10 @@
 
     python -m contrastive_kernels.triton_kernels.aot [--arch 90] [--json]
 
-Compiles lse_fwd_kernel and lse_bwd_kernel for each dtype and the flags the backend
-launches (self-mask, column statistics, the dq/dk kernels of the deterministic mode,
-the atomic kernel, ONE_D on/off; see `variants`) with the default config of each dtype
+Compiles lse_fwd_kernel, lse_bwd_kernel and lse_grad_kernel for each dtype and the flags
+the backend launches (self-mask, column statistics, the dq/dk kernels of the
+deterministic mode, the atomic kernel, the low-memory launches, ONE_D on/off; see
+`variants`) with the default config of each dtype
 (lse.PARAMS), through
 triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)), and reports per
 variant whether the PTX has tensor-core instructions and how much shared memory it needs.
@@ -25,6 +26,9 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 
 
 _RCA = [(1, 0, 1), (1, 1, 1), (1, 0, 0), (1, 1, 0), (0, 1, 0)]
+# lse_grad_kernel launches (SELF_MASK = SYM, HAS_R, HAS_C, HAS_EPS, DS_ON): the dq launch
+# with and without column statistics, the dk launch, and the self-contrast launch.
+_GRAD = [(0, 1, 1, 0, 1), (0, 1, 0, 1, 0), (0, 0, 1, 1, 1), (1, 1, 1, 1, 1)]
 
 
 def variants(dtypes, full=False):
@@ -52,6 +56,12 @@ def variants(dtypes, full=False):
                           else (i % 3 != 1,)):
                 out.append(("bwd", dt, dict(SELF_MASK=sm, HAS_R=bool(r), HAS_C=bool(c),
                                             ATOMIC_DK=bool(a), ONE_D=one_d)))
+        grad = _GRAD if full or dt in ("fp16", "bf16") else _GRAD[2:]
+        for i, (sm, r, c, e, ds) in enumerate(grad):
+            for one_d in (ones if full or dt in ("fp16", "bf16") else (i % 2 == 0,)):
+                out.append(("grad", dt, dict(SELF_MASK=bool(sm), SYM=bool(sm), HAS_R=bool(r),
+                                             HAS_C=bool(c), HAS_EPS=bool(e), DS_ON=bool(ds),
+                                             ONE_D=one_d)))
     return out
 
 
@@ -77,6 +87,18 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
                "stride_k": "i32", "SIZE_KEY": "i32"}
         const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=block_d,
                      BLOCK_N=cfg["BLOCK_N"])
+    elif kind == "grad":
+        fn = L.lse_grad_kernel
+        cfg = dict(config or P["GRAD"])
+        sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "GMAX": f"*{acc_s}",
+               "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}", "G_C": f"*{acc_s}",
+               "XR": "*i64", "AR": f"*{acc_s}", "ER": f"*{acc_s}", "YC": "*i64",
+               "BC": f"*{acc_s}", "FC": f"*{acc_s}", "OUT": f"*{dt}", "SPARE": f"*{acc_s}",
+               "DSC": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32", "stride_q": "i32",
+               "stride_k": "i32", "SIZE_KEY": "i32"}
+        const = dict(flags, HALF_OUT=dt in ("fp16", "bf16"), PREC=prec, ACC=acc_tl,
+                     BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                     FIN_ROWS=cfg["FIN_ROWS"])
     else:
         fn = L.lse_bwd_kernel
         cfg = dict(config or P["BWD"])

@@ -24,6 +24,17 @@ over the embedding dim in BLOCK_D chunks):
                    Without it the host launches the kernel a second time with q <-> k
                    and the row/column statistics swapped, which writes DK the same way
                    as DQ: deterministic, one recompute more (4 backward passes, 5 in all).
+  lse_grad_kernel  the low-memory backward: like the dq launch of lse_bwd_kernel, but it
+                   writes the final gradient in the input dtype. dS also carries the
+                   target weights W (tile by tile from O(N + M) vectors) and the scale:
+                   dQ = (s dS_lse + W) k as one GEMM, so no float32 N x D buffer
+                   exists. A fixed number of programs share the row blocks; without
+                   ONE_D a block's float32 accumulator lives in its own output rows plus,
+                   for fp16/bf16 outputs (HALF_OUT, half the bytes), a half block of
+                   scratch per program (SPARE: programs x BLOCK_M/2 x D), and is
+                   converted in place at the end. SYM (self-contrast) adds the entry
+                   (j, i) terms, so one launch gives the whole gradient. DS_ON writes
+                   each program's sum of dS_lse * q k^T (for the scale gradient) to DSC.
 
 N, M and SIZE_KEY (the autotuning size class) are not specialized on (fewer compiles
 across batch sizes); D and the row strides are, for aligned vector loads.
@@ -49,28 +60,33 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #                knows how many row blocks there are to share among the programs;
 #   MAX_ONE_D    embedding dims up to this are held in one chunk (q tile kept, DQ in
 #                registers); larger D is looped over in CHUNK_D chunks;
+#   GRAD         the config of lse_grad_kernel (low-memory backward; never autotuned);
 #   FWD/BWD      the config used in the interpreter, for problems too small to be worth
 #                tuning, and (fp64) always. Each fits sm90 shared memory (see
 #                tests/test_triton_aot.py); "tune" says whether large problems autotune.
 if INTERPRET:
     _I = dict(FWD_BLOCK_M=32, MAX_ONE_D=128, CHUNK_D=32, tune=False,
               FWD=dict(BLOCK_N=32, num_warps=4, num_stages=1),
-              BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
+              BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+              GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=8, num_warps=4, num_stages=1))
     PARAMS = {"half": _I, "fp32": _I, "fp64": _I}
 else:
     PARAMS = {
         "half": dict(FWD_BLOCK_M=128, MAX_ONE_D=256, CHUNK_D=64, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=3),
-                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=4, num_stages=2)),
         # fp32 "ieee" dots are FMA loops that keep both operands in registers: a D chunk
         # above 32 spills heavily (seen in sm_90 ptxas -v), so fp32 always works in chunks
         # of 32.
         "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=32, CHUNK_D=32, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=2),
-                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=4, num_stages=2)),
         "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
                      FWD=dict(BLOCK_N=32, num_warps=4, num_stages=2),
-                     BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
+                     BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                     GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2)),
     }
 
 
@@ -120,7 +136,7 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr):
     """scale * q[offs_m] k[offs_n]^T with invalid entries (out of range, diagonal) -inf,
-    and (with ONE_D) the k tile it loaded."""
+    (with ONE_D) the k tile it loaded, and the unscaled, unmasked q k^T."""
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     kt = tl.zeros((BLOCK_N, BLOCK_D), dtype=K.dtype.element_ty)
@@ -142,7 +158,22 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
     valid = row_ok[:, None] & col_ok[None, :]
     if SELF_MASK:
         valid = valid & (offs_m[:, None] != offs_n[None, :])
-    return tl.where(valid, s, float("-inf")), kt
+    return tl.where(valid, s, float("-inf")), kt, acc
+
+
+@triton.jit
+def _stats(LSE, G, offs, ok):
+    """(lse, g) at offs; an lse of -inf (no valid entry) reads +inf, so that its
+    probabilities exp(S - lse) are 0, not NaN."""
+    lse = tl.load(LSE + offs, mask=ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse), tl.load(G + offs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _ds_cols(s, LSE_C, G_C, offs_n, col_ok, gmul):
+    """The column term of dS: gmul * g_c[j] exp(S_ij - lse_c[j])."""
+    lc, gc = _stats(LSE_C, G_C, offs_n, col_ok)
+    return (gc * gmul)[None, :] * tl.exp(s - lc[None, :])
 
 
 @triton.jit
@@ -182,8 +213,8 @@ def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE
         for n0 in range(0, M, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = offs_n < M
-            s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
-                               stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M,
+            s, k_one, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
+                                  stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M,
                                BLOCK_N, BLOCK_D)
             # Online (max, sum) per row; a max of -inf (nothing valid yet) is shifted by 0.
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -223,10 +254,8 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
     gnorm = tl.load(GNORM)
     in_ty = Q.dtype.element_ty
     if HAS_R:
-        lr = tl.load(LSE_R + offs_m, mask=row_ok, other=float("inf"))
-        # A row whose lse is -inf has no valid entry: probabilities 0, not NaN.
-        lr = tl.where(lr == float("-inf"), float("inf"), lr)
-        gr = tl.load(G_R + offs_m, mask=row_ok, other=0.0) * gnorm
+        lr, gr = _stats(LSE_R, G_R, offs_m, row_ok)
+        gr = gr * gnorm
     q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
     dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     if ONE_D:
@@ -241,16 +270,13 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
         n0 = tl.where(nt < tiles, nt, nt - tiles).to(tl.int64) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = offs_n < M
-        s, k_one = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
-                    q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+        s, k_one, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
+                              q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
         ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if HAS_R:
             ds += gr[:, None] * tl.exp(s - lr[:, None])
         if HAS_C:
-            lc = tl.load(LSE_C + offs_n, mask=col_ok, other=float("inf"))
-            lc = tl.where(lc == float("-inf"), float("inf"), lc)
-            gc = tl.load(G_C + offs_n, mask=col_ok, other=0.0) * gnorm
-            ds += gc[None, :] * tl.exp(s - lc[None, :])
+            ds += _ds_cols(s, LSE_C, G_C, offs_n, col_ok, gnorm)
         ds_in = ds.to(in_ty)
         if ONE_D:
             dm = offs_d < D
@@ -283,6 +309,134 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
     if ONE_D:
         tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], dq_acc,
                  mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _target_w(XR, AR, ER, YC, BC, FC, offs_m, offs_n, row_ok, col_ok, HAS_EPS: tl.constexpr):
+    """The target weights of a tile, W_ij = [x_i == y_j] (a_i + b_j) + e_i + f_j
+    (docs/DESIGN.md; loss.Targets.weights gives the vectors)."""
+    x = tl.load(XR + offs_m, mask=row_ok, other=-1)
+    y = tl.load(YC + offs_n, mask=col_ok, other=-2)
+    a = tl.load(AR + offs_m, mask=row_ok, other=0.0)
+    b = tl.load(BC + offs_n, mask=col_ok, other=0.0)
+    w = tl.where(x[:, None] == y[None, :], a[:, None] + b[None, :], 0.0)
+    if HAS_EPS:
+        e = tl.load(ER + offs_m, mask=row_ok, other=0.0)
+        f = tl.load(FC + offs_n, mask=col_ok, other=0.0)
+        w += e[:, None] + f[None, :]
+    return w
+
+
+@triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
+def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, BC, FC,
+                    OUT, SPARE, DSC, N, M, D, stride_q, stride_k, SIZE_KEY,
+                    SELF_MASK: tl.constexpr, HAS_R: tl.constexpr, HAS_C: tl.constexpr,
+                    SYM: tl.constexpr, HAS_EPS: tl.constexpr, DS_ON: tl.constexpr,
+                    ONE_D: tl.constexpr, HALF_OUT: tl.constexpr, PREC: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, FIN_ROWS: tl.constexpr):
+    """The final gradient of the rows of Q, in Q's dtype (module docstring, "low memory")."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    scale = tl.load(SCALE)
+    gmax = tl.load(GMAX)
+    gnorm = 1.0 / gmax
+    in_ty = Q.dtype.element_ty
+    out_ty = OUT.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    r_loc = tl.arange(0, BLOCK_M)
+    # This program's half-block of accumulator rows (HALF_OUT, D chunked).
+    B = SPARE + pid.to(tl.int64) * (BLOCK_M // 2) * D
+    dsum = tl.zeros((BLOCK_M,), dtype=ACC)
+    tiles = tl.cdiv(M, BLOCK_N)
+    for rb in range(pid, tl.cdiv(N, BLOCK_M), nprog):
+        offs_m = rb * BLOCK_M + r_loc.to(tl.int64)
+        r0 = rb * BLOCK_M + tl.zeros((), dtype=tl.int64)
+        row_ok = offs_m < N
+        rows = tl.minimum(N - r0, BLOCK_M)
+        # Without ONE_D the fp32 accumulator of the block lives in memory: its first
+        # `a_rows` rows in the block's own output rows (an fp32 row takes two half rows),
+        # the others in B.
+        A = (OUT + r0 * D).to(tl.pointer_type(ACC))
+        a_rows = rows // 2 if HALF_OUT else rows
+        in_a = r_loc < a_rows
+        if HAS_R:
+            lr, gr = _stats(LSE_R, G_R, offs_m, row_ok)
+        q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+        if ONE_D:
+            q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
+                            mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        for t in range(0, tiles):
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = offs_n < M
+            s, k_one, dot = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
+                                    stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC,
+                                    BLOCK_M, BLOCK_N, BLOCK_D)
+            valid = s > float("-inf")
+            ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            if HAS_R:
+                ds += gr[:, None] * tl.exp(s - lr[:, None])
+            if HAS_C:
+                ds += _ds_cols(s, LSE_C, G_C, offs_n, col_ok, 1.0)
+            if DS_ON:
+                dsum += tl.sum(tl.where(valid, ds * dot, 0.0), 1)
+            w = _target_w(XR, AR, ER, YC, BC, FC, offs_m, offs_n, row_ok, col_ok, HAS_EPS)
+            if SYM:
+                # Self-contrast: row i also gets the gradient of <q_j, q_i> as entry (j, i).
+                w += _target_w(YC, BC, FC, XR, AR, ER, offs_m, offs_n, row_ok, col_ok, HAS_EPS)
+            ds_in = (tl.where(valid, ds * scale + w, 0.0) * gnorm).to(in_ty)
+            if ONE_D:
+                acc = tl.dot(ds_in, k_one, acc, input_precision=PREC, out_dtype=ACC)
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + offs_d
+                    dm = dd < D
+                    kt = tl.load(K + offs_n[:, None] * stride_k + dd[None, :],
+                                 mask=col_ok[:, None] & dm[None, :], other=0.0)
+                    part = tl.dot(ds_in, kt, input_precision=PREC, out_dtype=ACC)
+                    io = row_ok[:, None] & dm[None, :]
+                    ma = io & in_a[:, None]
+                    mb = io & (r_loc >= a_rows)[:, None]
+                    pa = A + r_loc[:, None] * D + dd[None, :]
+                    pb = B + (r_loc - a_rows)[:, None] * D + dd[None, :]
+                    # The first key tile stores, the later ones add (see lse_bwd_kernel).
+                    tl.debug_barrier()
+                    old = tl.load(pa, mask=ma & (t > 0), other=0.0) + \
+                        tl.load(pb, mask=mb & (t > 0), other=0.0)
+                    tl.store(pa, old + part, mask=ma)
+                    tl.store(pb, old + part, mask=mb)
+        if ONE_D:
+            tl.store(OUT + offs_m[:, None] * D + offs_d[None, :], (acc * gmax).to(out_ty),
+                     mask=row_ok[:, None] & (offs_d < D)[None, :])
+        else:
+            # Convert the accumulator to the output dtype in place, rows in chunks [j0, j1)
+            # with j1 <= 2 j0 (HALF_OUT): output row j overwrites accumulator row j // 2,
+            # which an earlier chunk has already read (row 0: its own earlier D chunks).
+            tl.debug_barrier()
+            j0 = rows * 0
+            while j0 < rows:
+                j1 = j0 + FIN_ROWS
+                if HALF_OUT:
+                    j1 = tl.minimum(j1, tl.maximum(2 * j0, 1))
+                j1 = tl.minimum(j1, rows)
+                rr = j0 + tl.arange(0, FIN_ROWS)
+                fa = (rr < j1) & (rr < a_rows)
+                fb = (rr < j1) & (rr >= a_rows)
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + offs_d
+                    dm = dd < D
+                    v = tl.load(A + rr[:, None] * D + dd[None, :], mask=fa[:, None] & dm[None, :],
+                                other=0.0) + \
+                        tl.load(B + (rr - a_rows)[:, None] * D + dd[None, :],
+                                mask=fb[:, None] & dm[None, :], other=0.0)
+                    tl.debug_barrier()
+                    tl.store(OUT + (r0 + rr)[:, None] * D + dd[None, :], (v * gmax).to(out_ty),
+                             mask=(rr < j1)[:, None] & dm[None, :])
+                j0 = j1
+            tl.debug_barrier()
+    if DS_ON:
+        tl.store(DSC + pid, tl.sum(dsum, 0))
 
 
 _FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_D"]

@@ -23,6 +23,13 @@ Settings (module attributes, read at every call; their defaults come from the en
                  fixed (not autotuned) config: bitwise reproducible (1 + 4 passes).
                  When only dq or only dk is wanted (frozen keys or queries), its one
                  kernel runs, without atomics, in either mode (1 + 2 passes).
+  LOW_MEMORY     CK_TRITON_LOW_MEMORY=1: backward through `input_grads` (lse_grad_kernel):
+                 the kernels write the final gradients in the input dtype, with the
+                 target gradient folded into dS, so no float32 N x D buffer is made;
+                 scratch is programs x BLOCK_M/2 x D floats (fp16/bf16 with D above
+                 the one-chunk limit), else none. Two launches (dq over row blocks,
+                 dk over column blocks; one under self-contrast), no atomics, a fixed
+                 config: bitwise reproducible, 1 + 4 GEMM passes.
   PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
   POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill
                  every buffer a kernel must write in full with NaN first, so that a
@@ -40,6 +47,7 @@ NAME = "triton"
 
 DETERMINISTIC = os.environ.get("CK_TRITON_DETERMINISTIC", "0") == "1"
 PRECISION = os.environ.get("CK_TRITON_PRECISION", "ieee")
+LOW_MEMORY = os.environ.get("CK_TRITON_LOW_MEMORY", "0") == "1"
 POISON = "1" in (os.environ.get("CK_TRITON_POISON"), os.environ.get("CK_POISON"))
 
 _PRECISIONS = ("ieee", "tf32")
@@ -51,6 +59,9 @@ AUTOTUNE_MIN_MACS = 1 << 30
 # in one program.
 PROGRAMS_PER_SM = 2
 INTERPRET_PROGRAMS = 2
+# Low-memory backward programs per SM (each holds BLOCK_M/2 x D floats of scratch when
+# D is chunked: 13 MB on 132 SMs at D = 768).
+GRAD_PROGRAMS_PER_SM = 1
 
 
 def _interpret_env():
@@ -221,6 +232,92 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, n
                 dk = _out((L.m, L.d), acc, dev, POISON)
                 launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
     return tuple(None if g is None else g.mul_(gmax) for g in (dq, dk))
+
+
+def grad_programs(n_blocks, device):
+    """How many programs share the low-memory backward's row blocks (each holds a half
+    block of scratch when D is chunked)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks, GRAD_PROGRAMS_PER_SM * sms))
+    return max(1, min(n_blocks, INTERPRET_PROGRAMS))
+
+
+def _low_memory(q):
+    return LOW_MEMORY and q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
+                need_dk=True, need_ds=False):
+    """The low-memory backward (LOW_MEMORY), or None when it is off.
+
+    Returns the final (dq, dk, ds): dq and dk in the input dtype, including the target
+    gradient W (w = (rid, cid, a, e, b, f) from loss.Targets: W_ij = [rid_i == cid_j]
+    (a_i + b_j) + e_i + f_j on valid entries; b, f may be None, e, f are None without
+    smoothing), and ds = sum_ij dS_lse_ij <q_i, k_j> (None unless need_ds). Under
+    self-contrast (self_mask; k is q) dq is the whole gradient of q and dk is None.
+    """
+    if not _low_memory(q):
+        return None
+    L = _setup(q, k, scale)
+    acc, dev, triton = L.acc, L.dev, L.triton
+    rid, cid, a, e, b, f = w
+    has_c = lse_c is not None and g_c is not None
+    g_r, lse_r = g_r.to(acc).contiguous(), lse_r.to(acc).contiguous()
+    if has_c:
+        g_c, lse_c = g_c.to(acc).contiguous(), lse_c.to(acc).contiguous()
+    vec = lambda x, n: torch.zeros(n, dtype=acc, device=dev) if x is None else x.to(acc).contiguous()
+    a, b = vec(a, L.n), vec(b, L.m)
+    has_eps = e is not None
+    e, f = (vec(e, L.n), vec(f, L.m)) if has_eps else (a, b)
+    rid, cid = rid.contiguous(), cid.contiguous()
+    # |dS| <= |s| (max|g_r| + max|g_c|) + max|W|: dS / gmax is at most 1 in the input
+    # dtype (no fp16 overflow, and small gradients keep their relative precision).
+    sym = bool(self_mask)
+    gmax = abs(float(scale)) * (g_r.abs().amax() * (2 if sym else 1) +
+                                (g_c.abs().amax() if has_c else 0))
+    wmax = a.abs().amax() + b.abs().amax()
+    if has_eps:
+        wmax = wmax + e.abs().amax() + f.abs().amax()
+    gmax = gmax + wmax * (2 if sym else 1)
+    gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax)).reshape(1).to(acc)
+    cfg = dict(L.P["GRAD"])
+    bm = cfg["BLOCK_M"]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    dsums = []
+
+    def launch(x, y, lse_a, g_a, has_a, lse_b, g_b, has_b, side_r, side_c, ds_on):
+        nx, ny = x.shape[0], y.shape[0]
+        progs = grad_programs(triton.cdiv(nx, bm), dev)
+        out = _out((nx, L.d), q.dtype, dev, POISON)
+        spare = _out((progs * (bm // 2) * L.d,), acc, dev, POISON) if half and not L.one_d \
+            else gmax
+        dsc = _out((progs,), acc, dev, POISON) if ds_on else gmax
+        dummy = lse_r
+        L.K.lse_grad_kernel[(progs,)](
+            x, y, L.scale_t, gmax, lse_a if has_a else dummy, g_a if has_a else dummy,
+            lse_b if has_b else dummy, g_b if has_b else dummy, *side_r, *side_c, out, spare,
+            dsc, nx, ny, L.d, x.stride(0), y.stride(0), _size_key(nx, ny),
+            SELF_MASK=sym, HAS_R=has_a, HAS_C=has_b, SYM=sym, HAS_EPS=has_eps, DS_ON=ds_on,
+            ONE_D=L.one_d, HALF_OUT=half, PREC=L.prec, ACC=L.acc_tl, BLOCK_D=L.block_d, **cfg)
+        if ds_on:
+            dsums.append(dsc.sum() * (0.5 if sym else 1.0))
+        return out
+
+    rows, cols = (rid, a, e), (cid, b, f)
+    q, k = L.q, L.k
+    dq = dk = None
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        if sym:
+            # S is symmetric: entry (j, i) has row j's statistics, as column statistics.
+            dq = launch(q, q, lse_r, g_r, True, lse_r, g_r, True, rows, cols, need_ds)
+        else:
+            if need_dq or (need_ds and not need_dk):
+                dq = launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, rows, cols, need_ds)
+            if need_dk:
+                dk = launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, cols, rows,
+                            need_ds and not dsums)
+    return (dq if need_dq else None), dk, (dsums[0] if dsums else None)
 
 
 class _nullctx:
