@@ -8,7 +8,8 @@ deterministic mode, the atomic kernel, the low-memory launches, ONE_D on/off; se
 `variants`) with the default config of each dtype
 (lse.PARAMS), through
 triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)), and reports per
-variant whether the PTX has tensor-core instructions and how much shared memory it needs.
+variant whether the PTX has tensor-core instructions, how much shared memory it needs, and
+the registers and spill bytes per thread that `ptxas -v` reports.
 Must run with TRITON_INTERPRET unset (triton.jit then returns interpreter functions
 that cannot be compiled); tests/test_triton_aot.py runs it in a subprocess.
 """
@@ -89,10 +90,10 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
                      BLOCK_N=cfg["BLOCK_N"])
     elif kind == "grad":
         fn = L.lse_grad_kernel
-        cfg = dict(config or P["GRAD"])
+        cfg = dict(config or P["GRAD" if flags["ONE_D"] else "GRAD_D"])
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "GMAX": f"*{acc_s}",
                "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}", "G_C": f"*{acc_s}",
-               "XR": "*i64", "AR": f"*{acc_s}", "ER": f"*{acc_s}", "YC": "*i64",
+               "XR": "*i32", "AR": f"*{acc_s}", "ER": f"*{acc_s}", "YC": "*i32",
                "BC": f"*{acc_s}", "FC": f"*{acc_s}", "OUT": f"*{dt}", "SPARE": f"*{acc_s}",
                "DSC": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32", "stride_q": "i32",
                "stride_k": "i32", "SIZE_KEY": "i32"}
@@ -120,14 +121,39 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
+def ptxas_usage(ptx, arch):
+    """(registers, spill store bytes) per thread from `ptxas -v` (the ptxas Triton uses for
+    `arch`), or (None, None) if it cannot run."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            suffix = "a" if arch >= 90 else ""
+            out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", src,
+                                  "-o", os.path.join(tmp, "k.o")],
+                                 capture_output=True, text=True, timeout=300).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+
+
 def _one(job):
     kind, dt, flags, arch = job
     t0 = time.time()
     k = compile_variant(kind, dt, flags, arch)
     ptx = k.asm["ptx"]
+    regs, spills = ptxas_usage(ptx, arch)
     return dict(kind=kind, dtype=dt, flags=flags, seconds=round(time.time() - t0, 2),
                 wgmma="wgmma" in ptx, mma="mma" in ptx, atomic=bool(re.search(r"(?<![\w.])(red|atom)\.global", ptx)),
-                shared=k.metadata.shared, smem_limit=SMEM_LIMIT.get(arch))
+                shared=k.metadata.shared, smem_limit=SMEM_LIMIT.get(arch), regs=regs,
+                spills=spills)
 
 
 def run(dtypes=("fp16", "bf16", "fp32", "tf32", "fp64"), arch=90, full=False, jobs=1):
@@ -158,7 +184,7 @@ def main(argv=None):
         return
     for r in res:
         print(f"{r['kind']} {r['dtype']:5s} {r['flags']} wgmma={r['wgmma']} mma={r['mma']} "
-              f"smem={r['shared']} {r['seconds']}s")
+              f"smem={r['shared']} regs={r['regs']} spills={r['spills']} {r['seconds']}s")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #                knows how many row blocks there are to share among the programs;
 #   MAX_ONE_D    embedding dims up to this are held in one chunk (q tile kept, DQ in
 #                registers); larger D is looped over in CHUNK_D chunks;
-#   GRAD         the config of lse_grad_kernel (low-memory backward; never autotuned);
+#   GRAD/GRAD_D  the config of lse_grad_kernel (low-memory backward; never autotuned)
+#                with D in one chunk / in chunks. Chosen without a GPU, by ptxas -v on
+#                sm_90a: no spills for fp16/bf16 at D = 768 (the wider key tile halves
+#                the accumulator's read-back per GEMM flop), a few at D = 256;
 #   FWD/BWD      the config used in the interpreter, for problems too small to be worth
 #                tuning, and (fp64) always. Each fits sm90 shared memory (see
 #                tests/test_triton_aot.py); "tune" says whether large problems autotune.
@@ -69,24 +72,28 @@ if INTERPRET:
               FWD=dict(BLOCK_N=32, num_warps=4, num_stages=1),
               BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
               GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=8, num_warps=4, num_stages=1))
+    _I["GRAD_D"] = _I["GRAD"]
     PARAMS = {"half": _I, "fp32": _I, "fp64": _I}
 else:
     PARAMS = {
         "half": dict(FWD_BLOCK_M=128, MAX_ONE_D=256, CHUNK_D=64, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=3),
                      BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=4, num_stages=2)),
+                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
+                     GRAD_D=dict(BLOCK_M=64, BLOCK_N=128, FIN_ROWS=16, num_warps=8, num_stages=2)),
         # fp32 "ieee" dots are FMA loops that keep both operands in registers: a D chunk
         # above 32 spills heavily (seen in sm_90 ptxas -v), so fp32 always works in chunks
         # of 32.
         "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=32, CHUNK_D=32, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=2),
                      BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=4, num_stages=2)),
+                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
+                     GRAD_D=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2)),
         "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
                      FWD=dict(BLOCK_N=32, num_warps=4, num_stages=2),
                      BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-                     GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2)),
+                     GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2),
+                     GRAD_D=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2)),
     }
 
 
@@ -312,16 +319,24 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
 
 
 @triton.jit
-def _target_w(XR, AR, ER, YC, BC, FC, offs_m, offs_n, row_ok, col_ok, HAS_EPS: tl.constexpr):
+def _row_w(XR, AR, ER, offs_m, row_ok, HAS_EPS: tl.constexpr):
+    """The row side (x, a, e) of the target weights, loaded once per row block."""
+    x = tl.load(XR + offs_m, mask=row_ok, other=-1)
+    a = tl.load(AR + offs_m, mask=row_ok, other=0.0)
+    e = a
+    if HAS_EPS:
+        e = tl.load(ER + offs_m, mask=row_ok, other=0.0)
+    return x, a, e
+
+
+@triton.jit
+def _target_w(x, a, e, YC, BC, FC, offs_n, col_ok, HAS_EPS: tl.constexpr):
     """The target weights of a tile, W_ij = [x_i == y_j] (a_i + b_j) + e_i + f_j
     (docs/DESIGN.md; loss.Targets.weights gives the vectors)."""
-    x = tl.load(XR + offs_m, mask=row_ok, other=-1)
     y = tl.load(YC + offs_n, mask=col_ok, other=-2)
-    a = tl.load(AR + offs_m, mask=row_ok, other=0.0)
     b = tl.load(BC + offs_n, mask=col_ok, other=0.0)
     w = tl.where(x[:, None] == y[None, :], a[:, None] + b[None, :], 0.0)
     if HAS_EPS:
-        e = tl.load(ER + offs_m, mask=row_ok, other=0.0)
         f = tl.load(FC + offs_n, mask=col_ok, other=0.0)
         w += e[:, None] + f[None, :]
     return w
@@ -362,6 +377,12 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
         in_a = r_loc < a_rows
         if HAS_R:
             lr, gr = _stats(LSE_R, G_R, offs_m, row_ok)
+        xr, ar, er = _row_w(XR, AR, ER, offs_m, row_ok, HAS_EPS)
+        # Self-contrast: row i also gets the gradient of <q_j, q_i> as entry (j, i), whose
+        # weight has the roles of the two sides swapped.
+        xs, as_, es = xr, ar, er
+        if SYM:
+            xs, as_, es = _row_w(YC, BC, FC, offs_m, row_ok, HAS_EPS)
         q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
         if ONE_D:
@@ -381,10 +402,9 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
                 ds += _ds_cols(s, LSE_C, G_C, offs_n, col_ok, 1.0)
             if DS_ON:
                 dsum += tl.sum(tl.where(valid, ds * dot, 0.0), 1)
-            w = _target_w(XR, AR, ER, YC, BC, FC, offs_m, offs_n, row_ok, col_ok, HAS_EPS)
+            w = _target_w(xr, ar, er, YC, BC, FC, offs_n, col_ok, HAS_EPS)
             if SYM:
-                # Self-contrast: row i also gets the gradient of <q_j, q_i> as entry (j, i).
-                w += _target_w(YC, BC, FC, XR, AR, ER, offs_m, offs_n, row_ok, col_ok, HAS_EPS)
+                w += _target_w(xs, as_, es, XR, AR, ER, offs_n, col_ok, HAS_EPS)
             ds_in = (tl.where(valid, ds * scale + w, 0.0) * gnorm).to(in_ty)
             if ONE_D:
                 acc = tl.dot(ds_in, k_one, acc, input_precision=PREC, out_dtype=ACC)

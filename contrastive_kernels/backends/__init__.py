@@ -13,6 +13,16 @@ A backend computes only the fused, tiled part of the loss (see docs/DESIGN.md):
         A gradient that is not needed is None, and neither its buffer nor its GEMM is made.
         Both are fresh buffers the caller may change in place.
 
+Optionally, a backend that can write the final gradients itself offers
+
+    input_grads(q, k, scale, self_mask, lse_rows, lse_cols, g_rows, g_cols,
+                (rid, cid, a, e, b, f), need_dq, need_dk, need_ds) -> (dq, dk, ds) or None
+        dq = (scale * dS + W) @ k and dk = (scale * dS + W).T @ q in the input dtype,
+        with the target weights W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid
+        entries (loss.Targets.weights), and ds = sum_ij dS_ij <q_i, k_j>. Under
+        self-contrast dq is the whole gradient and dk None. None: not offered for this
+        call (the caller then uses lse_backward). Triton's LOW_MEMORY mode.
+
 Statistics and raw gradients are float64 for float64 inputs and float32 otherwise.
 Everything else (targets, bias, reductions, the scale gradient) is shared in
 `contrastive_kernels.loss`.

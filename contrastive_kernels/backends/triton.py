@@ -270,7 +270,8 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
     a, b = vec(a, L.n), vec(b, L.m)
     has_eps = e is not None
     e, f = (vec(e, L.n), vec(f, L.m)) if has_eps else (a, b)
-    rid, cid = rid.contiguous(), cid.contiguous()
+    # (int32 ids: fewer registers in the tile's comparison; N, M < 2**31.)
+    rid, cid = rid.to(torch.int32).contiguous(), cid.to(torch.int32).contiguous()
     # |dS| <= |s| (max|g_r| + max|g_c|) + max|W|: dS / gmax is at most 1 in the input
     # dtype (no fp16 overflow, and small gradients keep their relative precision).
     sym = bool(self_mask)
@@ -281,7 +282,7 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
         wmax = wmax + e.abs().amax() + f.abs().amax()
     gmax = gmax + wmax * (2 if sym else 1)
     gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax)).reshape(1).to(acc)
-    cfg = dict(L.P["GRAD"])
+    cfg = dict(L.P["GRAD"] if L.one_d else L.P["GRAD_D"])
     bm = cfg["BLOCK_M"]
     half = q.dtype in (torch.float16, torch.bfloat16)
     dsums = []
