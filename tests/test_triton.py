@@ -359,16 +359,16 @@ def test_deterministic_turns_autotuning_off(monkeypatch):
 def test_backward_prune_drops_spilling_configs():
     import triton
     K = T._kernels()
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}) for bm, bn in
-            [(64, 64), (128, 64), (128, 128), (64, 32)]]
-    sizes = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in
+            [(64, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4), (64, 64, 8)]]
+    sizes = lambda kept: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
     q32, q16 = torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.float16)
     assert sizes(K._prune_bwd(cfgs, {"Q": q32}, PREC="ieee", ONE_D=False, BLOCK_D=32)) == \
-        [(64, 64), (128, 64), (64, 32)]
-    assert len(K._prune_bwd(cfgs, {"Q": q32}, PREC="tf32", ONE_D=False, BLOCK_D=32)) == 4
-    assert len(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=False, BLOCK_D=64)) == 4
+        [(64, 64, 4), (128, 64, 8), (64, 32, 4), (64, 64, 8)]
+    assert len(K._prune_bwd(cfgs, {"Q": q32}, PREC="tf32", ONE_D=False, BLOCK_D=32)) == 5
+    assert len(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=False, BLOCK_D=64)) == 5
     assert sizes(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=True, BLOCK_D=256)) == \
-        [(64, 64), (64, 32)]
+        [(64, 64, 8)]
 
 
 # ---------------------------------------------------------------- low-memory backward

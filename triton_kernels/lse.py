@@ -78,7 +78,7 @@ else:
     PARAMS = {
         "half": dict(FWD_BLOCK_M=128, MAX_ONE_D=256, CHUNK_D=64, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=3),
-                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
                      GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
                      GRAD_D=dict(BLOCK_M=64, BLOCK_N=128, FIN_ROWS=16, num_warps=8, num_stages=2)),
         # fp32 "ieee" dots are FMA loops that keep both operands in registers: a D chunk
@@ -86,7 +86,7 @@ else:
         # of 32.
         "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=32, CHUNK_D=32, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=2),
-                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
                      GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
                      GRAD_D=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2)),
         "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
@@ -119,16 +119,18 @@ def _bwd_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-                                 (64, 128, 8, 2), (128, 128, 8, 2), (64, 32, 4, 3)]]
+            for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3),
+                                 (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2),
+                                 (128, 128, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2)]]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     arg = lambda name: kwargs.get(name, named_args.get(name))
-    # A 128-row program holding a (128, BLOCK_D) fp32 dq accumulator in registers with
-    # BLOCK_D > 128 spills badly: keep the smaller row blocks then.
+    # A program holding a (BLOCK_M, BLOCK_D) fp32 dq accumulator, the q and k tiles and
+    # (atomic) the dk product in registers with BLOCK_D > 128 spills badly unless it has
+    # 64 rows and 8 warps (ptxas -v, sm_90a: 3.4 KB per thread with 4 warps, none with 8).
     if arg("ONE_D") and arg("BLOCK_D") is not None and arg("BLOCK_D") > 128:
-        small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+        small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.num_warps >= 8]
         return small or configs
     # fp32 "ieee" dots (FMA loops): 128 x 128 tiles spill (and take ~80 s to compile).
     if arg("PREC") == "ieee" and str(getattr(arg("Q"), "dtype", "")).endswith("float32"):
