@@ -411,21 +411,28 @@ def _ring_forward(plan, q, k, key_labels):
     return (lse, a, b, cnt), col_own
 
 
-def _block_backward(plan, q, kb, lab_b, owner, self_mask, lse_r, g_r, g_a, g_b, colpack):
-    """This rank's contribution to dq (LSE part raw, linear part) and to the block's dk."""
+def _block_backward(plan, q, kb, lab_b, owner, self_mask, lse_r, g_r, g_a, g_b, colpack,
+                    need_dq=True, need_dk=True):
+    """This rank's contribution to dq (LSE part raw, linear part) and to the block's dk;
+    a gradient not needed is None (frozen keys: no dk GEMM, no dk buffer)."""
     p, acc = plan.st.p, lse_r.dtype
     if plan.cols:
         lse_c, g_c, g_ac, g_bc = (x.contiguous() for x in colpack.unbind(1))
     dq_raw, dk_raw = plan.backend.lse_backward(q, kb, plan.s, self_mask, lse_r,
                                                lse_c if plan.cols else None, g_r,
-                                               g_c if plan.cols else None)
+                                               g_c if plan.cols else None,
+                                               need_dq=need_dq, need_dk=need_dk)
     qf, kf = q.to(acc), kb.to(acc)
+    dq = dk = None
     # valid pairs (label smoothing): d/dq_i sum_j (gB_i + gBc_j) <q_i, k_j>
-    dq = g_b[:, None] * kf.sum(0)
-    dk = (g_b @ qf).expand(kb.shape[0], -1).clone()
-    if plan.cols:
-        dq += g_bc @ kf
-        dk += g_bc[:, None] * qf.sum(0)
+    if need_dq:
+        dq = g_b[:, None] * kf.sum(0)
+        if plan.cols:
+            dq += g_bc @ kf
+    if need_dk:
+        dk = (g_b @ qf).expand(kb.shape[0], -1).clone()
+        if plan.cols:
+            dk += g_bc[:, None] * qf.sum(0)
     # the global diagonal (own block under self-contrast) is neither valid nor positive
     diag_c = None
     if self_mask:
@@ -434,28 +441,40 @@ def _block_backward(plan, q, kb, lab_b, owner, self_mask, lse_r, g_r, g_a, g_b, 
             diag_c = diag_c + g_a + (g_ac if plan.cols else 0)
     if p.labels is not None:
         c, rid, cid = _classes(p.labels, lab_b)
-        dq += g_a[:, None] * _class_sum(kf, cid, c)[rid]
-        dk += _class_sum(g_a[:, None] * qf, rid, c)[cid]
-        if plan.cols:
-            dq += _class_sum(g_ac[:, None] * kf, cid, c)[rid]
-            dk += g_ac[:, None] * _class_sum(qf, rid, c)[cid]
+        if need_dq:
+            dq += g_a[:, None] * _class_sum(kf, cid, c)[rid]
+            if plan.cols:
+                dq += _class_sum(g_ac[:, None] * kf, cid, c)[rid]
+        if need_dk:
+            dk += _class_sum(g_a[:, None] * qf, rid, c)[cid]
+            if plan.cols:
+                dk += g_ac[:, None] * _class_sum(qf, rid, c)[cid]
     else:
         i, j = _pi_pairs(p.positive_index, plan.st.offs_m[owner], kb.shape[0])
         w = g_a[i] + (g_ac[j] if plan.cols else 0)
-        dq.index_add_(0, i, w[:, None] * kf[j])
-        dk.index_add_(0, j, w[:, None] * qf[i])
+        if need_dq:
+            dq.index_add_(0, i, w[:, None] * kf[j])
+        if need_dk:
+            dk.index_add_(0, j, w[:, None] * qf[i])
     if self_mask:
-        dq -= diag_c[:, None] * kf
-        dk -= diag_c[:, None] * qf
-    return dq_raw, dq, dk_raw * plan.s + dk
+        if need_dq:
+            dq -= diag_c[:, None] * kf
+        if need_dk:
+            dk -= diag_c[:, None] * qf
+    return dq_raw, dq, (dk_raw * plan.s + dk) if need_dk else None
 
 
-def _ring_backward(plan, q, k, key_labels, lse_r, lse_c, g_r, g_a, g_b, g_c, g_ac, g_bc):
+def _ring_backward(plan, q, k, key_labels, lse_r, lse_c, g_r, g_a, g_b, g_c, g_ac, g_bc,
+                   need_dq=True, need_dk=True):
+    """(dq_raw, dq_lin, dk) of this rank; without need_dk (frozen keys) no dk accumulator
+    is made or sent, without need_dq no dq."""
     st, p = plan.st, plan.st.p
     world, rank = st.world, st.rank
     acc = lse_r.dtype
-    dq_raw = torch.zeros(q.shape[0], q.shape[1], dtype=acc, device=q.device)
-    dq_lin = torch.zeros_like(dq_raw)
+    dq_raw = dq_lin = None
+    if need_dq:
+        dq_raw = torch.zeros(q.shape[0], q.shape[1], dtype=acc, device=q.device)
+        dq_lin = torch.zeros_like(dq_raw)
     blocks, bufs = _Counter("remote_key_blocks"), _Counter("dk_buffers")
     cur_k, cur_lab = k, key_labels
     cur_pack = torch.stack([lse_c, g_c, g_ac, g_bc], 1) if plan.cols else None
@@ -478,7 +497,7 @@ def _ring_backward(plan, q, k, key_labels, lse_r, lse_c, g_r, g_a, g_b, g_c, g_a
                 sends.append(cur_pack)
                 recvs.append(npack)
         dk_in = None
-        if t > 0:
+        if t > 0 and need_dk:
             # the dk accumulator of the block held now, from the previous rank
             dk_in = torch.empty(st.sizes_m[owner], q.shape[1], dtype=acc, device=q.device)
             bufs.acquire()
@@ -487,10 +506,12 @@ def _ring_backward(plan, q, k, key_labels, lse_r, lse_c, g_r, g_a, g_b, g_c, g_a
         reqs = _exchange(plan, sends, recvs)
         dq_b, dql_b, dk_b = _block_backward(plan, q, cur_k, cur_lab, owner,
                                             p.self_contrast and t == 0,
-                                            lse_r, g_r, g_a, g_b, cur_pack)
-        bufs.acquire()
-        dq_raw += dq_b
-        dq_lin += dql_b
+                                            lse_r, g_r, g_a, g_b, cur_pack, need_dq, need_dk)
+        if need_dk:
+            bufs.acquire()
+        if need_dq:
+            dq_raw += dq_b
+            dq_lin += dql_b
         _wait(reqs)
         if dk_prev is not None:
             bufs.release()  # sent
@@ -505,6 +526,8 @@ def _ring_backward(plan, q, k, key_labels, lse_r, lse_c, g_r, g_a, g_b, g_c, g_a
             cur_k = nk
             cur_lab = nl if p.labels is not None else None
             cur_pack = npack if plan.cols else None
+    if not need_dk:
+        return dq_raw, dq_lin, None
     # the accumulator held last belongs to the next rank: one more hop brings it home
     dk = torch.empty(k.shape[0], k.shape[1], dtype=acc, device=q.device)
     _wait(_exchange(plan, [dk_prev], [dk]))
@@ -537,12 +560,16 @@ class _RingStats(torch.autograd.Function):
 
         g_r, g_a, g_b = z(g_r, lse), z(g_a, lse), z(g_b, lse)
         g_c, g_ac, g_bc = z(g_c, lse_c), z(g_ac, lse_c), z(g_bc, lse_c)
+        # Frozen keys (a locked tower, a memory bank) skip dk and its ring traffic; the
+        # scale's gradient is read off dq_raw. (Under self-contrast k is q: both wanted.)
+        need_dk = ctx.needs_input_grad[1]
+        need_dq = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         dq_raw, dq_lin, dk = _ring_backward(plan, q, k, ctx.key_labels, lse, lse_c,
-                                            g_r, g_a, g_b, g_c, g_ac, g_bc)
+                                            g_r, g_a, g_b, g_c, g_ac, g_bc, need_dq, need_dk)
         # this rank's share of dL/ds = sum_ij dS_ij <q_i, k_j>: its rows
         ds = (q.to(lse.dtype) * dq_raw).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
         dq = (dq_raw * plan.s + dq_lin).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = dk.to(k.dtype) if ctx.needs_input_grad[1] else None
+        dk = dk.to(k.dtype) if need_dk else None
         return dq, dk, ds, None, None
 
 

@@ -55,8 +55,10 @@ def _close(name, got, want, tol):
 
 def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, symmetric=True,
               labels=False, key_labels=False, global_pi=False, smoothing=0.0,
-              reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0):
-    """One case: ring/gather loss on the shards vs ck.reference on the global batch."""
+              reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0,
+              frozen=None):
+    """One case: ring/gather loss on the shards vs ck.reference on the global batch.
+    frozen: "keys" or "queries" need no gradient (a locked tower, a memory bank)."""
     sizes_n = SIZES_N[:world]
     if self_contrast and not (labels or global_pi):
         sizes_n = SIZES_2V[:world]
@@ -84,12 +86,12 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     rn = slice(on[rank], on[rank] + sizes_n[rank])
     rm = slice(om[rank], om[rank] + sizes_m[rank])
 
-    def leaf(x):
-        return x.detach().clone().requires_grad_(True)
+    def leaf(x, grad=True):
+        return x.detach().clone().requires_grad_(grad)
 
     # the fused distributed loss on this rank's shard
-    q = leaf(Q[rn])
-    k = None if self_contrast else leaf(K[rm])
+    q = leaf(Q[rn], frozen != "queries")
+    k = None if self_contrast else leaf(K[rm], frozen != "keys")
     scale, bias = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
     loc = dict(kw, logit_scale=scale, logit_bias=bias, backend=backend)
     if lab is not None:
@@ -105,7 +107,7 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     loss.sum().backward()
 
     # the reference on the concatenated global batch
-    Qr, Kr = leaf(Q), None if self_contrast else leaf(K)
+    Qr, Kr = leaf(Q, frozen != "queries"), None if self_contrast else leaf(K, frozen != "keys")
     sr, br = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
     ref_kw = dict(kw, logit_scale=sr, logit_bias=br)
     if lab is not None:
@@ -128,8 +130,13 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
         _close("loss (none)", loss, want, tol)
     else:
         _close("sum of rank losses", _allreduce(loss), factor * ref.reshape(1), tol)
-    _close("dq", q.grad, factor * Qr.grad[rn], tol)
-    if not self_contrast:
+    if frozen == "queries":
+        assert q.grad is None
+    else:
+        _close("dq", q.grad, factor * Qr.grad[rn], tol)
+    if frozen == "keys":
+        assert k.grad is None
+    elif not self_contrast:
         _close("dk", k.grad, factor * Kr.grad[rm], tol)
     _close("d logit_scale (sum of shares)", _allreduce(scale.grad), factor * sr.grad.reshape(1),
            tol)
@@ -219,6 +226,14 @@ def _cases(world, rank):
     assert ckd.RING_STATS["passes"] == 1
     assert ckd.RING_STATS["remote_key_blocks"] == min(2, world - 1), ckd.RING_STATS
     assert ckd.RING_STATS["dk_buffers"] <= 3, ckd.RING_STATS
+    # --- frozen keys: no dk accumulator is made or sent; frozen queries ---
+    ckd.reset_ring_stats()
+    R(symmetric=True, uneven_m=True, labels=True, key_labels=True, smoothing=0.1, frozen="keys")
+    R(symmetric=True, global_pi=True, smoothing=0.1, frozen="keys")
+    R(symmetric=False, uneven_m=True, frozen="keys", dtype=torch.float32, backend="auto")
+    assert ckd.RING_STATS["passes"] == 3 and ckd.RING_STATS["dk_buffers"] == 0, ckd.RING_STATS
+    R(symmetric=True, smoothing=0.1, frozen="queries")
+    R(symmetric=False, uneven_m=True, labels=True, key_labels=True, frozen="queries")
     # --- gather ---
     R(mode="gather", symmetric=True, smoothing=0.1)
     R(mode="gather", symmetric=False, uneven_m=True, dtype=torch.float32)
