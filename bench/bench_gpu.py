@@ -6,11 +6,13 @@ Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend 
 contrastive_kernels available on CUDA (Triton three times: "triton" with the atomic backward,
 "triton-det" with backends.triton.DETERMINISTIC = True, "triton-low" with LOW_MEMORY =
 True), and Inf-CL when the `inf_cl` package imports.
-Columns: median time (triton.testing.do_bench), peak torch.cuda.max_memory_allocated
+Columns: median time of a step (triton.testing.do_bench), peak torch.cuda.max_memory_allocated
 during one step, TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and
 one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
 rate measured in the same run, and the peak over the ideal: inputs + gradients (4 N D
-bf16 values; the O(N) statistics are negligible). A row that would not fit in memory is
+bf16 values; the O(N) statistics are negligible), then the forward alone (no_grad): its
+median time and its rate (2 N^2 D) over the matmul rate, which shows how a step's time
+splits between forward and backward. A row that would not fit in memory is
 skipped. At the end, `targets` checks the acceptance targets at the largest N (>= 60% of
 the matmul rate, >= 1.5x faster than naive and Inf-CL, peak within 5% of the ideal) and
 names the faster GPU backend.
@@ -41,11 +43,22 @@ def _peak(fn):
     return torch.cuda.max_memory_allocated()
 
 
-def naive_step(q, k):
-    labels = torch.arange(q.shape[0], device=q.device)
-    logits = SCALE * (q @ k.T)
-    loss = (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
-    return torch.autograd.grad(loss, (q, k))
+def _loss_or_grads(loss_fn, q, k, backward):
+    """The gradients of loss_fn(q, k) w.r.t. q and k, or (backward=False) the loss alone,
+    computed under no_grad (the forward's time)."""
+    if not backward:
+        with torch.no_grad():
+            return loss_fn(q, k)
+    return torch.autograd.grad(loss_fn(q, k), (q, k))
+
+
+def naive_step(q, k, backward=True):
+    def loss_fn(q, k):
+        labels = torch.arange(q.shape[0], device=q.device)
+        logits = SCALE * (q @ k.T)
+        return (F.cross_entropy(logits.float(), labels) +
+                F.cross_entropy(logits.float().T, labels)) / 2
+    return _loss_or_grads(loss_fn, q, k, backward)
 
 
 def ck_step(backend, **settings):
@@ -54,14 +67,14 @@ def ck_step(backend, **settings):
     import contrastive_kernels as ck
     from contrastive_kernels import backends
 
-    def step(q, k):
+    def step(q, k, backward=True):
         mod = backends._BACKENDS[backend]
         old = {name: getattr(mod, name) for name in settings}
         for name, v in settings.items():
             setattr(mod, name, v)
         try:
-            loss = ck.info_nce(q, k, temperature=0.07, symmetric=True, backend=backend)
-            return torch.autograd.grad(loss, (q, k))
+            return _loss_or_grads(lambda q, k: ck.info_nce(q, k, temperature=0.07, symmetric=True,
+                                                           backend=backend), q, k, backward)
         finally:
             for name, v in old.items():
                 setattr(mod, name, v)
@@ -80,9 +93,8 @@ def infcl_step():
             cal_inf_loss(a, b, scale=SCALE)
         return out.mean()
 
-    def step(q, k):
-        loss = (one_way(q, k) + one_way(k, q)) / 2
-        return torch.autograd.grad(loss, (q, k))
+    def step(q, k, backward=True):
+        return _loss_or_grads(lambda q, k: (one_way(q, k) + one_way(k, q)) / 2, q, k, backward)
     return step
 
 
@@ -176,14 +188,15 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name()
     print(f"# {dev_name}, bf16, D={d}, symmetric CLIP loss, forward + backward")
     hdr = (f"{'method':>10} {'N':>6} {'ms':>9} {'peak GiB':>9} {'/ideal':>7} {'TFLOP/s':>8} "
-           f"{'% matmul':>9}  note")
+           f"{'% matmul':>9} {'fwd ms':>8} {'fwd %mm':>8}  note")
     print(hdr)
     print("-" * len(hdr))
     for n in sizes:
         mm = matmul_rate(n, d, dtype, a.quick)
         for name, step, extra in meths:
             row = dict(method=name, N=n, D=d, dtype="bf16", ms=None, peak_bytes=None,
-                       tflops=None, matmul_tflops=mm, frac_matmul=None, note="")
+                       tflops=None, matmul_tflops=mm, frac_matmul=None, fwd_ms=None,
+                       fwd_frac_matmul=None, note="")
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info()[0]
             if extra(n) > 0.9 * free:
@@ -199,8 +212,13 @@ def main(argv=None):
                     peak = _peak(lambda: step(q, k))
                     ms = _bench(lambda: step(q, k), a.quick)
                     tf = 8 * n * n * d / (ms * 1e-3) / 1e12
+                    # the forward alone: one GEMM pass, 2 N^2 D
+                    fwd = _bench(lambda: step(q, k, backward=False), a.quick)
+                    ftf = 2 * n * n * d / (fwd * 1e-3) / 1e12
                     row.update(ms=ms, peak_bytes=peak, tflops=tf,
-                               frac_matmul=(tf / mm if mm else None), note=f"first call {warm_s:.1f}s")
+                               frac_matmul=(tf / mm if mm else None), fwd_ms=fwd,
+                               fwd_frac_matmul=(ftf / mm if mm else None),
+                               note=f"first call {warm_s:.1f}s")
                 except torch.cuda.OutOfMemoryError:
                     row["note"] = "skipped: out of memory"
                 except Exception as e:
@@ -214,7 +232,10 @@ def main(argv=None):
                   f"{f(row['peak_bytes'] and row['peak_bytes'] / 2**30, '%9.2f'):>9} "
                   f"{f(row['peak_bytes'] and row['peak_bytes'] / ideal_bytes(n, d), '%7.2f'):>7} "
                   f"{f(row['tflops'], '%8.1f'):>8} "
-                  f"{f(row['frac_matmul'] and 100 * row['frac_matmul'], '%8.1f%%'):>9}  {row['note']}",
+                  f"{f(row['frac_matmul'] and 100 * row['frac_matmul'], '%8.1f%%'):>9} "
+                  f"{f(row['fwd_ms'], '%8.2f'):>8} "
+                  f"{f(row['fwd_frac_matmul'] and 100 * row['fwd_frac_matmul'], '%7.1f%%'):>8}  "
+                  f"{row['note']}",
                   flush=True)
         fmt = lambda v, spec: (spec % v) if v is not None else "-"
         print(f"{'matmul':>10} {n:>6} {'':>9} {'':>9} {'':>7} {fmt(mm, '%8.1f'):>8}  "

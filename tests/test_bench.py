@@ -1,6 +1,8 @@
 """Smoke tests of `python -m contrastive_kernels.bench` at tiny sizes."""
 import json
 
+import torch
+
 from contrastive_kernels import bench
 
 GiB = 1 << 30
@@ -116,3 +118,19 @@ def test_gpu_targets_summary_from_rows():
     assert line("cuda", "peak").split()[-2:] == ["2.00x", "FAIL"]
     assert "faster GPU backend (for 'auto'): triton" in text
     assert B.targets([]) == ["targets: no results"]
+
+
+def test_gpu_bench_steps_run_on_cpu():
+    # The step functions of bench/bench_gpu.py (which needs a GPU to run) on CPU tensors:
+    # a step returns (dq, dk), the forward alone the loss, without a graph; every method
+    # gives the same loss.
+    B = _bench_gpu()
+    q = torch.randn(40, 12, requires_grad=True)
+    k = torch.randn(40, 12, requires_grad=True)
+    want = B.naive_step(q, k, backward=False)
+    for step in (B.naive_step, B.ck_step("torch")):
+        dq, dk = step(q, k)
+        assert dq.shape == q.shape and dk.shape == k.shape
+        loss = step(q, k, backward=False)
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss, want)
