@@ -136,6 +136,7 @@ class _Setup:
     offs_m: list
     group: object
     dev: torch.device
+    any_key_grad: bool = True   # some rank's keys need a gradient (the dk ring must run)
 
     @property
     def n_global(self):
@@ -185,12 +186,13 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
         err, p = e, None
     cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
     if p is None:
-        row = [0] * 9
+        row = [0] * 10
     else:
         n, d = p.query.shape
         m = n if p.self_contrast else p.key.shape[0]
+        keys = p.query if p.self_contrast else p.key
         row = [1, n, m, d, FLOAT_DTYPES.index(p.query.dtype), int(p.self_contrast), mode,
-               int(p.symmetric), REDUCTIONS.index(p.reduction)]
+               int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad)]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -240,7 +242,10 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
             err = ValueError("positive_index must not point a query at itself when key is None "
                              "(global indices)")
         _raise_together(err, group, world, cdev, what)
-    return _Setup(p, world, rank, sizes_n, sizes_m, offs_n, offs_m, group, cdev)
+    # A key block's dk gathers every rank's share on its way round the ring: if any rank
+    # trains its keys, every rank takes part (and one whose keys are frozen drops its own).
+    any_key_grad = any(t[9] for t in table)
+    return _Setup(p, world, rank, sizes_n, sizes_m, offs_n, offs_m, group, cdev, any_key_grad)
 
 
 def _is_matrix(x):
@@ -560,16 +565,17 @@ class _RingStats(torch.autograd.Function):
 
         g_r, g_a, g_b = z(g_r, lse), z(g_a, lse), z(g_b, lse)
         g_c, g_ac, g_bc = z(g_c, lse_c), z(g_ac, lse_c), z(g_bc, lse_c)
-        # Frozen keys (a locked tower, a memory bank) skip dk and its ring traffic; the
-        # scale's gradient is read off dq_raw. (Under self-contrast k is q: both wanted.)
-        need_dk = ctx.needs_input_grad[1]
+        # Frozen keys (a locked tower, a memory bank) skip dk and its ring traffic when they
+        # are frozen on every rank; the scale's gradient is read off dq_raw. (Under
+        # self-contrast k is q: both wanted.)
+        need_dk = plan.st.any_key_grad
         need_dq = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         dq_raw, dq_lin, dk = _ring_backward(plan, q, k, ctx.key_labels, lse, lse_c,
                                             g_r, g_a, g_b, g_c, g_ac, g_bc, need_dq, need_dk)
         # this rank's share of dL/ds = sum_ij dS_ij <q_i, k_j>: its rows
         ds = (q.to(lse.dtype) * dq_raw).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
         dq = (dq_raw * plan.s + dq_lin).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = dk.to(k.dtype) if need_dk else None
+        dk = dk.to(k.dtype) if ctx.needs_input_grad[1] else None
         return dq, dk, ds, None, None
 
 

@@ -284,7 +284,7 @@ class FusedLoss(torch.autograd.Function):
             t = ctx.targets
             with _no_autocast(q):
                 res = fused(q, kk, ctx.s, ctx.p.self_contrast, lse_r, lse_c if ctx.cols else None,
-                            g_r, g_c, (t.rid, t.cid) + t.weights(g_rdot, g_cdot),
+                            g_r, g_c, lambda: (t.rid, t.cid) + t.weights(g_rdot, g_cdot),
                             need_dq=need_dq, need_dk=need_dk, need_ds=ctx.needs_input_grad[2])
             if res is not None:
                 dq, dk, ds = res

@@ -58,7 +58,8 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
               reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0,
               frozen=None):
     """One case: ring/gather loss on the shards vs ck.reference on the global batch.
-    frozen: "keys" or "queries" need no gradient (a locked tower, a memory bank)."""
+    frozen: "keys" or "queries" need no gradient (a locked tower, a memory bank);
+    "keys_rank0": only rank 0's keys (the others' dk still needs rank 0's share)."""
     sizes_n = SIZES_N[:world]
     if self_contrast and not (labels or global_pi):
         sizes_n = SIZES_2V[:world]
@@ -91,7 +92,8 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
 
     # the fused distributed loss on this rank's shard
     q = leaf(Q[rn], frozen != "queries")
-    k = None if self_contrast else leaf(K[rm], frozen != "keys")
+    k_frozen = frozen == "keys" or (frozen == "keys_rank0" and rank == 0)
+    k = None if self_contrast else leaf(K[rm], not k_frozen)
     scale, bias = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
     loc = dict(kw, logit_scale=scale, logit_bias=bias, backend=backend)
     if lab is not None:
@@ -134,7 +136,7 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
         assert q.grad is None
     else:
         _close("dq", q.grad, factor * Qr.grad[rn], tol)
-    if frozen == "keys":
+    if k_frozen:
         assert k.grad is None
     elif not self_contrast:
         _close("dk", k.grad, factor * Kr.grad[rm], tol)
@@ -233,6 +235,8 @@ def _cases(world, rank):
     R(symmetric=False, uneven_m=True, frozen="keys", dtype=torch.float32, backend="auto")
     assert ckd.RING_STATS["passes"] == 3 and ckd.RING_STATS["dk_buffers"] == 0, ckd.RING_STATS
     R(symmetric=True, smoothing=0.1, frozen="queries")
+    R(symmetric=True, labels=True, smoothing=0.1, frozen="keys_rank0")
+    R(symmetric=False, uneven_m=True, global_pi=True, frozen="keys_rank0")
     R(symmetric=False, uneven_m=True, labels=True, key_labels=True, frozen="queries")
     # --- gather ---
     R(mode="gather", symmetric=True, smoothing=0.1)

@@ -16,10 +16,11 @@ A backend computes only the fused, tiled part of the loss (see docs/DESIGN.md):
 Optionally, a backend that can write the final gradients itself offers
 
     input_grads(q, k, scale, self_mask, lse_rows, lse_cols, g_rows, g_cols,
-                (rid, cid, a, e, b, f), need_dq, need_dk, need_ds) -> (dq, dk, ds) or None
+                weights, need_dq, need_dk, need_ds) -> (dq, dk, ds) or None
         dq = (scale * dS + W) @ k and dk = (scale * dS + W).T @ q in the input dtype,
         with the target weights W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid
-        entries (loss.Targets.weights), and ds = sum_ij dS_ij <q_i, k_j>. Under
+        entries (weights() returns (rid, cid, a, e, b, f), from loss.Targets.weights),
+        and ds = sum_ij dS_ij <q_i, k_j>. Under
         self-contrast dq is the whole gradient and dk None. None: not offered for this
         call (the caller then uses lse_backward). Triton's LOW_MEMORY mode.
 

@@ -243,25 +243,21 @@ def grad_programs(n_blocks, device):
     return max(1, min(n_blocks, INTERPRET_PROGRAMS))
 
 
-def _low_memory(q):
-    return LOW_MEMORY and q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
                 need_dk=True, need_ds=False):
     """The low-memory backward (LOW_MEMORY), or None when it is off.
 
     Returns the final (dq, dk, ds): dq and dk in the input dtype, including the target
-    gradient W (w = (rid, cid, a, e, b, f) from loss.Targets: W_ij = [rid_i == cid_j]
+    gradient W (w() = (rid, cid, a, e, b, f) from loss.Targets: W_ij = [rid_i == cid_j]
     (a_i + b_j) + e_i + f_j on valid entries; b, f may be None, e, f are None without
     smoothing), and ds = sum_ij dS_lse_ij <q_i, k_j> (None unless need_ds). Under
     self-contrast (self_mask; k is q) dq is the whole gradient of q and dk is None.
     """
-    if not _low_memory(q):
+    if not LOW_MEMORY:
         return None
     L = _setup(q, k, scale)
     acc, dev, triton = L.acc, L.dev, L.triton
-    rid, cid, a, e, b, f = w
+    rid, cid, a, e, b, f = w()
     has_c = lse_c is not None and g_c is not None
     g_r, lse_r = g_r.to(acc).contiguous(), lse_r.to(acc).contiguous()
     if has_c:
