@@ -282,13 +282,17 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
     bm = cfg["BLOCK_M"]
     half = q.dtype in (torch.float16, torch.bfloat16)
     dsums = []
+    # One scratch for both launches (they run one after the other): each program's half
+    # block of accumulator rows when an fp32 row does not fit in its half-size output row.
+    spare = gmax
+    if half and not L.one_d:
+        most = max(grad_programs(triton.cdiv(x, bm), dev) for x in (L.n, L.m))
+        spare = _out((most * (bm // 2) * L.d,), acc, dev, POISON)
 
     def launch(x, y, lse_a, g_a, has_a, lse_b, g_b, has_b, side_r, side_c, ds_on):
         nx, ny = x.shape[0], y.shape[0]
         progs = grad_programs(triton.cdiv(nx, bm), dev)
         out = _out((nx, L.d), q.dtype, dev, POISON)
-        spare = _out((progs * (bm // 2) * L.d,), acc, dev, POISON) if half and not L.one_d \
-            else gmax
         dsc = _out((progs,), acc, dev, POISON) if ds_on else gmax
         dummy = lse_r
         L.K.lse_grad_kernel[(progs,)](
