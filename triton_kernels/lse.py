@@ -140,6 +140,13 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _rows(X, offs, ok, dd, D, stride):
+    """X[offs, dd] of a row-major matrix with D columns; 0 outside `ok` and D."""
+    return tl.load(X + offs[:, None] * stride + dd[None, :],
+                   mask=ok[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
             q_one, scale, SELF_MASK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,18 +157,13 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     kt = tl.zeros((BLOCK_N, BLOCK_D), dtype=K.dtype.element_ty)
     if ONE_D:
-        dm = offs_d < D
-        kt = tl.load(K + offs_n[:, None] * stride_k + offs_d[None, :],
-                     mask=col_ok[:, None] & dm[None, :], other=0.0)
+        kt = _rows(K, offs_n, col_ok, offs_d, D, stride_k)
         acc = tl.dot(q_one, tl.trans(kt), acc, input_precision=PREC, out_dtype=ACC)
     else:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
-            dm = dd < D
-            qt = tl.load(Q + offs_m[:, None] * stride_q + dd[None, :],
-                         mask=row_ok[:, None] & dm[None, :], other=0.0)
-            kc = tl.load(K + offs_n[:, None] * stride_k + dd[None, :],
-                         mask=col_ok[:, None] & dm[None, :], other=0.0)
+            qt = _rows(Q, offs_m, row_ok, dd, D, stride_q)
+            kc = _rows(K, offs_n, col_ok, dd, D, stride_k)
             acc = tl.dot(qt, tl.trans(kc), acc, input_precision=PREC, out_dtype=ACC)
     s = acc * scale
     valid = row_ok[:, None] & col_ok[None, :]
@@ -215,8 +217,7 @@ def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE
         q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=Q.dtype.element_ty)
         if ONE_D:
             offs_d = tl.arange(0, BLOCK_D)
-            q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
-                            mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            q_one = _rows(Q, offs_m, row_ok, offs_d, D, stride_q)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
         l_i = tl.zeros((BLOCK_M,), dtype=ACC)
         for n0 in range(0, M, BLOCK_N):
@@ -268,8 +269,7 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
     q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
     dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     if ONE_D:
-        q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        q_one = _rows(Q, offs_m, row_ok, offs_d, D, stride_q)
     # Each program starts at its own key tile, so that programs running at the same time
     # do not add into the same DK rows at once.
     tiles = tl.cdiv(M, BLOCK_N)
@@ -298,8 +298,7 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 dm = dd < D
-                kt = tl.load(K + offs_n[:, None] * stride_k + dd[None, :],
-                             mask=col_ok[:, None] & dm[None, :], other=0.0)
+                kt = _rows(K, offs_n, col_ok, dd, D, stride_k)
                 dq_part = tl.dot(ds_in, kt, input_precision=PREC, out_dtype=ACC)
                 dq_ptrs = DQ + offs_m[:, None] * D + dd[None, :]
                 io = row_ok[:, None] & dm[None, :]
@@ -310,8 +309,7 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                 old = tl.load(dq_ptrs, mask=io & (t > 0), other=0.0)
                 tl.store(dq_ptrs, old + dq_part, mask=io)
                 if ATOMIC_DK:
-                    qt = tl.load(Q + offs_m[:, None] * stride_q + dd[None, :],
-                                 mask=row_ok[:, None] & dm[None, :], other=0.0)
+                    qt = _rows(Q, offs_m, row_ok, dd, D, stride_q)
                     dk = tl.dot(tl.trans(ds_in), qt, input_precision=PREC, out_dtype=ACC)
                     tl.atomic_add(DK + offs_n[:, None] * D + dd[None, :], dk,
                                   mask=col_ok[:, None] & dm[None, :], sem="relaxed")
@@ -388,8 +386,7 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
         q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
         if ONE_D:
-            q_one = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :],
-                            mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            q_one = _rows(Q, offs_m, row_ok, offs_d, D, stride_q)
         for t in range(0, tiles):
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = offs_n < M
@@ -414,8 +411,7 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
                 for d0 in range(0, D, BLOCK_D):
                     dd = d0 + offs_d
                     dm = dd < D
-                    kt = tl.load(K + offs_n[:, None] * stride_k + dd[None, :],
-                                 mask=col_ok[:, None] & dm[None, :], other=0.0)
+                    kt = _rows(K, offs_n, col_ok, dd, D, stride_k)
                     part = tl.dot(ds_in, kt, input_precision=PREC, out_dtype=ACC)
                     io = row_ok[:, None] & dm[None, :]
                     ma = io & in_a[:, None]
