@@ -281,7 +281,6 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
     cfg = dict(L.P["GRAD"] if L.one_d else L.P["GRAD_D"])
     bm = cfg["BLOCK_M"]
     half = q.dtype in (torch.float16, torch.bfloat16)
-    dsums = []
     # One scratch for both launches (they run one after the other): each program's half
     # block of accumulator rows when an fp32 row does not fit in its half-size output row.
     spare = gmax
@@ -290,6 +289,7 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
         spare = _out((most * (bm // 2) * L.d,), acc, dev, POISON)
 
     def launch(x, y, lse_a, g_a, has_a, lse_b, g_b, has_b, side_r, side_c, ds_on):
+        """(the gradient of x's rows, the scale's sum or None)."""
         nx, ny = x.shape[0], y.shape[0]
         progs = grad_programs(triton.cdiv(nx, bm), dev)
         out = _out((nx, L.d), q.dtype, dev, POISON)
@@ -301,24 +301,24 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
             dsc, nx, ny, L.d, x.stride(0), y.stride(0), _size_key(nx, ny),
             SELF_MASK=sym, HAS_R=has_a, HAS_C=has_b, SYM=sym, HAS_EPS=has_eps, DS_ON=ds_on,
             ONE_D=L.one_d, HALF_OUT=half, PREC=L.prec, ACC=L.acc_tl, BLOCK_D=L.block_d, **cfg)
-        if ds_on:
-            dsums.append(dsc.sum() * (0.5 if sym else 1.0))
-        return out
+        return out, (dsc.sum() * (0.5 if sym else 1.0) if ds_on else None)
 
     rows, cols = (rid, a, e), (cid, b, f)
     q, k = L.q, L.k
-    dq = dk = None
+    dq = dk = ds = None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         if sym:
             # S is symmetric: entry (j, i) has row j's statistics, as column statistics.
-            dq = launch(q, q, lse_r, g_r, True, lse_r, g_r, True, rows, cols, need_ds)
+            dq, ds = launch(q, q, lse_r, g_r, True, lse_r, g_r, True, rows, cols, need_ds)
         else:
+            # The scale's sum comes from the first launch that runs.
             if need_dq or (need_ds and not need_dk):
-                dq = launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, rows, cols, need_ds)
+                dq, ds = launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, rows, cols, need_ds)
             if need_dk:
-                dk = launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, cols, rows,
-                            need_ds and not dsums)
-    return (dq if need_dq else None), dk, (dsums[0] if dsums else None)
+                dk, ds_k = launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, cols, rows,
+                                  need_ds and ds is None)
+                ds = ds if ds is not None else ds_k
+    return (dq if need_dq else None), dk, ds
 
 
 class _nullctx:
