@@ -214,6 +214,51 @@ def test_no_positive_anywhere_gives_zero_not_nan(backend):
     assert float(out.detach()) == 0.0 and torch.equal(q.grad, torch.zeros_like(q))
 
 
+# (input, value) put into one embedding entry
+NON_FINITE = [("query", float("nan")), ("key", float("nan")), ("query", float("inf")),
+              ("key", -float("inf"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [case_clip, case_supcon, case_ntxent_sym_smooth],
+                         ids=["clip", "supcon", "ntxent_sym_smooth"])
+@pytest.mark.parametrize("where,value", NON_FINITE, ids=["nan_q", "nan_k", "inf_q", "-inf_k"])
+def test_non_finite_inputs_propagate(backend, case, where, value):
+    """A NaN or inf in one embedding reaches every loss term the reference makes
+    non-finite (a NaN logit is not a masked one), so training loops and AMP's GradScaler
+    see it. NaN: the same NaN losses and non-finite gradient entries as the reference.
+    inf: the same non-finite losses (inf or NaN: a row's log-sum-exp may be inf where
+    the reference's log_softmax gives NaN), and non-finite gradients where it has them."""
+    n, d = 70, 16                      # 70 rows: several tiles in every backend
+    gen = torch.Generator().manual_seed(seed_for("nonfinite", where))
+    kw = case(n, n, gen)
+    self_contrast = kw.pop("key", "") is None
+    if self_contrast and where == "key":
+        pytest.skip("self-contrast: the key is the query")
+    kw = {key: (v.to(DEVICE) if torch.is_tensor(v) else v) for key, v in kw.items()}
+    q, k = (x.to(DEVICE) for x in _inputs(n, n, d, torch.float32, gen))
+    (q if where == "query" else k)[5, 3] = value
+
+    def run(fn, **extra):
+        qq = q.clone().requires_grad_()
+        kk = None if self_contrast else k.clone().requires_grad_()
+        out = fn(qq, kk, temperature=0.1, reduction="none", **kw, **extra)
+        out.sum().backward()
+        return out.detach(), [x.grad for x in (qq, kk) if x is not None]
+
+    out, grads = run(ck.info_nce, backend=backend)
+    ref, ref_grads = run(ck.reference.info_nce)
+    assert not ref.isfinite().all()
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    if value != value:
+        assert torch.equal(out.isnan(), ref.isnan())
+    for g, r in zip(grads, ref_grads):
+        if value != value:
+            assert torch.equal(g.isfinite(), r.isfinite())
+        else:
+            assert g.isfinite().all() == r.isfinite().all()
+
+
 def test_reference_matches_cross_entropy():
     """Anchor the oracle to F.cross_entropy, the loss users replace."""
     gen = torch.Generator().manual_seed(2)

@@ -425,6 +425,17 @@ def test_low_memory_frozen_inputs_and_reproducible(monkeypatch, d, trained):
             assert rel_err(g, r) < 1e-4, (name, rel_err(g, r))
 
 
+@pytest.mark.parametrize("mode", MODES[1:])
+@pytest.mark.parametrize("case", ["clip", "ntxent_sym_smooth"])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_non_finite_inputs_every_mode(monkeypatch, mode, case, where):
+    # test_info_nce's check in the other backward modes (the low-memory kernel once
+    # dropped NaN entries of dS as if they were masked).
+    import test_info_nce as E
+    set_mode(monkeypatch, mode)
+    E.test_non_finite_inputs_propagate("triton", getattr(E, "case_" + case), where, float("nan"))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_low_memory_makes_no_float32_embedding_buffers(monkeypatch, mode):
     # fp16 inputs: in the low-memory mode backward makes no float32 tensor as large as

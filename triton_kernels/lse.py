@@ -189,8 +189,9 @@ def _ds_cols(s, LSE_C, G_C, offs_n, col_ok, gmul):
 
 @triton.jit
 def _finish(m, l):
-    """m + log(l) of a (shift, sum) pair; -inf for an empty one (l = 0)."""
-    return tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+    """m + log(l) of a (shift, sum) pair; -inf for an empty one (l = 0), NaN for l = NaN
+    (a NaN logit, which the max may have dropped)."""
+    return tl.where(l == 0, float("-inf"), m + tl.log(tl.where(l == 0, 1.0, l)))
 
 
 @triton.jit
@@ -393,7 +394,7 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
             s, k_one, dot = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
                                     stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC,
                                     BLOCK_M, BLOCK_N, BLOCK_D)
-            valid = s > float("-inf")
+            valid = s != float("-inf")        # NaN logits stay (and make dS NaN)
             ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             if HAS_R:
                 ds += gr[:, None] * tl.exp(s - lr[:, None])

@@ -17,6 +17,9 @@ template <typename T>
 CK_HD T neg_inf() { return -static_cast<T>(INFINITY); }
 
 template <typename T>
+CK_HD T nan_value() { return static_cast<T>(NAN); }
+
+template <typename T>
 CK_HD T ck_exp(T x) { return exp(x); }
 template <>
 CK_HD float ck_exp<float>(float x) { return expf(x); }
@@ -34,8 +37,13 @@ struct OnlineLSE {
 
   CK_HD static OnlineLSE empty() { return {neg_inf<T>(), T(0)}; }
 
-  // Merge a partial (m2, l2), e.g. one tile's max and sum, or another thread's.
+  // Merge a partial (m2, l2), e.g. one tile's max and sum, or another thread's. A NaN
+  // in either is kept (NaN logits make the log-sum-exp NaN, as in the reference).
   CK_HD void merge(T m2, T l2) {
+    if (m2 != m2 || l2 != l2) {
+      m = l = nan_value<T>();
+      return;
+    }
     if (m2 == neg_inf<T>()) return;
     if (m2 > m) {
       l = l * ck_exp<T>(m - m2) + l2;  // exp(-inf) = 0 when this one was empty
@@ -49,7 +57,7 @@ struct OnlineLSE {
   // Add one logit.
   CK_HD void push(T x) { merge(x, T(1)); }
 
-  // log sum exp; -inf for a row with no valid entry.
+  // log sum exp; -inf for a row with no valid entry, NaN if a logit was NaN.
   CK_HD T finish() const { return m == neg_inf<T>() ? m : m + ck_log<T>(l); }
 };
 

@@ -27,10 +27,13 @@ constexpr int64_t kPartialBudget = int64_t(1) << 30;  // bytes for per-stripe dk
 #define CK_MULTIVERSION
 #endif
 
+// exp(x) for x <= 0 (the argument is a logit minus its running max): 0 below -87,
+// NaN for NaN (a NaN logit must reach the log-sum-exp, not count as masked).
 inline float exp_poly(float x) {
   const float lo = -87.0f;
-  const bool zero = !(x >= lo);                  // also catches NaN-free -inf
-  x = std::min(std::max(x, lo), 88.0f);
+  const bool nan = x != x;
+  const bool zero = x < lo;  // also -inf
+  x = nan ? 0.0f : std::min(std::max(x, lo), 88.0f);
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
   // Taylor series of exp(r) to r^7 (|r| <= ln2/2: truncation error < 1e-8).
@@ -44,7 +47,7 @@ inline float exp_poly(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return zero ? 0.0f : p * scale;
+  return nan ? NAN : (zero ? 0.0f : p * scale);
 }
 
 struct FastExp {

@@ -324,15 +324,21 @@ __device__ __forceinline__ void compute_s_tile(Smem<T, M>& sm, const T* __restri
 }
 
 // (max, sum exp(x - max)) of `len` values at x[0], x[stride], ...; (-inf, 0) if all -inf,
-// NaN if any is NaN (fmax alone would drop a row of NaNs as empty).
+// (NaN, NaN) if any is NaN (fmax drops NaNs; OnlineLSE::merge keeps this one).
 template <typename Acc>
 __device__ __forceinline__ void partial_lse(const Acc* x, int stride, int len, Acc& mx, Acc& l) {
   mx = neg_inf<Acc>();
+  bool nan = false;
   for (int t = 0; t < len; ++t) {
     const Acc v = x[t * stride];
-    mx = (v != v) ? v : fmax(mx, v);
+    nan |= v != v;
+    mx = fmax(mx, v);
   }
   l = Acc(0);
+  if (nan) {
+    mx = l = nan_value<Acc>();
+    return;
+  }
   if (mx != neg_inf<Acc>())
     for (int t = 0; t < len; ++t) l += ck_exp<Acc>(x[t * stride] - mx);
 }

@@ -64,6 +64,18 @@ static void test_infinities() {
   auto b = ck::OnlineLSE<double>::empty();
   b.merge(a);
   check(b.finish() == 2.0, "empty merged with x is x", b.finish(), 2.0);
+  // A NaN logit (or a partial whose sum is NaN) makes the result NaN, whatever comes
+  // before or after it: it is not an empty partial.
+  const double nan = NAN;
+  for (int at = 0; at < 3; ++at) {
+    auto r = ck::OnlineLSE<double>::empty();
+    for (int t = 0; t < 3; ++t) r.push(t == at ? nan : (t == 0 ? 1.0 : -static_cast<double>(INFINITY)));
+    check(std::isnan(r.finish()), "a NaN logit gives NaN", r.finish(), nan);
+  }
+  auto p = ck::OnlineLSE<double>::empty();
+  p.merge(-static_cast<double>(INFINITY), nan);  // all-NaN tile whose max dropped the NaNs
+  p.merge(3.0, 1.0);
+  check(std::isnan(p.finish()), "a NaN sum gives NaN", p.finish(), nan);
   // Large logits do not overflow: log(exp(1000) + exp(1000)) = 1000 + log 2.
   auto c = ck::OnlineLSE<float>::empty();
   c.push(1000.0f);
