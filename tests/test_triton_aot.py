@@ -77,13 +77,19 @@ def test_default_configs_fit_shared_memory(compiled):
         assert r["shared"] <= r["smem_limit"], (_name(r), r["shared"])
 
 
-def test_half_type_kernels_do_not_spill(compiled):
-    # fp16/bf16 default configs keep their tiles in registers: ptxas -v reports no spill
-    # stores for any forward or backward launch, nor for the low-memory kernel with D in
-    # chunks (D = 768, the GPU target). (Its one-chunk variants spill a few hundred bytes.)
-    half = [r for r in compiled if r["dtype"] in ("fp16", "bf16")
-            and (r["kind"] != "grad" or not r["flags"]["ONE_D"])]
-    assert len(half) == 2 * (4 + 10 + 4)
-    if any(r["spills"] is None for r in half):
+def test_default_configs_do_not_spill(compiled):
+    # The default configs keep their tiles in registers: ptxas -v reports no spill stores
+    # for any fp16/bf16 forward or backward launch, the low-memory kernel with D in chunks
+    # (D = 768, the GPU target). The low-memory kernel with D in one chunk (256) holds q,
+    # k and the accumulator: under 128 B (596 B with 64-wide key tiles); the fp32 "ieee"
+    # backward under 32 B (164 B with 64-wide key tiles).
+    if any(r["spills"] is None for r in compiled):
         pytest.skip("ptxas -v did not run")
-    assert all(r["spills"] == 0 for r in half), [(_name(r), r["spills"]) for r in half if r["spills"]]
+    half = [r for r in compiled if r["dtype"] in ("fp16", "bf16")]
+    assert len(half) == 2 * (4 + 10 + 8)
+    one_d_grad = lambda r: r["kind"] == "grad" and r["flags"]["ONE_D"]
+    bad = [(_name(r), r["spills"]) for r in half if r["spills"] > (127 if one_d_grad(r) else 0)]
+    fp32_bwd = [r for r in compiled if r["dtype"] == "fp32" and r["kind"] == "bwd"]
+    assert fp32_bwd
+    bad += [(_name(r), r["spills"]) for r in fp32_bwd if r["spills"] > 31]
+    assert not bad, bad

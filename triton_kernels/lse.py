@@ -63,7 +63,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #   GRAD/GRAD_D  the config of lse_grad_kernel (low-memory backward; never autotuned)
 #                with D in one chunk / in chunks. Chosen without a GPU, by ptxas -v on
 #                sm_90a: no spills for fp16/bf16 at D = 768 (the wider key tile halves
-#                the accumulator's read-back per GEMM flop), a few at D = 256;
+#                the accumulator's read-back per GEMM flop); with D in one chunk
+#                (up to 256) the key tile is 32 wide: under 100 B of spills per thread
+#                at D = 256 (64-wide: up to 596 B);
 #   FWD/BWD      the config used in the interpreter, for problems too small to be worth
 #                tuning, and (fp64) always. Each fits sm90 shared memory (see
 #                tests/test_triton_aot.py); "tune" says whether large problems autotune.
@@ -79,14 +81,14 @@ else:
         "half": dict(FWD_BLOCK_M=128, MAX_ONE_D=256, CHUNK_D=64, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=3),
                      BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-                     GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
+                     GRAD=dict(BLOCK_M=64, BLOCK_N=32, FIN_ROWS=16, num_warps=8, num_stages=2),
                      GRAD_D=dict(BLOCK_M=64, BLOCK_N=128, FIN_ROWS=16, num_warps=8, num_stages=2)),
         # fp32 "ieee" dots are FMA loops that keep both operands in registers: a D chunk
         # above 32 spills heavily (seen in sm_90 ptxas -v), so fp32 always works in chunks
-        # of 32.
+        # of 32, and the backward's key tile is 32 wide (64: 164 B of spills).
         "fp32": dict(FWD_BLOCK_M=128, MAX_ONE_D=32, CHUNK_D=32, tune=True,
                      FWD=dict(BLOCK_N=64, num_warps=8, num_stages=2),
-                     BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                     BWD=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
                      GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
                      GRAD_D=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2)),
         "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
@@ -132,9 +134,12 @@ def _prune_bwd(configs, named_args, **kwargs):
     if arg("ONE_D") and arg("BLOCK_D") is not None and arg("BLOCK_D") > 128:
         small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.num_warps >= 8]
         return small or configs
-    # fp32 "ieee" dots (FMA loops): 128 x 128 tiles spill (and take ~80 s to compile).
+    # fp32 "ieee" dots (FMA loops) spill with tiles above 64 x 64 or with 4 warps (ptxas -v:
+    # 128 x 64 1.3 KB, 64 x 128 up to 9.9 KB, 64 x 64 with 4 warps 340 B); 128 x 128 tiles
+    # also take ~80 s to compile.
     if arg("PREC") == "ieee" and str(getattr(arg("Q"), "dtype", "")).endswith("float32"):
-        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+        small = [c for c in configs
+                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_warps >= 8]
         return small or configs
     return configs
 
