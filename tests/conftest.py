@@ -3,8 +3,11 @@
 CK_TEST_DEVICE=cuda runs the suite on CUDA tensors (bench/gpu_check.sh does).
 Without a GPU, the Triton interpreter is switched on so the Triton backend is
 tested on CPU tensors; it must be set before triton is imported.
-CK_TEST_SHARD=i/n keeps the i-th of n contiguous slices of the collected tests, so
-that n processes can share a run (bench/gpu_check.sh: Triton compiles in parallel).
+CK_TEST_SHARD=i/n keeps every n-th test from the i-th on (a module whose tests share
+an expensive module fixture stays whole), so that n processes share a run with the
+heavy tests spread among them (bench/gpu_check.sh: Triton compiles in parallel).
+Tests marked `cpu_only` (CPU memory, build, compile and gloo checks, which CI runs)
+are skipped under CK_TEST_DEVICE=cuda.
 """
 import os
 import zlib
@@ -20,24 +23,50 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def shard_slice(n_items, shard):
-    """(start, stop) of the tests that shard "i/n" keeps out of n_items."""
+# Modules whose tests share one expensive module-scoped fixture: dealt as one.
+TOGETHER = ("test_triton_aot.py",)
+
+
+def shard_index(shard):
+    """(i, n) of CK_TEST_SHARD "i/n"."""
     try:
         i, n = (int(x) for x in shard.split("/"))
     except ValueError:
         raise pytest.UsageError(f"CK_TEST_SHARD must look like 'i/n', got {shard!r}") from None
     if not 0 <= i < n:
         raise pytest.UsageError(f"CK_TEST_SHARD {shard!r}: need 0 <= i < n")
-    return n_items * i // n, n_items * (i + 1) // n
+    return i, n
+
+
+def shard_items(items, i, n):
+    """The tests of shard i of n: groups (a test, or a TOGETHER module) dealt in turn."""
+    group_of = {}
+    for it in items:
+        key = it.path.name if it.path.name in TOGETHER else it.nodeid
+        group_of.setdefault(key, len(group_of))
+    return [it for it in items
+            if group_of[it.path.name if it.path.name in TOGETHER else it.nodeid] % n == i]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only: a CPU-side check (memory, build, gloo); "
+                                       "skipped under CK_TEST_DEVICE=cuda")
 
 
 def pytest_collection_modifyitems(config, items):
+    if DEVICE == "cuda":
+        skip = pytest.mark.skip(reason="CPU-side check, run by CI; CK_TEST_DEVICE=cuda runs "
+                                       "the tests of CUDA tensors")
+        for it in items:
+            if it.get_closest_marker("cpu_only"):
+                it.add_marker(skip)
     shard = os.environ.get("CK_TEST_SHARD")
     if not shard:
         return
-    start, stop = shard_slice(len(items), shard)
-    config.hook.pytest_deselected(items=items[:start] + items[stop:])
-    items[:] = items[start:stop]
+    keep = shard_items(items, *shard_index(shard))
+    kept = set(map(id, keep))
+    config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
+    items[:] = keep
 
 
 @pytest.fixture

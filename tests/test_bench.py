@@ -1,9 +1,12 @@
 """Smoke tests of `python -m contrastive_kernels.bench` at tiny sizes."""
 import json
 
+import pytest
 import torch
 
 from contrastive_kernels import bench
+
+pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cuda
 
 GiB = 1 << 30
 
@@ -134,3 +137,30 @@ def test_gpu_bench_steps_run_on_cpu():
         loss = step(q, k, backward=False)
         assert not loss.requires_grad
         torch.testing.assert_close(loss, want)
+    # The correctness check the GPU benchmark runs first: small for a right step, large
+    # for a wrong one.
+    ref = (float(want), *B.naive_step(q, k))
+    errs = B.check_errors(B.ck_step("torch"), q, k, ref)
+    assert max(errs) < 1e-5, errs
+    wrong = lambda q, k, backward=True: tuple(2 * g for g in B.naive_step(q, k)) if backward \
+        else B.naive_step(q, k, backward=False)
+    errs = B.check_errors(wrong, q, k, ref)
+    assert errs[0] < 1e-6 and min(errs[1:]) > B.CHECK_TOL["grad"], errs
+
+
+def test_gpu_bench_main_runs_on_cpu(tmp_path, capsys):
+    # The whole script (checks, rows, JSON, targets) on CPU tensors at tiny sizes: it has
+    # one shot on a GPU, so its own logic is run here (float32: the Triton interpreter
+    # rejects bf16).
+    B = _bench_gpu()
+    out = tmp_path / "gpu.json"
+    rc = B.main(["--device", "cpu", "--dtype", "float32", "--sizes", "48,64", "--dim", "24",
+                 "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads(out.read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert {"naive", "torch"} <= methods and len(data["rows"]) == 2 * len(methods), text
+    assert all(r["ms"] and r["loss"] is not None for r in data["rows"]), text
+    assert all(c["ok"] for c in data["checks"].values()) and "naive" in data["checks"]
+    assert "targets at N=64" in text and "WRONG" not in text and "LOSS" not in text

@@ -7,6 +7,9 @@ import sys
 import pytest
 from test_cuda_build import NVCC
 
+pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cuda
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -74,6 +74,7 @@ def test_kernel_files_exist_and_are_torch_free():
         assert _torch_free(f), f"{f} includes torch headers; kernel files must be torch-free"
 
 
+@pytest.mark.cpu_only
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_kernels_compile(arch, tmp_path):
@@ -83,6 +84,7 @@ def test_kernels_compile(arch, tmp_path):
         assert obj.stat().st_size > 0
 
 
+@pytest.mark.cpu_only
 @needs_nvcc
 def test_half_paths_use_tensor_cores(tmp_path):
     ptx = tmp_path / "lse_kernels.ptx"

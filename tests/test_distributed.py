@@ -16,6 +16,9 @@ import torch.nn.functional as F
 import contrastive_kernels as ck
 from contrastive_kernels import distributed as ckd
 
+pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cuda
+
+
 D = 8
 SPAWN_TIMEOUT_S = 150
 SIZES_N = [3, 5, 4, 2]     # uneven local query counts (first `world` used)

@@ -27,6 +27,7 @@ def n_squared_bytes(n):
     return 4 * n * n
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("backend", sorted(SIZES))
 def test_fused_peak_rss_far_below_n_squared(backend):
     if backend not in CPU_BACKENDS:
@@ -40,6 +41,7 @@ def test_fused_peak_rss_far_below_n_squared(backend):
                            f"N={n}, D={D}; bound {bound / MiB:.0f} MiB")
 
 
+@pytest.mark.cpu_only
 def test_naive_loss_exceeds_n_squared_in_same_harness():
     # The harness must be able to fail: the materializing loss holds several N x N buffers.
     n = 4096
@@ -130,6 +132,7 @@ def _backend_scratch(backend, n, d, threads):
     return 3 * torch_tiled.TILE ** 2 * 4   # a tile of logits and two of dS
 
 
+@pytest.mark.cpu_only
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 @pytest.mark.parametrize("case", ["clip", "supcon", "smoothing", "ntxent", "frozen_keys"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -3,6 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cuda
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,3 +36,16 @@ def test_shards_partition_the_suite():
 def test_bad_shard_is_a_usage_error():
     rc, _, out = _collect("3/3")
     assert rc != 0 and "CK_TEST_SHARD" in out.stdout + out.stderr
+
+
+def test_shards_deal_tests_in_turn_and_keep_together_modules_whole():
+    from types import SimpleNamespace as NS
+
+    from conftest import TOGETHER, shard_items
+    items = [NS(path=NS(name="test_a.py"), nodeid=f"test_a.py::t{i}") for i in range(7)] + \
+        [NS(path=NS(name=TOGETHER[0]), nodeid=f"{TOGETHER[0]}::t{i}") for i in range(4)]
+    shards = [shard_items(items, i, 3) for i in range(3)]
+    assert sorted(id(x) for s in shards for x in s) == sorted(map(id, items))
+    # test_a's seven tests spread 3/2/2; the module kept together lands in one shard.
+    assert sorted(sum(x.path.name == "test_a.py" for x in s) for s in shards) == [2, 2, 3]
+    assert sorted(sum(x.path.name == TOGETHER[0] for x in s) for s in shards) == [0, 0, 4]

@@ -12,6 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from contrastive_kernels import loss
 from contrastive_kernels._validate import check_inputs
 
+pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cuda
+
+
 
 class _CountOps(TorchDispatchMode):
     def __init__(self):

@@ -177,7 +177,7 @@ def test_forward_scratch_is_linear_and_reproducible(monkeypatch, programs):
     monkeypatch.setattr(torch, "full", real_full)
     monkeypatch.setattr(torch, "empty", real_empty)
     b = T.lse_forward(q, k, 3.0, False, True)
-    block_m = T._kernels().PARAMS["fp32"]["FWD_BLOCK_M"]
+    block_m = T.forward_block_m(n, T._kernels().PARAMS["fp32"], torch.device(DEVICE))
     progs = T.forward_programs(-(-n // block_m), torch.device(DEVICE)) if ON_GPU else programs
     assert max(sizes) <= max(n, progs * m), sizes
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "forward not reproducible"
@@ -338,6 +338,23 @@ def test_autotuned_path_gpu(dtype, d):
     check_kernels(n, n, d, dtype, self_mask=False, cols=True, scale=10.0)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the GPU's block sizes and programs")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 768), (torch.float16, 300)],
+                         ids=["bf16-768", "f16-300"])
+def test_programs_share_blocks_wide_d_gpu(monkeypatch, mode, dtype, d):
+    # On a GPU the other tests have more programs than blocks and (half types) D in one
+    # chunk. Here three programs share the blocks (the forward merges column partials of
+    # several row blocks; the low-memory backward reuses its scratch) and D is in chunks
+    # (the low-memory accumulator in the half output rows, converted in place).
+    set_mode(monkeypatch, mode)
+    monkeypatch.setattr(T, "forward_programs", lambda n_blocks, device: min(n_blocks, 3))
+    monkeypatch.setattr(T, "grad_programs", lambda n_blocks, device: min(n_blocks, 3))
+    tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
+    _e2e(1000, 1000, d, dtype, dict(symmetric=True), tol=tol)
+    _e2e(1000, 1000, d, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol)
+
+
 def test_deterministic_turns_autotuning_off(monkeypatch):
     # Timing could pick different tiles in different processes (another summation order).
     K = T._kernels()
@@ -383,6 +400,8 @@ LOWMEM = {
     "supcon_sym": (98, 97, 40, dict(labels=_labels(98, 6, 8), key_labels=_labels(97, 6, 9),
                                     symmetric=True, label_smoothing=0.05)),
     "ntxent_labels_sym": (97, 97, 131, dict(key=None, labels=_labels(97, 7, 10), symmetric=True)),
+    # D in chunks on a GPU too (its one-chunk limit for fp16/bf16 is 256)
+    "clip_d300": (97, 97, 300, dict(symmetric=True)),
 }
 
 
@@ -390,8 +409,11 @@ LOWMEM = {
 @pytest.mark.parametrize("case", list(LOWMEM))
 def test_low_memory_blocks_and_partial_rows(monkeypatch, dtype, case):
     set_mode(monkeypatch, "low_memory")
-    # 1, 2 or 3 programs share the four row blocks (each program's scratch is reused).
-    monkeypatch.setattr(T, "INTERPRET_PROGRAMS", 1 + len(case) % 3)
+    # 1, 2 or 3 programs share the row blocks (each program's scratch is reused), on a
+    # GPU too.
+    programs = 1 + len(case) % 3
+    monkeypatch.setattr(T, "grad_programs", lambda n_blocks, device: min(n_blocks, programs))
+    monkeypatch.setattr(T, "forward_programs", lambda n_blocks, device: min(n_blocks, programs))
     n, m, d, kw = LOWMEM[case]
     tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-5, 1e-4)
     _e2e(n, m, d, dtype, kw, tol=tol)
@@ -529,7 +551,12 @@ def test_low_memory_peak_at_target_size_gpu(monkeypatch):
     q = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
     k = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
     s = torch.tensor(20.0, device="cuda", requires_grad=True)
+    # Compile and autotune first: the autotuner's cache-flush buffer (256 MiB) is not
+    # the loss's memory.
+    ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton").backward()
+    q.grad = k.grad = s.grad = None
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton").backward()

@@ -51,7 +51,10 @@ def variants(dtypes, full=False):
         ones = (True, False)
         for i, (sm, c) in enumerate(fwd):
             for one_d in (ones if full else (i % 2 == 0,)):
-                out.append(("fwd", dt, dict(SELF_MASK=sm, COLS=c, ONE_D=one_d)))
+                f = dict(SELF_MASK=sm, COLS=c, ONE_D=one_d)
+                if dt in ("fp16", "bf16") and i >= 2:
+                    f["BLOCK_M"] = 64      # the halved row block of small problems
+                out.append(("fwd", dt, f))
         for i, (sm, r, c, a) in enumerate(bwd):
             for one_d in (ones if full else ((i // 2) % 2 == 0,) if dt in ("fp16", "bf16")
                           else (i % 3 != 1,)):
@@ -86,8 +89,8 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "LSE_R": f"*{acc_s}",
                "PART_C": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32", "stride_q": "i32",
                "stride_k": "i32", "SIZE_KEY": "i32"}
-        const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=block_d,
-                     BLOCK_N=cfg["BLOCK_N"])
+        const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_M=flags.get("BLOCK_M", P["FWD_BLOCK_M"]),
+                     BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"])
     elif kind == "grad":
         fn = L.lse_grad_kernel
         cfg = dict(config or P["GRAD" if flags["ONE_D"] else "GRAD_D"])

@@ -56,8 +56,9 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Per input-dtype class ("half" = fp16/bf16, "fp32", "fp64") launch parameters:
-#   FWD_BLOCK_M  rows per forward row block: fixed (not autotuned), so that the host
-#                knows how many row blocks there are to share among the programs;
+#   FWD_BLOCK_M  rows per forward row block: not autotuned, so that the host knows how
+#                many row blocks there are to share among the programs (the host halves
+#                it where the blocks would not fill the SMs: forward_block_m);
 #   MAX_ONE_D    embedding dims up to this are held in one chunk (q tile kept, DQ in
 #                registers); larger D is looped over in CHUNK_D chunks;
 #   GRAD/GRAD_D  the config of lse_grad_kernel (low-memory backward; never autotuned)
@@ -463,7 +464,7 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
         tl.store(DSC + pid, tl.sum(dsum, 0))
 
 
-_FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_D"]
+_FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D"]
 _BWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "HAS_R", "HAS_C", "ATOMIC_DK", "ONE_D", "PREC", "BLOCK_D"]
 
 lse_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY)(lse_fwd_kernel)

@@ -161,6 +161,18 @@ def forward_programs(n_blocks, device):
     return max(1, min(n_blocks, INTERPRET_PROGRAMS))
 
 
+def forward_block_m(n, P, device):
+    """Rows per forward row block: FWD_BLOCK_M, halved (down to 64, the smallest
+    warpgroup MMA) on a GPU where it would leave SMs idle (N = 8192: 64 blocks of 128
+    rows on 132 SMs)."""
+    bm = P["FWD_BLOCK_M"]
+    if device.type == "cuda" and bm > 64:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if -(-n // bm) < sms:
+            bm //= 2
+    return bm
+
+
 def _size_key(n, m):
     # Autotuning is keyed on the size class (powers of two), not every exact size.
     return (int(n).bit_length() << 8) | int(m).bit_length()
@@ -170,12 +182,13 @@ def lse_forward(q, k, scale, self_mask, cols):
     L = _setup(q, k, scale)
     n, m, P, dev = L.n, L.m, L.P, L.dev
     lse_r = _out((n,), L.acc, dev, POISON)
-    progs = forward_programs(L.triton.cdiv(n, P["FWD_BLOCK_M"]), dev)
+    bm = forward_block_m(n, P, dev)
+    progs = forward_programs(L.triton.cdiv(n, bm), dev)
     part = _out((progs, m), L.acc, dev, POISON) if cols else lse_r
     args = (L.q, L.k, L.scale_t, lse_r, part, n, m, L.d, L.q.stride(0), L.k.stride(0),
             _size_key(n, m))
     meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=L.one_d, PREC=L.prec,
-                ACC=L.acc_tl, BLOCK_M=P["FWD_BLOCK_M"], BLOCK_D=L.block_d)
+                ACC=L.acc_tl, BLOCK_M=bm, BLOCK_D=L.block_d)
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         if L.tuned:
             L.K.lse_fwd_tuned[(progs,)](*args, **meta)
