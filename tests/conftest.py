@@ -3,11 +3,12 @@
 CK_TEST_DEVICE=cuda runs the suite on CUDA tensors (bench/gpu_check.sh does).
 Without a GPU, the Triton interpreter is switched on so the Triton backend is
 tested on CPU tensors; it must be set before triton is imported.
-CK_TEST_SHARD=i/n keeps every n-th test from the i-th on (a module whose tests share
-an expensive module fixture stays whole), so that n processes share a run with the
-heavy tests spread among them (bench/gpu_check.sh: Triton compiles in parallel).
-Tests marked `cpu_only` (CPU memory, build, compile and gloo checks, which CI runs)
-are skipped under CK_TEST_DEVICE=cuda.
+CK_TEST_SHARD=i/n keeps every n-th run of consecutive tests from the i-th on (a module
+whose tests share an expensive module fixture stays whole), so that n processes share a
+run with the heavy tests spread among them (bench/gpu_check.sh: Triton compiles in
+parallel).
+Tests marked `cpu_only` (CPU memory, builds, compile checks, the gloo ring, CPU bench
+smoke tests, sharding, op counts: CI runs them) are skipped under CK_TEST_DEVICE=cuda.
 """
 import os
 import zlib
@@ -38,14 +39,27 @@ def shard_index(shard):
     return i, n
 
 
-def shard_items(items, i, n):
-    """The tests of shard i of n: groups (a test, or a TOGETHER module) dealt in turn."""
-    group_of = {}
+def shard_items(items, i, n, chunks_per_shard=8):
+    """The tests of shard i of n. The suite is cut into runs of consecutive tests (about
+    chunks_per_shard per shard; neighbours share kernel variants, so a run compiles few)
+    and a TOGETHER module whole; these groups are dealt in turn, which spreads the heavy
+    parts of the suite over all shards."""
+    size = max(1, -(-len(items) // (n * chunks_per_shard)))
+    group, groups, together = [], [], {}
     for it in items:
-        key = it.path.name if it.path.name in TOGETHER else it.nodeid
-        group_of.setdefault(key, len(group_of))
-    return [it for it in items
-            if group_of[it.path.name if it.path.name in TOGETHER else it.nodeid] % n == i]
+        name = it.path.name
+        if name in TOGETHER:
+            if name not in together:
+                together[name] = []
+                groups.append(together[name])
+            together[name].append(it)
+            continue
+        if len(group) == size:
+            group = []
+        if not group:
+            groups.append(group)
+        group.append(it)
+    return [it for g in groups[i::n] for it in g]
 
 
 def pytest_configure(config):

@@ -146,6 +146,8 @@ def test_gpu_bench_steps_run_on_cpu():
         else B.naive_step(q, k, backward=False)
     errs = B.check_errors(wrong, q, k, ref)
     assert errs[0] < 1e-6 and min(errs[1:]) > B.CHECK_TOL["grad"], errs
+    assert B.check_ok((0.0, 0.0, 0.0)) and not B.check_ok(errs)
+    assert not B.check_ok((0.0, 0.0, float("nan"))) and not B.check_ok((float("nan"), 0.0, 0.0))
 
 
 def test_gpu_bench_main_runs_on_cpu(tmp_path, capsys):

@@ -49,3 +49,15 @@ def test_shards_deal_tests_in_turn_and_keep_together_modules_whole():
     # test_a's seven tests spread 3/2/2; the module kept together lands in one shard.
     assert sorted(sum(x.path.name == "test_a.py" for x in s) for s in shards) == [2, 2, 3]
     assert sorted(sum(x.path.name == TOGETHER[0] for x in s) for s in shards) == [0, 0, 4]
+
+
+def test_shards_deal_runs_of_consecutive_tests():
+    from types import SimpleNamespace as NS
+
+    from conftest import shard_items
+    items = [NS(path=NS(name="test_a.py"), nodeid=f"test_a.py::t{i}") for i in range(100)]
+    shards = [shard_items(items, i, 3, chunks_per_shard=2) for i in range(3)]
+    # runs of ceil(100 / 6) = 17: shard 0 holds tests 0-16 and 51-67
+    assert [int(x.nodeid.split("::t")[1]) for x in shards[0]] == \
+        list(range(0, 17)) + list(range(51, 68))
+    assert sorted(id(x) for s in shards for x in s) == sorted(map(id, items))

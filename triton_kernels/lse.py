@@ -135,12 +135,12 @@ def _prune_bwd(configs, named_args, **kwargs):
     if arg("ONE_D") and arg("BLOCK_D") is not None and arg("BLOCK_D") > 128:
         small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.num_warps >= 8]
         return small or configs
-    # fp32 "ieee" dots (FMA loops) spill with tiles above 64 x 64 or with 4 warps (ptxas -v:
-    # 128 x 64 1.3 KB, 64 x 128 up to 9.9 KB, 64 x 64 with 4 warps 340 B); 128 x 128 tiles
-    # also take ~80 s to compile.
+    # fp32 "ieee" dots (FMA loops) spill with tiles above 64 x 32 or with 4 warps (ptxas -v:
+    # 64 x 64 164 B, 128 x 64 1.3 KB, 64 x 128 up to 9.9 KB, 64 x 64 with 4 warps 340 B);
+    # 128 x 128 tiles also take ~80 s to compile.
     if arg("PREC") == "ieee" and str(getattr(arg("Q"), "dtype", "")).endswith("float32"):
         small = [c for c in configs
-                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_warps >= 8]
+                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 and c.num_warps >= 8]
         return small or configs
     return configs
 

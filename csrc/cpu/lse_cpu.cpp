@@ -33,7 +33,7 @@ inline float exp_poly(float x) {
   const float lo = -87.0f;
   const bool nan = x != x;
   const bool zero = x < lo;  // also -inf
-  x = nan ? 0.0f : std::min(std::max(x, lo), 88.0f);
+  x = std::min(std::max(lo, x), 88.0f);  // NaN -> lo: (lo < NaN) is false
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
   // Taylor series of exp(r) to r^7 (|r| <= ln2/2: truncation error < 1e-8).
