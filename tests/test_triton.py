@@ -375,6 +375,18 @@ def test_deterministic_turns_autotuning_off(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("self_mask", [False, True])
+def test_tile_barrier_option(monkeypatch, self_mask):
+    # The autotuner's TILE_BARRIER configs (one barrier per key tile, D in chunks: 131
+    # is chunked for fp32 in the interpreter and on a GPU) give the same results.
+    K = T._kernels()
+    P = K.PARAMS["fp32"]
+    monkeypatch.setitem(K.PARAMS, "fp32", dict(P, BWD=dict(P["BWD"], TILE_BARRIER=True)))
+    for deterministic in (False, True):
+        monkeypatch.setattr(T, "DETERMINISTIC", deterministic)
+        check_kernels(70, 45, 131, torch.float32, self_mask, True, scale=3.0)
+
+
 def test_backward_prune_drops_spilling_configs():
     import triton
     K = T._kernels()
@@ -384,6 +396,10 @@ def test_backward_prune_drops_spilling_configs():
     q32, q16 = torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.float16)
     assert sizes(K._prune_bwd(cfgs, {"Q": q32}, PREC="ieee", ONE_D=False, BLOCK_D=32)) == \
         [(64, 32, 8)]
+    # TILE_BARRIER configs only where D is in chunks.
+    tb = cfgs + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TILE_BARRIER": True}, num_warps=8)]
+    assert len(K._prune_bwd(tb, {"Q": q16}, PREC="ieee", ONE_D=False, BLOCK_D=64)) == 7
+    assert len(K._prune_bwd(tb, {"Q": q16}, PREC="ieee", ONE_D=True, BLOCK_D=64)) == 6
     assert len(K._prune_bwd(cfgs, {"Q": q32}, PREC="tf32", ONE_D=False, BLOCK_D=32)) == 6
     assert len(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=False, BLOCK_D=64)) == 6
     assert sizes(K._prune_bwd(cfgs, {"Q": q16}, PREC="ieee", ONE_D=True, BLOCK_D=256)) == \

@@ -58,8 +58,11 @@ def variants(dtypes, full=False):
         for i, (sm, r, c, a) in enumerate(bwd):
             for one_d in (ones if full else ((i // 2) % 2 == 0,) if dt in ("fp16", "bf16")
                           else (i % 3 != 1,)):
-                out.append(("bwd", dt, dict(SELF_MASK=sm, HAS_R=bool(r), HAS_C=bool(c),
-                                            ATOMIC_DK=bool(a), ONE_D=one_d)))
+                f = dict(SELF_MASK=sm, HAS_R=bool(r), HAS_C=bool(c), ATOMIC_DK=bool(a),
+                         ONE_D=one_d)
+                if dt in ("fp16", "bf16") and not full and i == 3:
+                    f["TILE_BARRIER"] = True   # an autotuning option (D in chunks)
+                out.append(("bwd", dt, f))
         grad = _GRAD if full or dt in ("fp16", "bf16") else _GRAD[2:]
         for i, (sm, r, c, e, ds) in enumerate(grad):
             for one_d in (ones if full or dt in ("fp16", "bf16") else (i % 2 == 0,)):
@@ -112,6 +115,7 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
                "stride_q": "i32", "stride_k": "i32", "SIZE_KEY": "i32"}
         const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
                      BLOCK_N=cfg["BLOCK_N"])
+        const.setdefault("TILE_BARRIER", False)    # ASTSource does not fill in defaults
     for name in const:
         sig[name] = "constexpr"
     # The hints the runtime JIT adds for aligned tensors and sizes (16-byte-aligned

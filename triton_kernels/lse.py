@@ -121,14 +121,25 @@ def _fwd_configs():
 def _bwd_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3),
-                                 (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2),
-                                 (128, 128, 8, 2), (64, 32, 4, 3), (64, 32, 8, 2)]]
+    # TILE_BARRIER (D in chunks only): one barrier per key tile instead of one per D chunk,
+    # which lets the chunks' loads pipeline (sm_90 PTX: 8 async copies instead of 4) at the
+    # cost of registers (156 instead of 122) and shared memory; for the GPU's timing to pick.
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TILE_BARRIER": tb}, num_warps=w,
+                          num_stages=s)
+            for bm, bn, w, s, tb in [(64, 64, 4, 2, False), (64, 64, 4, 3, False),
+                                     (64, 64, 8, 2, False), (64, 64, 8, 3, False),
+                                     (128, 64, 8, 2, False), (128, 64, 8, 3, False),
+                                     (64, 128, 8, 2, False), (128, 128, 8, 2, False),
+                                     (64, 32, 4, 3, False), (64, 32, 8, 2, False),
+                                     (64, 64, 8, 2, True), (64, 128, 8, 2, True),
+                                     (128, 64, 8, 2, True)]]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     arg = lambda name: kwargs.get(name, named_args.get(name))
+    # With D in one chunk there is no chunk loop: TILE_BARRIER would only repeat a config.
+    if arg("ONE_D"):
+        configs = [c for c in configs if not c.kwargs.get("TILE_BARRIER")]
     # A program holding a (BLOCK_M, BLOCK_D) fp32 dq accumulator, the q and k tiles and
     # (atomic) the dk product in registers with BLOCK_D > 128 spills badly unless it has
     # 64 rows and 8 warps (ptxas -v, sm_90a: 3.4 KB per thread with 4 warps, none with 8).
@@ -262,7 +273,7 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                    SELF_MASK: tl.constexpr, HAS_R: tl.constexpr, HAS_C: tl.constexpr,
                    ATOMIC_DK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, TILE_BARRIER: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -302,6 +313,13 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                 tl.atomic_add(DK + offs_n[:, None] * D + offs_d[None, :], dk,
                               mask=col_ok[:, None] & dm[None, :], sem="relaxed")
         else:
+            # The first key tile stores DQ; the later ones add to what it stored. The load
+            # and the store may map elements to different threads: a barrier makes the
+            # previous tile's stores visible to every thread of the program. The chunks of
+            # one tile touch different columns, so one barrier per tile is enough
+            # (TILE_BARRIER); by default it is taken before each chunk.
+            if TILE_BARRIER:
+                tl.debug_barrier()
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 dm = dd < D
@@ -309,10 +327,8 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                 dq_part = tl.dot(ds_in, kt, input_precision=PREC, out_dtype=ACC)
                 dq_ptrs = DQ + offs_m[:, None] * D + dd[None, :]
                 io = row_ok[:, None] & dm[None, :]
-                # The first key tile stores; the later ones add to what it stored. The load
-                # and the store may map elements to different threads: the barrier makes
-                # the previous tile's stores visible to every thread of the program.
-                tl.debug_barrier()
+                if not TILE_BARRIER:
+                    tl.debug_barrier()
                 old = tl.load(dq_ptrs, mask=io & (t > 0), other=0.0)
                 tl.store(dq_ptrs, old + dq_part, mask=io)
                 if ATOMIC_DK:
