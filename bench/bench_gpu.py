@@ -303,7 +303,6 @@ def main(argv=None):
                        tflops=None, matmul_tflops=mm[n], frac_matmul=None, fwd_ms=None,
                        fwd_frac_matmul=None, note="")
             free = _free_memory()
-            q = k = None
             if name == "torch" and n > TORCH_MAX_N:
                 row["note"] = f"skipped: the torch fallback is timed up to N={TORCH_MAX_N}"
             elif extra(n) > 0.9 * free:

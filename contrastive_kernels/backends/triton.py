@@ -153,11 +153,14 @@ def _setup(q, k, scale):
         scale_t=torch.full((1,), float(scale), dtype=acc, device=q.device))
 
 
+def _sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def forward_programs(n_blocks, device):
     """How many programs share the forward's row blocks (the rows of the column partials)."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_blocks, PROGRAMS_PER_SM * sms))
+        return max(1, min(n_blocks, PROGRAMS_PER_SM * _sms(device)))
     return max(1, min(n_blocks, INTERPRET_PROGRAMS))
 
 
@@ -166,10 +169,8 @@ def forward_block_m(n, P, device):
     warpgroup MMA) on a GPU where it would leave SMs idle (N = 8192: 64 blocks of 128
     rows on 132 SMs)."""
     bm = P["FWD_BLOCK_M"]
-    if device.type == "cuda" and bm > 64:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if -(-n // bm) < sms:
-            bm //= 2
+    if device.type == "cuda" and bm > 64 and -(-n // bm) < _sms(device):
+        bm //= 2
     return bm
 
 
@@ -251,8 +252,7 @@ def grad_programs(n_blocks, device):
     """How many programs share the low-memory backward's row blocks (each holds a half
     block of scratch when D is chunked)."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_blocks, GRAD_PROGRAMS_PER_SM * sms))
+        return max(1, min(n_blocks, GRAD_PROGRAMS_PER_SM * _sms(device)))
     return max(1, min(n_blocks, INTERPRET_PROGRAMS))
 
 
