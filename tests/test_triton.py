@@ -40,20 +40,37 @@ def _settings(monkeypatch):
     monkeypatch.setattr(T, "DETERMINISTIC", False)
     monkeypatch.setattr(T, "LOW_MEMORY", False)
     monkeypatch.setattr(T, "PRECISION", "ieee")
+    monkeypatch.setattr(T, "BLOCKED", "off")
+    monkeypatch.setattr(T, "BLOCKED_ROWS", None)
 
 
-# Backward modes of the loss: one atomic kernel, two launches of it, or the low-memory
-# kernel that writes final gradients (lse_backward must then not be called).
-MODES = ["atomic", "deterministic", "low_memory"]
+# Backward modes of the loss: one atomic kernel, two launches of it, the low-memory
+# kernel that writes final gradients (lse_backward must then not be called), or the
+# blocked algorithm (GEMMs on blocks of 7 rows, so that every case has several blocks
+# and a ragged last one; fused kernels then not called).
+MODES = ["atomic", "deterministic", "low_memory", "blocked"]
 
 
 def set_mode(monkeypatch, mode):
     monkeypatch.setattr(T, "DETERMINISTIC", mode == "deterministic")
     monkeypatch.setattr(T, "LOW_MEMORY", mode == "low_memory")
+    if mode == "blocked":
+        monkeypatch.setattr(T, "BLOCKED", "on")
+        monkeypatch.setattr(T, "BLOCKED_ROWS", 7)
+        for name in ("lse_fwd_kernel", "lse_fwd_tuned", "lse_bwd_kernel", "lse_bwd_tuned"):
+            monkeypatch.setattr(T._kernels(), name, _not_called(name))
     if mode == "low_memory":
         def not_this(*a, **k):
             raise AssertionError("low-memory mode called lse_backward")
         monkeypatch.setattr(T, "lse_backward", not_this)
+
+
+class _not_called:
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"blocked mode launched {self.name}")
 
 
 def dense(q, k, scale, self_mask, g_r, g_c):
@@ -64,9 +81,9 @@ def dense(q, k, scale, self_mask, g_r, g_c):
         s.fill_diagonal_(float("-inf"))
     lse_r, lse_c = torch.logsumexp(s, 1), torch.logsumexp(s, 0)
     p_r = torch.exp(s - lse_r[:, None]).nan_to_num(0.0)
-    ds = g_r.double()[:, None] * p_r
+    ds = g_r.to(s)[:, None] * p_r
     if g_c is not None:
-        ds = ds + g_c.double()[None, :] * torch.exp(s - lse_c[None, :]).nan_to_num(0.0)
+        ds = ds + g_c.to(s)[None, :] * torch.exp(s - lse_c[None, :]).nan_to_num(0.0)
     return lse_r, lse_c, ds @ k, ds.T @ q
 
 
@@ -306,7 +323,7 @@ def test_loss_family_fp32(monkeypatch, case, mode):
     _e2e(n, m, d, torch.float32, kw)
 
 
-@pytest.mark.parametrize("mode", ["atomic", "low_memory"])
+@pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked"])
 @pytest.mark.parametrize("case", ["clip", "ntxent", "supcon", "clip_smooth_sum"])
 def test_loss_family_fp64(monkeypatch, case, mode):
     set_mode(monkeypatch, mode)
@@ -314,7 +331,7 @@ def test_loss_family_fp64(monkeypatch, case, mode):
     _e2e(n, m, d, torch.float64, kw, tol=(1e-11, 1e-10))
 
 
-@pytest.mark.parametrize("mode", ["atomic", "low_memory"])
+@pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []),
                          ids=lambda t: DT_IDS[t])
 @pytest.mark.parametrize("case", ["clip", "hard_negatives", "ntxent_sym", "supcon",
@@ -355,6 +372,53 @@ def test_programs_share_blocks_wide_d_gpu(monkeypatch, mode, dtype, d):
     tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
     _e2e(1000, 1000, d, dtype, dict(symmetric=True), tol=tol)
     _e2e(1000, 1000, d, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol)
+
+
+def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch):
+    # The blocked path's largest buffers are its S and dS blocks: by default at most
+    # WORKSPACE_FACTOR x the bytes of q and k (here far below one N x M fp32 matrix; the
+    # floor is lifted so that it applies at test size), and a block of rows that fits.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    set_mode(monkeypatch, "blocked")
+    monkeypatch.setattr(T, "BLOCKED_ROWS", None)
+    monkeypatch.setattr(T, "WORKSPACE_MIN", 0)
+    n, d = 1200, 16
+    q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float32, False, seed=3, spread=1.0))
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t) and t.dtype.is_floating_point:
+                    sizes.append(t.numel() * t.element_size())
+            return out
+
+    with Record():
+        loss = ck.info_nce(q, k, temperature=0.1, symmetric=True, backend="triton")
+        torch.autograd.grad(loss, (q, k))
+    inputs = 2 * n * d * 4
+    biggest = sorted(sizes)[-3:]
+    # S (fp32) and dS (fp32 here): each below the whole workspace, which is 2 x inputs,
+    # under a seventh of one N x N fp32 matrix.
+    assert max(biggest) <= T.WORKSPACE_FACTOR * inputs < n * n * 4 / 7, (biggest, inputs)
+    rows, _, _ = T._block_plan(T._setup(q, k, 1.0))
+    assert 16 <= rows < n and rows % 16 == 0, rows
+
+
+@pytest.mark.skipif(not ON_GPU, reason="auto takes the blocked algorithm on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: DT_IDS[t])
+def test_auto_takes_blocked_for_wide_half_gpu(monkeypatch, dtype):
+    # BLOCKED="auto" with fp16/bf16 and D above the one-chunk limit: cuBLAS GEMMs with fp32
+    # output on row blocks (a small workspace: 256-row blocks, the last one ragged), and no
+    # fused kernel launched.
+    monkeypatch.setattr(T, "BLOCKED", "auto")
+    monkeypatch.setattr(T, "BLOCKED_WORKSPACE", 256 * 1536 * 6)   # 256 rows
+    for name in ("lse_fwd_kernel", "lse_fwd_tuned", "lse_bwd_kernel", "lse_bwd_tuned"):
+        monkeypatch.setattr(T._kernels(), name, _not_called(name))
+    tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
+    _e2e(1500, 1500, 768, dtype, dict(symmetric=True), tol=tol)
+    _e2e(1500, 1500, 520, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol)
 
 
 def test_deterministic_turns_autotuning_off(monkeypatch):

@@ -2,7 +2,8 @@
 
     python -m contrastive_kernels.triton_kernels.aot [--arch 90] [--json]
 
-Compiles lse_fwd_kernel, lse_bwd_kernel and lse_grad_kernel for each dtype and the flags
+Compiles lse_fwd_kernel, lse_bwd_kernel and lse_grad_kernel (and the blocked algorithm's
+block_stats_kernel and block_ds_kernel) for each dtype and the flags
 the backend launches (self-mask, column statistics, the dq/dk kernels of the
 deterministic mode, the atomic kernel, the low-memory launches, ONE_D on/off; see
 `variants`) with the default config of each dtype
@@ -69,6 +70,11 @@ def variants(dtypes, full=False):
                 out.append(("grad", dt, dict(SELF_MASK=bool(sm), SYM=bool(sm), HAS_R=bool(r),
                                              HAS_C=bool(c), HAS_EPS=bool(e), DS_ON=bool(ds),
                                              ONE_D=one_d)))
+        # The blocked algorithm's elementwise kernels (S in the accumulation dtype, dS in
+        # the input dtype): (SELF_MASK, COLS) and (SELF_MASK, HAS_C).
+        for sm, c in ((False, True), (True, False)):
+            out.append(("stats", dt, dict(SELF_MASK=sm, COLS=c)))
+            out.append(("ds", dt, dict(SELF_MASK=sm, HAS_R=True, HAS_C=c)))
     return out
 
 
@@ -84,9 +90,22 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
     if prec is None:
         prec = "ieee"
     P = L.PARAMS[L.dtype_class(dt)]
-    if block_d is None:
+    if block_d is None and "ONE_D" in flags:
         block_d = P["MAX_ONE_D"] if flags["ONE_D"] else P["CHUNK_D"]
-    if kind == "fwd":
+    if kind in ("stats", "ds"):
+        cfg = dict(config or L.BLOCKED_TILE)
+        if kind == "stats":
+            fn = L.block_stats_kernel
+            sig = {"S": f"*{acc_s}", "SCALE": f"*{acc_s}", "ROW_PART": f"*{acc_s}",
+                   "COL_PART": f"*{acc_s}"}
+        else:
+            fn = L.block_ds_kernel
+            sig = {"S": f"*{acc_s}", "DS": f"*{dt}", "SCALE": f"*{acc_s}", "GNORM": f"*{acc_s}",
+                   "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}",
+                   "G_C": f"*{acc_s}"}
+        sig.update(row0="i32", R="i32", M="i32", stride_s="i32")
+        const = dict(flags, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+    elif kind == "fwd":
         fn = L.lse_fwd_kernel
         cfg = dict(config or P["FWD"])
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "LSE_R": f"*{acc_s}",
@@ -122,7 +141,8 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
     # pointers; D and row strides divisible by 16, as at D = 768): without them the
     # compiler emits other loads, layouts and pipelining than a real launch gets.
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-             for a, ty in sig.items() if ty.startswith("*") or a in ("D", "stride_q", "stride_k")}
+             for a, ty in sig.items()
+             if ty.startswith("*") or a in ("D", "stride_q", "stride_k", "stride_s")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

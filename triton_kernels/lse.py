@@ -36,6 +36,15 @@ over the embedding dim in BLOCK_D chunks):
                    (j, i) terms, so one launch gives the whole gradient. DS_ON writes
                    each program's sum of dS_lse * q k^T (for the scale gradient) to DSC.
 
+The blocked algorithm (backends.triton.BLOCKED) leaves the GEMMs to cuBLAS and keeps two
+memory-bound kernels on an fp32 row block of S = q_b k^T (R x M, rows stride_s apart):
+
+  block_stats_kernel  per (BLOCK_R, BLOCK_C) tile: each row's log-sum-exp over the tile's
+                      columns and (COLS) each column's over its rows, as partials that
+                      the host reduces (R x column tiles, row tiles x M).
+  block_ds_kernel     per tile: dS / max|g| in the input dtype, for dq_b = dS k and
+                      dk += dS^T q_b.
+
 N, M and SIZE_KEY (the autotuning size class) are not specialized on (fewer compiles
 across batch sizes); D and the row strides are, for aligned vector loads.
 
@@ -76,6 +85,7 @@ if INTERPRET:
               BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
               GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=8, num_warps=4, num_stages=1))
     _I["GRAD_D"] = _I["GRAD"]
+    BLOCKED_TILE = dict(BLOCK_R=16, BLOCK_C=32, num_warps=4)
     PARAMS = {"half": _I, "fp32": _I, "fp64": _I}
 else:
     PARAMS = {
@@ -98,6 +108,9 @@ else:
                      GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2),
                      GRAD_D=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2)),
     }
+    # The blocked path's elementwise kernels (block_stats_kernel, block_ds_kernel):
+    # memory-bound, 32 x 256 fp32 tiles (32 KB read per program).
+    BLOCKED_TILE = dict(BLOCK_R=32, BLOCK_C=256, num_warps=8)
 
 
 def dtype_class(name):
@@ -478,6 +491,61 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
             tl.debug_barrier()
     if DS_ON:
         tl.store(DSC + pid, tl.sum(dsum, 0))
+
+
+@triton.jit
+def _block_tile(S, SCALE, row0, R, M, stride_s, SELF_MASK: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tile of the block S = q[row0:row0 + R] k^T (unscaled fp32, rows stride_s apart),
+    scaled, with invalid entries -inf; its local row and global column offsets."""
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = (offs_r < R)[:, None] & (offs_c < M)[None, :]
+    if SELF_MASK:
+        valid = valid & ((row0 + offs_r)[:, None] != offs_c[None, :])
+    x = tl.load(S + offs_r[:, None].to(tl.int64) * stride_s + offs_c[None, :], mask=valid,
+                other=0.0)
+    return tl.where(valid, x * tl.load(SCALE), float("-inf")), offs_r, offs_c
+
+
+@triton.jit(do_not_specialize=["row0", "R", "M"])
+def block_stats_kernel(S, SCALE, ROW_PART, COL_PART, row0, R, M, stride_s,
+                       SELF_MASK: tl.constexpr, COLS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Blocked forward: one (BLOCK_R, BLOCK_C) tile of a row block's S gives each row's
+    log-sum-exp over the tile's columns (ROW_PART[r, tile], R x column tiles) and, with
+    COLS, each column's over the tile's rows (COL_PART[row tile, c], row tiles x M)."""
+    s, offs_r, offs_c = _block_tile(S, SCALE, row0, R, M, stride_s, SELF_MASK, BLOCK_R, BLOCK_C)
+    m = tl.max(s, 1)
+    m_sh = tl.where(m == float("-inf"), 0.0, m)
+    rl = _finish(m_sh, tl.sum(tl.exp(s - m_sh[:, None]), 1))
+    tl.store(ROW_PART + offs_r.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), rl,
+             mask=offs_r < R)
+    if COLS:
+        cm = tl.max(s, 0)
+        cm_sh = tl.where(cm == float("-inf"), 0.0, cm)
+        cl = _finish(cm_sh, tl.sum(tl.exp(s - cm_sh[None, :]), 0))
+        tl.store(COL_PART + tl.program_id(1).to(tl.int64) * M + offs_c, cl, mask=offs_c < M)
+
+
+@triton.jit(do_not_specialize=["row0", "R", "M"])
+def block_ds_kernel(S, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, M, stride_s,
+                    SELF_MASK: tl.constexpr, HAS_R: tl.constexpr, HAS_C: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Blocked backward: dS of one tile of a row block, divided by max|g| (GNORM) and
+    cast to DS's dtype (rows stride_s apart, like S) for the dq and dk GEMMs."""
+    s, offs_r, offs_c = _block_tile(S, SCALE, row0, R, M, stride_s, SELF_MASK, BLOCK_R, BLOCK_C)
+    gnorm = tl.load(GNORM)
+    r_ok = offs_r < R
+    c_ok = offs_c < M
+    ds = tl.zeros((BLOCK_R, BLOCK_C), dtype=S.dtype.element_ty)
+    if HAS_R:
+        lr, gr = _stats(LSE_R, G_R, row0 + offs_r, r_ok)
+        ds += (gr * gnorm)[:, None] * tl.exp(s - lr[:, None])
+    if HAS_C:
+        ds += _ds_cols(s, LSE_C, G_C, offs_c, c_ok, gnorm)
+    tl.store(DS + offs_r[:, None].to(tl.int64) * stride_s + offs_c[None, :],
+             ds.to(DS.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
 _FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D"]

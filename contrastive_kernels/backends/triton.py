@@ -30,6 +30,21 @@ Settings (module attributes, read at every call; their defaults come from the en
                  the one-chunk limit), else none. Two launches (dq over row blocks,
                  dk over column blocks; one under self-contrast), no atomics, a fixed
                  config: bitwise reproducible, 1 + 4 GEMM passes.
+  BLOCKED        CK_TRITON_BLOCKED in {"auto", "on", "off"}: the blocked algorithm, for
+                 an embedding dim too large for one chunk (D above MAX_ONE_D, 256 for
+                 fp16/bf16), where the fused kernels re-read q and k chunks and
+                 accumulate dq through memory. Rows go in blocks of R (an fp32 R x M
+                 block of S and its dS in the input dtype fill the workspace: by default
+                 2 x the bytes of q and k, so R is about 4D/3 for N = M; per
+                 block, cuBLAS computes S = q_b k^T with fp32 output, a Triton kernel
+                 reads it once for the row and column log-sum-exps (forward) or writes
+                 dS (backward), and cuBLAS gives dq_b = dS k and dk += dS^T q_b
+                 (1 + 3 GEMM passes, no atomics, deterministic). "auto": on for CUDA
+                 fp16/bf16 inputs with D above MAX_ONE_D, where torch has
+                 mm(..., out_dtype=float32), unless LOW_MEMORY or torch's deterministic
+                 algorithms are on (cuBLAS would need CUBLAS_WORKSPACE_CONFIG).
+                 "on" forces it (tests: CPU tensors under the interpreter, where the
+                 GEMMs run in torch in the accumulation dtype); LOW_MEMORY still wins.
   PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
   POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill
                  every buffer a kernel must write in full with NaN first, so that a
@@ -48,9 +63,18 @@ NAME = "triton"
 DETERMINISTIC = os.environ.get("CK_TRITON_DETERMINISTIC", "0") == "1"
 PRECISION = os.environ.get("CK_TRITON_PRECISION", "ieee")
 LOW_MEMORY = os.environ.get("CK_TRITON_LOW_MEMORY", "0") == "1"
+BLOCKED = os.environ.get("CK_TRITON_BLOCKED", "auto")
+# The blocked path's workspace (an fp32 block of S and its dS): BLOCKED_WORKSPACE bytes,
+# or by default WORKSPACE_FACTOR x the bytes of q and k, at least WORKSPACE_MIN: it grows
+# with (N + M) D, never with N M. BLOCKED_ROWS (tests) fixes the rows per block instead.
+BLOCKED_WORKSPACE = None
+WORKSPACE_FACTOR = 2
+WORKSPACE_MIN = 64 << 20
+BLOCKED_ROWS = None
 POISON = "1" in (os.environ.get("CK_TRITON_POISON"), os.environ.get("CK_POISON"))
 
 _PRECISIONS = ("ieee", "tf32")
+_BLOCKED_MODES = ("auto", "on", "off")
 _KERNEL_MODULE = "contrastive_kernels.triton_kernels.lse"
 # Problems with fewer multiply-adds than this use one fixed config instead of autotuning.
 AUTOTUNE_MIN_MACS = 1 << 30
@@ -104,6 +128,9 @@ def _check(q, k):
                             "device, or backend 'cpu'/'torch'")
         if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
             raise TypeError("the Triton backend needs sm80 or newer for bfloat16")
+    if BLOCKED not in _BLOCKED_MODES:
+        raise ValueError(f"contrastive_kernels.backends.triton.BLOCKED must be one of "
+                         f"{_BLOCKED_MODES}, got {BLOCKED!r}")
     if PRECISION not in _PRECISIONS:
         raise ValueError(f"contrastive_kernels.backends.triton.PRECISION must be one of "
                          f"{_PRECISIONS}, got {PRECISION!r}")
@@ -179,8 +206,120 @@ def _size_key(n, m):
     return (int(n).bit_length() << 8) | int(m).bit_length()
 
 
+_MM_OUT_DTYPE = {}
+
+
+def _mm_out_dtype(device, dtype):
+    """Whether torch's mm/addmm take an out_dtype (fp16/bf16 inputs, fp32 output) on this
+    device: tried once per (device, dtype) on a small product."""
+    key = (str(device), dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(16, 16, device=device, dtype=dtype)
+            out = torch.empty(16, 16, device=device, dtype=torch.float32)
+            torch.ops.aten.mm.dtype_out(a, a, torch.float32, out=out)
+            torch.ops.aten.addmm.dtype_out(out, a, a, torch.float32, out=out)
+            _MM_OUT_DTYPE[key] = bool((out == 32).all())
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def _blocked(L):
+    """Whether this call takes the blocked algorithm (BLOCKED, module docstring)."""
+    if BLOCKED == "off" or LOW_MEMORY:
+        return False
+    if BLOCKED == "on":
+        return True
+    return (L.dev.type == "cuda" and L.q.dtype in (torch.float16, torch.bfloat16)
+            and not L.one_d and not torch.are_deterministic_algorithms_enabled()
+            and _mm_out_dtype(L.dev, L.q.dtype))
+
+
+def _gemm(a, b, out, accumulate=False):
+    """out = a @ b (accumulate: out += a @ b) in out's dtype; half inputs accumulate in
+    fp32 (cuBLAS with out_dtype; on CPU, upcast first)."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        if accumulate:
+            torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, out=out)
+        else:
+            torch.ops.aten.mm.dtype_out(a, b, out.dtype, out=out)
+    else:
+        prod = a.to(out.dtype) @ b.to(out.dtype)
+        out.add_(prod) if accumulate else out.copy_(prod)
+
+
+def _block_plan(L):
+    """(rows per block, padded row stride of the workspace, tile config)."""
+    mpad = -(-L.m // 64) * 64
+    if BLOCKED_ROWS:
+        rows = BLOCKED_ROWS
+    else:
+        ws = BLOCKED_WORKSPACE
+        if ws is None:
+            ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
+        rows = ws // (mpad * (_acc(L.q.dtype).itemsize + L.q.element_size()))
+        rows = max(16, rows // 16 * 16)
+    return max(1, min(L.n, rows)), mpad, L.K.BLOCKED_TILE
+
+
+def _blocked_forward(L, self_mask, cols):
+    n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
+    rows, mpad, T = _block_plan(L)
+    br, bc = T["BLOCK_R"], T["BLOCK_C"]
+    sbuf = _out((rows, mpad), acc, dev, POISON)
+    row_part = _out((rows, cdiv(m, bc)), acc, dev, POISON)
+    col_part = _out((cdiv(rows, br), m), acc, dev, POISON) if cols else row_part
+    lse_r = _out((n,), acc, dev, POISON)
+    lse_c = torch.full((m,), float("-inf"), dtype=acc, device=dev) if cols else None
+    kt = L.k.T
+    for i0 in range(0, n, rows):
+        r = min(rows, n - i0)
+        s = sbuf[:r, :m]
+        _gemm(L.q[i0:i0 + r], kt, s)
+        L.K.block_stats_kernel[(cdiv(m, bc), cdiv(r, br))](
+            s, L.scale_t, row_part, col_part, i0, r, m, mpad, SELF_MASK=bool(self_mask),
+            COLS=bool(cols), BLOCK_R=br, BLOCK_C=bc, num_warps=T["num_warps"])
+        torch.logsumexp(row_part[:r], 1, out=lse_r[i0:i0 + r])
+        if cols:
+            torch.logaddexp(lse_c, torch.logsumexp(col_part[:cdiv(r, br)], 0), out=lse_c)
+    return lse_r, lse_c
+
+
+def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_dq, need_dk):
+    n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
+    rows, mpad, T = _block_plan(L)
+    br, bc = T["BLOCK_R"], T["BLOCK_C"]
+    sbuf = _out((rows, mpad), acc, dev, POISON)
+    dsbuf = _out((rows, mpad), L.q.dtype, dev, POISON)
+    dq = _out((n, L.d), acc, dev, POISON) if need_dq else None
+    dk = _out((m, L.d), acc, dev, POISON) if need_dk else None
+    q, k = L.q, L.k
+    for i0 in range(0, n, rows):
+        r = min(rows, n - i0)
+        s, ds, qb = sbuf[:r, :m], dsbuf[:r, :m], q[i0:i0 + r]
+        _gemm(qb, k.T, s)
+        L.K.block_ds_kernel[(cdiv(m, bc), cdiv(r, br))](
+            s, ds, L.scale_t, gnorm, lse_r, g_r, lse_c if has_c else lse_r,
+            g_c if has_c else g_r, i0, r, m, mpad, SELF_MASK=bool(self_mask), HAS_R=True,
+            HAS_C=has_c, BLOCK_R=br, BLOCK_C=bc, num_warps=T["num_warps"])
+        if need_dq:
+            _gemm(ds, k, dq[i0:i0 + r])
+        if need_dk:
+            _gemm(ds.T, qb, dk, accumulate=i0 > 0)
+    return dq, dk
+
+
 def lse_forward(q, k, scale, self_mask, cols):
     L = _setup(q, k, scale)
+    if _blocked(L):
+        with torch.cuda.device(L.dev) if L.dev.type == "cuda" else _nullctx():
+            return _blocked_forward(L, self_mask, cols)
     n, m, P, dev = L.n, L.m, L.P, L.dev
     lse_r = _out((n,), L.acc, dev, POISON)
     bm = forward_block_m(n, P, dev)
@@ -233,7 +372,10 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, n
     q, k = L.q, L.k
     dq = dk = None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        if need_dq and need_dk and not _deterministic():
+        if _blocked(L):
+            dq, dk = _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm,
+                                       need_dq, need_dk)
+        elif need_dq and need_dk and not _deterministic():
             dq = _out((L.n, L.d), acc, dev, POISON)
             dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, dk, True)
