@@ -1,14 +1,17 @@
 """GPU benchmark: symmetric CLIP loss, forward + backward, bf16, D = 768.
 
     python bench/bench_gpu.py [--quick] [--sizes 8192,16384] [--dim 768] [--json out.json]
+                              [--methods naive,triton,...]
 
 Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
-contrastive_kernels available on CUDA (Triton three times: "triton" with the atomic backward,
-"triton-det" with backends.triton.DETERMINISTIC = True, "triton-low" with LOW_MEMORY =
-True), and Inf-CL when the `inf_cl` package imports.
-Columns: median time of a step (triton.testing.do_bench), peak torch.cuda.max_memory_allocated
-during one step, TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and
-one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
+contrastive_kernels available on CUDA (Triton three times: "triton" as `auto` runs it (the
+blocked algorithm at D = 768: cuBLAS GEMMs on row blocks, Triton for the statistics and
+dS; "triton-1g" the same with BLOCKED_WORKSPACE = 1 GiB), "triton-fused" with backends.triton.BLOCKED = "off" (the fused kernels, atomic dk),
+"triton-low" with LOW_MEMORY = True), and Inf-CL when the `inf_cl` package imports.
+Columns: median time of a step (triton.testing.do_bench), peak memory (the inputs plus
+the most torch.cuda.max_memory_allocated rose during one step above what was allocated
+before it, so that what other rows left, such as cuBLAS workspaces, is not counted),
+TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
 rate measured in the same run, and the peak over the ideal: inputs + gradients (4 N D
 bf16 values; the O(N) statistics are negligible), then the forward alone (no_grad): its
 median time and its rate (2 N^2 D) over the matmul rate, which shows how a step's time
@@ -51,14 +54,17 @@ def _bench(fn, quick):
 
 
 def _peak(fn):
+    """The most memory allocated during fn() above what was allocated before it (buffers
+    other rows left behind, such as cuBLAS workspaces, are not counted)."""
     if DEVICE != "cuda":
         fn()
         return None
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def _loss_or_grads(loss_fn, q, k, backward):
@@ -133,11 +139,17 @@ def methods():
     out = [("naive", naive_step, lambda n: 22 * n * n)]   # bf16 + fp32 logits, softmax, grads
     for b in ck.available_backends(DEVICE):
         if b == "triton":
-            # the three backward modes: fp32 atomics for dk (4 GEMM passes), the
-            # deterministic two-kernel backward (5 passes, no atomics), and the
-            # low-memory kernels that write bf16 gradients (5 passes, no atomics)
-            out.append(("triton", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False), lambda n: 0))
-            out.append(("triton-det", ck_step(b, DETERMINISTIC=True, LOW_MEMORY=False), lambda n: 0))
+            # auto (blocked at large D: 4 GEMM passes), the fused kernels with fp32
+            # atomics for dk (4 passes), and the low-memory fused kernels that write
+            # bf16 gradients (5 passes, no atomics)
+            out.append(("triton", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False,
+                                          BLOCKED="auto"), lambda n: 0))
+            # the blocked algorithm with a 1 GiB workspace (fewer, larger row blocks)
+            out.append(("triton-1g", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False,
+                                             BLOCKED="auto", BLOCKED_WORKSPACE=1 << 30),
+                        lambda n: 0))
+            out.append(("triton-fused", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False,
+                                                BLOCKED="off"), lambda n: 0))
             out.append(("triton-low", ck_step(b, LOW_MEMORY=True), lambda n: 0))
         else:
             out.append((b, ck_step(b), lambda n: 0))
@@ -181,7 +193,7 @@ def targets(rows):
             checks.append(("peak <= 1.05 ideal", ratio <= 1.05, f"{ratio:.2f}x"))
         for name, ok, val in checks:
             verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-            out.append(f"  {m:>10}  {name:<20} {val:>13}  {verdict}")
+            out.append(f"  {m:>12}  {name:<20} {val:>13}  {verdict}")
     out.append("  (the peak target is for triton-low: the other modes keep float32 dq and dk, "
                "about 1.75x by design; docs/DESIGN.md section 3)")
     gpu = [m for m in ("triton", "cuda") if m in at]
@@ -236,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="N in {4096, 8192}, short timing")
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 8192..65536)")
     ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated rows to run (default: all available)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    "results_gpu.json"))
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)    # cpu: smoke test
@@ -251,6 +265,9 @@ def main(argv=None):
     dtype, d = getattr(torch, a.dtype), a.dim
     rows, checks = [], {}
     meths = methods()
+    if a.methods:
+        keep = a.methods.split(",")
+        meths = [m for m in meths if m[0] in keep]
     # The tiled torch fallback (not a contender) and then the CUDA C++ kernels last:
     # should one of them break the CUDA context or time run out, the rest is measured.
     meths = sorted(meths, key=lambda m: {"torch": 1, "cuda": 2}.get(m[0], 0))
@@ -275,11 +292,11 @@ def main(argv=None):
             e = check_errors(step, q, k, want)
             ok = check_ok(e)
             checks[name] = dict(loss=e[0], dq=e[1], dk=e[2], ok=ok)
-            print(f"#   {name:>10}  {e[0]:.1e} {e[1]:.1e} {e[2]:.1e}  {'ok' if ok else 'WRONG'}",
+            print(f"#   {name:>12}  {e[0]:.1e} {e[1]:.1e} {e[2]:.1e}  {'ok' if ok else 'WRONG'}",
                   flush=True)
         except Exception as ex:
             checks[name] = dict(ok=False, error=f"{type(ex).__name__}: {str(ex)[:200]}")
-            print(f"#   {name:>10}  error: {checks[name]['error']}", flush=True)
+            print(f"#   {name:>12}  error: {checks[name]['error']}", flush=True)
     q = k = want = None
     save()
 
@@ -293,7 +310,7 @@ def main(argv=None):
     print(f"# {dev_name}, {a.dtype}, D={d}, symmetric CLIP loss, forward + backward")
     print(f"matmul TFLOP/s ({a.dtype} N x D @ D x N): " +
           ", ".join(f"N={n}: " + (f"{v:.0f}" if v else "-") for n, v in mm.items()))
-    hdr = (f"{'method':>10} {'N':>6} {'ms':>9} {'peak GiB':>9} {'/ideal':>7} {'TFLOP/s':>8} "
+    hdr = (f"{'method':>12} {'N':>6} {'ms':>9} {'peak GiB':>9} {'/ideal':>7} {'TFLOP/s':>8} "
            f"{'% matmul':>9} {'fwd ms':>8} {'fwd %mm':>8}  note")
     print(hdr)
     print("-" * len(hdr), flush=True)
@@ -313,7 +330,9 @@ def main(argv=None):
                     t0 = time.time()
                     step(q, k)                       # compile / autotune outside the timing
                     warm_s = time.time() - t0
+                    # the inputs (allocated before the step) plus the step's own peak
                     peak = _peak(lambda: step(q, k))
+                    peak = None if peak is None else peak + q.nbytes + k.nbytes
                     ms = _bench(lambda: step(q, k), a.quick)
                     tf = 8 * n * n * d / (ms * 1e-3) / 1e12
                     # the forward alone: one GEMM pass, 2 N^2 D
@@ -343,7 +362,7 @@ def main(argv=None):
             rows.append(row)
             save()
             f = lambda v, fmt: (fmt % v) if v is not None else "-"
-            print(f"{name:>10} {n:>6} {f(row['ms'], '%9.2f'):>9} "
+            print(f"{name:>12} {n:>6} {f(row['ms'], '%9.2f'):>9} "
                   f"{f(row['peak_bytes'] and row['peak_bytes'] / 2**30, '%9.2f'):>9} "
                   f"{f(row['peak_bytes'] and row['peak_bytes'] / ideal_bytes(n, d), '%7.2f'):>7} "
                   f"{f(row['tflops'], '%8.1f'):>8} "
