@@ -24,7 +24,10 @@ pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cu
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "contrastive_kernels.triton_kernels.aot", "--json",
+    # CK_AOT_MODULE: the module to run (.ci/triton_aot.sh runs triton_kernels.aot from the
+    # source tree, in a venv with another triton and without the package installed).
+    module = os.environ.get("CK_AOT_MODULE", "contrastive_kernels.triton_kernels.aot")
+    cmd = [sys.executable, "-m", module, "--json",
            "--jobs", os.environ.get("CK_AOT_JOBS", "2")]
     if os.environ.get("CK_AOT_FULL") == "1":
         cmd.append("--full")

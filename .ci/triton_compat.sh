@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The Triton kernels with a second triton version (default 3.6.0, what the GPU machine
+# has; make test uses the version pinned in requirements.txt), no GPU needed:
+#   1. every kernel variant compiled ahead of time for sm_90 (tests/test_triton_aot.py:
+#      triton.compile(..., target=GPUTarget("cuda", 90, 32)), PTX and ptxas checks);
+#   2. the interpreter tests (tests/test_triton.py, TRITON_INTERPRET=1).
+#
+#   bash .ci/triton_compat.sh
+#
+# The venv (CPU torch, the triton under test, numpy, pytest) is created once, outside the
+# repo, and reused: ${CK_TRITON_COMPAT_VENV:-$HOME/.cache/contrastive_kernels/venv-triton-$VERSION}.
+# numpy < 2.3 there: triton 3.6.0's interpreter calls int() on one-element arrays for
+# every loop bound (`for i in range(0, N, 1)` in any kernel), which NumPy 2.3 and newer
+# reject ("only 0-dimensional arrays can be converted to Python scalars"); host-side
+# Python of the interpreter only, compiled kernels are unaffected (they ran on an H200
+# with triton 3.6.0). The kernels run from a copy of the source tree, not an install.
+# Knobs: CK_TRITON_COMPAT_VERSION (3.6.0), CK_TRITON_COMPAT_TORCH (torch==2.13.0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VERSION=${CK_TRITON_COMPAT_VERSION:-3.6.0}
+TORCH=${CK_TRITON_COMPAT_TORCH:-torch==2.13.0}
+VENV=${CK_TRITON_COMPAT_VENV:-$HOME/.cache/contrastive_kernels/venv-triton-$VERSION}
+PY="$VENV/bin/python"
+LOG=$(mktemp -t ck_triton_compat.XXXXXX.log)
+TMP=$(mktemp -d -t ck_triton_compat.XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+fail() {
+    echo "triton_compat: FAILED: $1 (log below, also in $LOG)" >&2
+    cat "$LOG" >&2
+    exit 1
+}
+ready() {
+    "$PY" -c "import torch, pytest, triton, numpy, sys
+sys.exit(triton.__version__ != '$VERSION' or tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 3))" 2>/dev/null
+}
+if ! { [ -x "$PY" ] && ready; }; then
+    mkdir -p "$(dirname "$VENV")"
+    { ${PYTHON:-python3} -m venv "$VENV" \
+        && "$PY" -m pip install -q --upgrade pip \
+        && "$PY" -m pip install -q "$TORCH" \
+        && "$PY" -m pip install -q "triton==$VERSION" "numpy<2.3" pytest; } >"$LOG" 2>&1 \
+        || fail "could not create $VENV with triton==$VERSION"
+fi
+START=$(date +%s)
+CK_AOT_MODULE=triton_kernels.aot "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_aot.py \
+    >"$LOG" 2>&1 || fail "AOT compile with triton $VERSION"
+AOT="$(tail -n 1 "$LOG" | sed 's/=//g; s/^ *//; s/ *$//')"
+# The package with its triton_kernels subpackage (setup.py maps it) and the tests.
+cp -r "$ROOT/contrastive_kernels" "$ROOT/tests" "$TMP/"
+rm -rf "$TMP/contrastive_kernels/triton_kernels"
+cp -r "$ROOT/triton_kernels" "$TMP/contrastive_kernels/triton_kernels"
+(cd "$TMP" && PYTHONPATH="$TMP" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py) \
+    >"$LOG" 2>&1 || fail "interpreter tests with triton $VERSION"
+INTERP="$(tail -n 1 "$LOG" | sed 's/=//g; s/^ *//; s/ *$//')"
+echo "triton_compat: OK (triton $VERSION; sm_90 AOT: $AOT; interpreter: $INTERP; $(( $(date +%s) - START ))s)"
+rm -f "$LOG"
