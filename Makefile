@@ -30,7 +30,7 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: build
-	$(PY) -m contrastive_kernels.bench $(BENCH_ARGS)
+	$(PY) bench/sweep.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info contrastive_kernels/*.so $(VENV)/.built

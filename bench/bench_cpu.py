@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import contrastive_kernels as ck
-from contrastive_kernels.bench import SCALE, cpu_backends, naive_loss
+from harness import SCALE, naive_loss
+from sweep import cpu_backends
 
 D = 256
 SIZES = (2048, 4096)

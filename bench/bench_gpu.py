@@ -4,14 +4,16 @@
                               [--methods naive,triton,...]
 
 Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
-contrastive_kernels available on CUDA (Triton three times: "triton" as `auto` runs it (the
-blocked algorithm at D = 768: cuBLAS GEMMs on row blocks, Triton for the statistics and
-dS; "triton-1g" the same with BLOCKED_WORKSPACE = 1 GiB), "triton-fused" with backends.triton.BLOCKED = "off" (the fused kernels, atomic dk),
-"triton-low" with LOW_MEMORY = True), and Inf-CL when the `inf_cl` package imports.
+contrastive_kernels available on CUDA (Triton four times: "triton" as `auto` runs it, the
+blocked algorithm at D = 768 (cuBLAS GEMMs on row blocks, Triton for the statistics and
+dS); "triton-1g" the same with workspace=1 GiB; "triton-fused" with algorithm="fused"
+(the fused kernels, atomic dk); "triton-low" with low_memory=True), and Inf-CL when the
+`inf_cl` package imports.
 Columns: median time of a step (triton.testing.do_bench), peak memory (the inputs plus
 the most torch.cuda.max_memory_allocated rose during one step above what was allocated
 before it, so that what other rows left, such as cuBLAS workspaces, is not counted),
-TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and one recompute: 4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
+TFLOP/s counted as 8 N^2 D (forward GEMM + the backward's two GEMMs and one recompute:
+4 GEMM passes of 2 N^2 D), and that rate over the bf16 N x N x D matmul
 rate measured in the same run, and the peak over the ideal: inputs + gradients (4 N D
 bf16 values; the O(N) statistics are negligible), then the forward alone (no_grad): its
 median time and its rate (2 N^2 D) over the matmul rate, which shows how a step's time
@@ -34,21 +36,17 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-SCALE = 1 / 0.07
+from harness import SCALE, inputs, median_time, naive_loss
+
 # "cuda"; "cpu" (--device cpu) only smoke-tests this script (tests/test_bench.py).
 DEVICE = "cuda"
 
 
 def _bench(fn, quick):
+    """Median milliseconds of fn."""
     if DEVICE != "cuda":
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[1]
+        return 1e3 * median_time(fn, repeats=3)
     from triton.testing import do_bench
     return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
 
@@ -77,31 +75,17 @@ def _loss_or_grads(loss_fn, q, k, backward):
 
 
 def naive_step(q, k, backward=True):
-    def loss_fn(q, k):
-        labels = torch.arange(q.shape[0], device=q.device)
-        logits = SCALE * (q @ k.T)
-        return (F.cross_entropy(logits.float(), labels) +
-                F.cross_entropy(logits.float().T, labels)) / 2
-    return _loss_or_grads(loss_fn, q, k, backward)
+    return _loss_or_grads(naive_loss, q, k, backward)
 
 
-def ck_step(backend, **settings):
-    """One step of `backend`; settings (e.g. DETERMINISTIC=True) are set on its module
-    for the call."""
+def ck_step(backend, **options):
+    """One step of `backend` with kernel options (e.g. low_memory=True)."""
     import contrastive_kernels as ck
-    from contrastive_kernels import backends
 
     def step(q, k, backward=True):
-        mod = backends._BACKENDS[backend]
-        old = {name: getattr(mod, name) for name in settings}
-        for name, v in settings.items():
-            setattr(mod, name, v)
-        try:
-            return _loss_or_grads(lambda q, k: ck.info_nce(q, k, temperature=0.07, symmetric=True,
-                                                           backend=backend), q, k, backward)
-        finally:
-            for name, v in old.items():
-                setattr(mod, name, v)
+        return _loss_or_grads(lambda q, k: ck.info_nce(q, k, temperature=0.07, symmetric=True,
+                                                       backend=backend, **options),
+                              q, k, backward)
     return step
 
 
@@ -142,15 +126,11 @@ def methods():
             # auto (blocked at large D: 4 GEMM passes), the fused kernels with fp32
             # atomics for dk (4 passes), and the low-memory fused kernels that write
             # bf16 gradients (5 passes, no atomics)
-            out.append(("triton", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False,
-                                          BLOCKED="auto"), lambda n: 0))
+            out.append(("triton", ck_step(b), lambda n: 0))
             # the blocked algorithm with a 1 GiB workspace (fewer, larger row blocks)
-            out.append(("triton-1g", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False,
-                                             BLOCKED="auto", BLOCKED_WORKSPACE=1 << 30),
-                        lambda n: 0))
-            out.append(("triton-fused", ck_step(b, DETERMINISTIC=False, LOW_MEMORY=False,
-                                                BLOCKED="off"), lambda n: 0))
-            out.append(("triton-low", ck_step(b, LOW_MEMORY=True), lambda n: 0))
+            out.append(("triton-1g", ck_step(b, workspace=1 << 30), lambda n: 0))
+            out.append(("triton-fused", ck_step(b, algorithm="fused"), lambda n: 0))
+            out.append(("triton-low", ck_step(b, low_memory=True), lambda n: 0))
         else:
             out.append((b, ck_step(b), lambda n: 0))
     try:
@@ -227,10 +207,7 @@ def check_ok(errors):
 
 
 def _inputs(n, d, dtype):
-    g = torch.Generator(device=DEVICE).manual_seed(n)
-    q = F.normalize(torch.randn(n, d, device=DEVICE, generator=g), dim=1).to(dtype).requires_grad_()
-    k = F.normalize(torch.randn(n, d, device=DEVICE, generator=g), dim=1).to(dtype).requires_grad_()
-    return q, k
+    return inputs(n, d, seed=n, dtype=dtype, device=DEVICE)
 
 
 def _free_memory():

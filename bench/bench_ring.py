@@ -13,13 +13,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
+from harness import inputs, seconds  # noqa: E402
 
 MODES = [("ring (overlap)", "ring", True), ("ring (sync)", "ring", False),
          ("gather", "gather", None)]
@@ -30,9 +31,7 @@ def _worker(rank, args, init_file, out):
     import contrastive_kernels.distributed as ckd
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=args.world)
-    gen = torch.Generator().manual_seed(rank)
-    q0 = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=gen), dim=1)
-    k0 = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=gen), dim=1)
+    q0, k0 = inputs(args.n, args.d, seed=rank, requires_grad=False)
     results = {}
     for label, mode, overlap in MODES:
         times = []
@@ -40,15 +39,16 @@ def _worker(rank, args, init_file, out):
             q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
             scale = torch.tensor(14.0, requires_grad=True)
             dist.barrier()
-            t0 = time.perf_counter()
-            if mode == "ring":
-                loss = ckd.ring_info_nce(q, k, symmetric=True, logit_scale=scale,
-                                         backend=args.backend, overlap=overlap)
-            else:
-                loss = ckd.gather_info_nce(q, k, symmetric=True, logit_scale=scale,
-                                           backend=args.backend)
-            loss.backward()
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+
+            def step():
+                if mode == "ring":
+                    loss = ckd.ring_info_nce(q, k, symmetric=True, logit_scale=scale,
+                                             backend=args.backend, overlap=overlap)
+                else:
+                    loss = ckd.gather_info_nce(q, k, symmetric=True, logit_scale=scale,
+                                               backend=args.backend)
+                loss.backward()
+            dt = torch.tensor([seconds(step)], dtype=torch.float64)
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             if rep:
                 times.append(dt.item())

@@ -2,36 +2,26 @@
 
 python bench/cpu_kernel_quick.py [N] [D] [reps]
 """
-import statistics
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import contrastive_kernels  # noqa: F401  (loads the ops)
+from harness import SCALE, inputs, median_time, naive_loss
 
 ops = torch.ops.contrastive_kernels
 
 
 def med(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return median_time(fn, reps, warmup=1)
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     d = int(sys.argv[2]) if len(sys.argv) > 2 else 256
     reps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    torch.manual_seed(0)
-    q = F.normalize(torch.randn(n, d), dim=1)
-    k = F.normalize(torch.randn(n, d), dim=1)
-    s = 1 / 0.07
+    q, k = inputs(n, d, requires_grad=False)
+    s = SCALE
     g = torch.full((n,), 0.5 / n)
 
     def fused():
@@ -39,11 +29,7 @@ def main():
         ops.lse_backward(q, k, s, False, lr, lc, g, g)
 
     def naive():
-        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-        logits = s * qq @ kk.T
-        t = torch.arange(n)
-        loss = (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t)) / 2
-        loss.backward()
+        naive_loss(q.clone().requires_grad_(), k.clone().requires_grad_(), s).backward()
 
     kt = k.T.contiguous()
     for _ in range(1):

@@ -8,12 +8,11 @@ Medians of --repeats steps, both variants alternating in one process.
 import argparse
 import statistics
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import contrastive_kernels as ck
+from harness import inputs, seconds
 
 
 def main(argv=None):
@@ -22,9 +21,8 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
-    g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(a.n, a.d, generator=g), dim=1).requires_grad_()
-    k = F.normalize(torch.randn(a.n, a.d, generator=g), dim=1)
+    q, k = inputs(a.n, a.d)
+    k = k.detach()
     print(f"# symmetric CLIP, fp32, N={a.n}, D={a.d}, {torch.get_num_threads()} threads, "
           f"median of {a.repeats}")
     for backend in ck.available_backends("cpu"):
@@ -34,10 +32,11 @@ def main(argv=None):
         for _ in range(a.repeats):
             for trainable in (True, False):
                 kk = k.detach().requires_grad_(trainable)
-                t0 = time.perf_counter()
-                loss = ck.info_nce(q, kk, symmetric=True, backend=backend)
-                torch.autograd.grad(loss, [x for x in (q, kk) if x.requires_grad])
-                times[trainable].append(time.perf_counter() - t0)
+
+                def step():
+                    loss = ck.info_nce(q, kk, symmetric=True, backend=backend)
+                    torch.autograd.grad(loss, [x for x in (q, kk) if x.requires_grad])
+                times[trainable].append(seconds(step))
         t_all, t_frozen = statistics.median(times[True]), statistics.median(times[False])
         print(f"{backend:>6}: keys trained {t_all:.3f} s, keys frozen {t_frozen:.3f} s "
               f"({t_frozen / t_all:.2f}x)")

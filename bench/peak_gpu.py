@@ -11,20 +11,27 @@ of the backward over the ideal, and the ops after which the most memory was allo
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harness import inputs
+
 MiB = 1 << 20
-MODES = {"low": dict(LOW_MEMORY=True), "auto": dict(LOW_MEMORY=False, BLOCKED="auto"),
-         "fused": dict(LOW_MEMORY=False, BLOCKED="off")}
+MODES = {"low": dict(low_memory=True), "auto": {}, "fused": dict(algorithm="fused")}
 
 
 class Trace(TorchDispatchMode):
+    """Records memory after every aten op, inside the package's custom ops too (their
+    Python bodies run under the mode)."""
+
     def __init__(self):
         super().__init__()
         self.rows = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from contrastive_kernels.ops import BODIES
+        if func in BODIES:
+            with self:
+                return BODIES[func](*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
         big = max((t.numel() * t.element_size() for t in outs if torch.is_tensor(t)), default=0)
@@ -34,39 +41,30 @@ class Trace(TorchDispatchMode):
 
 def run(mode, n, d, top):
     import contrastive_kernels as ck
-    from contrastive_kernels.backends import triton as T
-    old = {k: getattr(T, k) for k in MODES[mode]}
-    for k, v in MODES[mode].items():
-        setattr(T, k, v)
-    try:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16().requires_grad_()
-        k = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16().requires_grad_()
-        step = lambda: ck.info_nce(q, k, temperature=0.07, symmetric=True, backend="triton")
-        torch.autograd.grad(step(), (q, k))          # compile / autotune first
-        ideal = 4 * n * d * 2
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        with Trace() as tf:
-            loss = step()
-        torch.cuda.synchronize()
-        fwd_peak = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        with Trace() as tb:
-            grads = torch.autograd.grad(loss, (q, k))
-        torch.cuda.synchronize()
-        bwd_peak = torch.cuda.max_memory_allocated()
-        print(f"{mode}: N={n} D={d} base {base / MiB:.0f} MiB, ideal {ideal / MiB:.0f} MiB, "
-              f"forward peak {fwd_peak / ideal:.3f}x, backward peak {bwd_peak / ideal:.3f}x "
-              f"(+{(bwd_peak - ideal) / MiB:.1f} MiB)")
-        for name, tr in (("fwd", tf), ("bwd", tb)):
-            for alloc, fn, big in sorted(tr.rows, reverse=True)[:top]:
-                print(f"  {name} {alloc / MiB:9.1f} MiB after {fn} (largest output {big / MiB:.1f} MiB)")
-        del grads, loss
-    finally:
-        for k, v in old.items():
-            setattr(T, k, v)
+    q, k = inputs(n, d, dtype=torch.bfloat16, device="cuda")
+    step = lambda: ck.info_nce(q, k, temperature=0.07, symmetric=True, backend="triton",
+                               **MODES[mode])
+    torch.autograd.grad(step(), (q, k))          # compile / autotune first
+    ideal = 4 * n * d * 2
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with Trace() as tf:
+        loss = step()
+    torch.cuda.synchronize()
+    fwd_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with Trace() as tb:
+        grads = torch.autograd.grad(loss, (q, k))
+    torch.cuda.synchronize()
+    bwd_peak = torch.cuda.max_memory_allocated()
+    print(f"{mode}: N={n} D={d} base {base / MiB:.0f} MiB, ideal {ideal / MiB:.0f} MiB, "
+          f"forward peak {fwd_peak / ideal:.3f}x, backward peak {bwd_peak / ideal:.3f}x "
+          f"(+{(bwd_peak - ideal) / MiB:.1f} MiB)")
+    for name, tr in (("fwd", tf), ("bwd", tb)):
+        for alloc, fn, big in sorted(tr.rows, reverse=True)[:top]:
+            print(f"  {name} {alloc / MiB:9.1f} MiB after {fn} (largest output {big / MiB:.1f} MiB)")
+    del grads, loss
 
 
 def main(argv=None):

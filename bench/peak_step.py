@@ -23,7 +23,8 @@ def worker(backend, case, n, d, dtype, threads=2):
     import torch.nn.functional as F
 
     import contrastive_kernels as ck
-    from contrastive_kernels.bench import _status_bytes as status   # (VmRSS, VmHWM)
+    from harness import reset_peak
+    from harness import status_bytes as status   # (VmRSS, VmHWM)
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
 
@@ -47,8 +48,7 @@ def worker(backend, case, n, d, dtype, threads=2):
     step(*make(256, 0))                  # load the code, start the thread pool
     q, k, kw = make(n, 1)
     base = status()[0]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                     # reset VmHWM
+    reset_peak()
     grads = step(q, k, kw)
     return dict(backend=backend, case=case, n=n, d=d, dtype=dtype, threads=threads,
                 above=status()[1] - base, grads=sum(g.numel() * g.element_size() for g in grads))

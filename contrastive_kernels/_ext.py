@@ -30,15 +30,41 @@ def missing_reason():
 
 
 # The C++ ops: the dispatcher picks the CPU or the CUDA kernel by the tensors' device.
-def lse_forward(q, k, scale, self_mask, cols):
-    lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward(q, k, scale, self_mask, cols)
+# `scale` is read on the host here (a CUDA tensor costs a sync: only the `cuda` backend).
+def lse_forward(q, k, scale, self_mask, cols, options):
+    lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward(
+        q, k, float(scale), self_mask, cols, options.deterministic, options.precision == "tf32")
     return lse_r, (lse_c if cols else None)
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True):
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk, options):
     empty = lse_r.new_empty(0)
     dq, dk = torch.ops.contrastive_kernels.lse_backward(
-        q, k, scale, self_mask, lse_r, empty if lse_c is None else lse_c,
-        g_r, empty if g_c is None else g_c, need_dq, need_dk)
+        q, k, float(scale), self_mask, lse_r, empty if lse_c is None else lse_c,
+        g_r, empty if g_c is None else g_c, need_dq, need_dk, options.deterministic,
+        options.precision == "tf32")
     # The op returns an empty tensor for a gradient that was not asked for.
     return (dq if need_dq else None), (dk if need_dk else None)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_fakes():
+    """Shape-only (fake) kernels of the C++ ops, for tracing (torch.compile)."""
+    @torch.library.register_fake("contrastive_kernels::lse_forward")
+    def _forward(q, k, scale, self_mask, cols, deterministic=False, tf32=False, poison=False):
+        acc = _acc(q.dtype)
+        return q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if cols else 0, dtype=acc)
+
+    @torch.library.register_fake("contrastive_kernels::lse_backward")
+    def _backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True,
+                  deterministic=False, tf32=False, poison=False):
+        acc = _acc(q.dtype)
+        return (q.new_empty(q.shape[0] if need_dq else 0, q.shape[1], dtype=acc),
+                q.new_empty(k.shape[0] if need_dk else 0, k.shape[1], dtype=acc))
+
+
+if _C is not None:
+    register_fakes()

@@ -54,31 +54,30 @@ single-process step on the concatenated batch with the global mean loss ``L``.
 
 What travels (ring)
 -------------------
-The loss splits as in ``contrastive_kernels.loss``: row LSEs, and terms linear in
-S = s q k^T. The linear part is written with raw dot products of the local rows
-
-    A_i = sum_j pos_ij <q_i, k_j>,  P_i = #positives,  B_i = sum_j valid_ij <q_i, k_j>
-
-(A for the positives, B for label smoothing) and the same for the columns. All of
-them add up block by block, so positives held by other ranks (global
-``positive_index``, SupCon classes across ranks) are handled while their blocks
-pass: a block contributes via an index gather (positive_index) or per-class sums
-of its keys, O((N + M) D). Forward: a key block (and its labels) travels one turn;
-with ``symmetric`` it carries its partial column statistics (LSE, A, B, P) and
-arrives home with them complete. Backward: the key block travels again with its
-owner's column statistics and column gradients; its dk accumulator (LSE part and
-linear part) travels with it and arrives at the owner after one full turn. A rank
-holds its own shard plus at most two remote key blocks (the current one and the
-next one in flight); ``RING_STATS`` records the peak.
+The ring runs the same stages as the local loss (contrastive_kernels.engine): per key
+block, the backend's log-sum-exps and the target statistics (A, P, B per row: the
+positives' dot products, their count, and with label smoothing the valid dot products;
+targets.Targets), which add up block by block, so positives held by other ranks (global
+``positive_index``, SupCon classes across ranks) are counted while their blocks pass.
+Forward: a key block (and its labels) travels one turn; with ``symmetric`` it carries
+its partial column statistics and arrives home with them complete. Backward: the key
+block travels again with its owner's column statistics and gradients; its dk
+accumulator travels with it and arrives at the owner after one full turn (in the input
+dtype with ``low_memory=True``, float32 otherwise). A rank holds its own shard plus at
+most two remote key blocks (the current one and the next one in flight); ``RING_STATS``
+records the peak.
 """
 import dataclasses
 
 import torch
 import torch.distributed as dist
 
-from . import backends
-from ._validate import FLOAT_DTYPES, REDUCTIONS, _check_int_vector, check_inputs
-from .loss import info_nce, not_traced
+from . import engine
+from .backends import REGISTRY, Call
+from .loss import info_nce
+from .options import make_options
+from .problem import FLOAT_DTYPES, REDUCTIONS, check_inputs, check_values
+from .targets import Targets
 
 __all__ = ["ring_info_nce", "gather_info_nce", "RING_STATS", "reset_ring_stats"]
 
@@ -166,22 +165,10 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
     # 1. check the local shard, without raising yet (the other ranks must hear of it).
     err, p, mode = None, None, 0
     try:
-        if positive_index is not None and labels is None and _is_matrix(query):
-            # A global positive_index: let check_inputs check everything else (dummy
-            # labels skip its local range check); the index is checked below.
-            mode = 1
-            z = torch.zeros(query.shape[0], dtype=torch.int64, device=query.device)
-            zk = (torch.zeros(key.shape[0], dtype=torch.int64, device=query.device)
-                  if _is_matrix(key) else None)
-            p = check_inputs(query, key, None, z, zk, temperature, logit_scale, logit_bias,
-                             symmetric, label_smoothing, reduction)
-            pi = _check_int_vector("positive_index", positive_index, query.shape[0],
-                                   "query rows", query.device)
-            p = dataclasses.replace(p, positive_index=pi, labels=None, key_labels=None)
-        else:
-            p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                             logit_scale, logit_bias, symmetric, label_smoothing, reduction)
-            mode = 2 if p.labels is not None else 0
+        p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
+                         logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+                         global_index=True)
+        mode = 2 if p.labels is not None else (1 if positive_index is not None else 0)
     except (TypeError, ValueError) as e:
         err, p = e, None
     cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
@@ -189,10 +176,9 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
         row = [0] * 10
     else:
         n, d = p.query.shape
-        m = n if p.self_contrast else p.key.shape[0]
         keys = p.query if p.self_contrast else p.key
-        row = [1, n, m, d, FLOAT_DTYPES.index(p.query.dtype), int(p.self_contrast), mode,
-               int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad)]
+        row = [1, n, p.n_keys, d, FLOAT_DTYPES.index(p.query.dtype), int(p.self_contrast),
+               mode, int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad)]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -225,59 +211,57 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
                          f"{sum(sizes_m)} keys")
     offs_n = [sum(sizes_n[:r]) for r in range(world)]
     offs_m = [sum(sizes_m[:r]) for r in range(world)]
-    # 3. the positive_index in global terms.
-    err = None
-    n, m_glob = sizes_n[rank], sum(sizes_m)
+    # 3. the positive_index in global terms, and the checks that read data.
     if mode == 0 and p.labels is None:
         off = offs_n[rank] if p.self_contrast else offs_m[rank]
         p = dataclasses.replace(p, positive_index=p.positive_index + off)
-    elif mode == 1:
-        pi = p.positive_index
-        lo, hi = int(pi.min()), int(pi.max())
-        if lo < 0 or hi >= m_glob:
-            err = ValueError(f"positive_index values must be in [0, {m_glob}) (global indices "
-                             f"into the keys of all ranks), got range [{lo}, {hi}]")
-        elif p.self_contrast and bool((pi == torch.arange(n, device=pi.device)
-                                       + offs_n[rank]).any()):
-            err = ValueError("positive_index must not point a query at itself when key is None "
-                             "(global indices)")
-        _raise_together(err, group, world, cdev, what)
+    err = None
+    try:
+        check_values(p.positive_index if mode == 1 else None, sum(sizes_m), offs_n[rank],
+                     p.self_contrast, p.scale, p.bias, p.scale_name,
+                     where=" (global indices into the keys of all ranks)")
+    except ValueError as e:
+        err = e
+    _raise_together(err, group, world, cdev, what)
     # A key block's dk gathers every rank's share on its way round the ring: if any rank
     # trains its keys, every rank takes part (and one whose keys are frozen drops its own).
     any_key_grad = any(t[9] for t in table)
     return _Setup(p, world, rank, sizes_n, sizes_m, offs_n, offs_m, group, cdev, any_key_grad)
 
 
-def _is_matrix(x):
-    return torch.is_tensor(x) and x.dim() == 2
-
-
-def _finish(st, row, row_ok, col, col_ok):
-    """The per-rank loss of the contract from the local row (and column) losses."""
-    p = st.p
-    if p.reduction == "none":
-        return row if col is None else torch.cat([0.5 * row, 0.5 * col])
-    if p.reduction == "sum":
-        return row.sum() if col is None else 0.5 * row.sum() + 0.5 * col.sum()
-    cnt = torch.stack([row_ok.sum(), row_ok.sum() if col_ok is None else col_ok.sum()])
-    cnt = cnt.to(st.dev)
-    dist.all_reduce(cnt, group=st.group)
-    cnt = cnt.to(row.device).clamp_min(1).to(row.dtype)
-    loss = row.sum() / cnt[0]
-    if col is not None:
-        loss = 0.5 * loss + 0.5 * col.sum() / cnt[1]
-    return st.world * loss
-
-
 # ----------------------------------------------------------------------------- ring
 
-@dataclasses.dataclass
-class _Plan:
-    st: _Setup
-    backend: object
-    cols: bool             # column statistics (symmetric)
-    overlap: bool
-    s: float = 0.0
+def _pack(cols, rows, acc, device):
+    """(lse, A, P, B) of `rows` keys as one (rows, 4) tensor (absent parts: -inf / 0)."""
+    out = torch.zeros(rows, 4, dtype=acc, device=device)
+    out[:, 0] = float("-inf")
+    for i, x in enumerate(cols):
+        if x is not None:
+            out[:, i] = x
+    return out
+
+
+def _unpack(packed, present):
+    return tuple(packed[:, i].contiguous() if ok else None for i, ok in enumerate(present))
+
+
+def _merge_packed(x, y):
+    out = x + y
+    out[:, 0] = torch.logaddexp(x[:, 0], y[:, 0])
+    return out
+
+
+class RingBlocks:
+    """The ring's key blocks for engine.forward / engine.backward: block t is the one of
+    rank (rank - t) mod P; the next one is received while this one is computed."""
+
+    def __init__(self, st, spec, targets, key_labels, overlap, d, dtype):
+        self.st, self.spec, self.targets, self.key_labels = st, spec, targets, key_labels
+        self.overlap, self.d, self.dtype = overlap, d, dtype
+        self.acc = engine.acc_dtype(dtype)
+        # what the column packs hold: lse (from the backend), A, P, B (with smoothing)
+        self.present = (spec.cols, True, True, bool(targets.eps))
+        self.cols_home = self.dk_home = None
 
     @property
     def next(self):
@@ -287,19 +271,128 @@ class _Plan:
     def prev(self):
         return _global_rank(self.st.group, (self.st.rank - 1) % self.st.world)
 
+    def _exchange(self, sends, recvs):
+        """Start sends to the next rank and receives from the previous one (same order on
+        both sides); returns the requests."""
+        g = self.st.group
+        ops = [dist.P2POp(dist.isend, t, self.next, g) for t in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, g) for t in recvs]
+        # interleave as send, recv pairs so both ends post in the same order
+        ops = [op for pair in zip(ops[:len(sends)], ops[len(sends):]) for op in pair]
+        reqs = dist.batch_isend_irecv(ops) if ops else []
+        if not self.overlap:
+            _wait(reqs)
+            return []
+        return reqs
 
-def _exchange(plan, sends, recvs):
-    """Start sends to the next rank and receives from the previous one (same order on
-    both sides); returns the requests."""
-    ops = [dist.P2POp(dist.isend, t, plan.next, plan.st.group) for t in sends]
-    ops += [dist.P2POp(dist.irecv, t, plan.prev, plan.st.group) for t in recvs]
-    # interleave as send, recv pairs so both ends post in the same order
-    ops = [op for pair in zip(ops[:len(sends)], ops[len(sends):]) for op in pair]
-    reqs = dist.batch_isend_irecv(ops) if ops else []
-    if not plan.overlap:
-        _wait(reqs)
-        return []
-    return reqs
+    def _block(self, t, kb, lab):
+        owner = (self.st.rank - t) % self.st.world
+        return self.targets.block(kb.shape[0], self.spec.self_contrast and t == 0, lab,
+                                  self.st.offs_m[owner])
+
+    def _next_block(self, t, cur_k, cur_lab, sends, recvs, counter):
+        """Post the transfer of the next key block (and its labels); returns them."""
+        if t == self.st.world - 1:
+            return None, None
+        rows = self.st.sizes_m[(self.st.rank - t - 1) % self.st.world]
+        nk = cur_k.new_empty(rows, self.d)
+        counter.acquire()
+        sends.append(cur_k)
+        recvs.append(nk)
+        nl = None
+        if self.key_labels is not None:
+            nl = torch.empty(rows, dtype=torch.int64, device=cur_k.device)
+            sends.append(cur_lab)
+            recvs.append(nl)
+        return nk, nl
+
+    def forward(self, k):
+        st, world = self.st, self.st.world
+        symmetric = self.targets.cols
+        blocks = _Counter("remote_key_blocks")
+        cur_k, cur_lab, col_prev = k, self.key_labels, None
+        for t in range(world):
+            sends, recvs = [], []
+            nk, nl = self._next_block(t, cur_k, cur_lab, sends, recvs, blocks)
+            col_in = None
+            if symmetric and t > 0:
+                # the partial column stats of the block held now, sent by the previous rank
+                # after its compute on that block
+                owner = (st.rank - t) % world
+                col_in = torch.empty(st.sizes_m[owner], 4, dtype=self.acc, device=k.device)
+                sends.append(col_prev)
+                recvs.append(col_in)
+            reqs = self._exchange(sends, recvs)
+            blk = self._block(t, cur_k, cur_lab)
+            yield blk, cur_k
+            _wait(reqs)
+            if symmetric:
+                col = _pack(blk.cols, cur_k.shape[0], self.acc, k.device)
+                col_prev = col if col_in is None else _merge_packed(col_in, col)
+            if t > 0:
+                blocks.release()
+            cur_k, cur_lab = nk, nl
+        if symmetric:
+            # the block held last belongs to the next rank: send its stats home
+            col_own = torch.empty(k.shape[0], 4, dtype=self.acc, device=k.device)
+            _wait(self._exchange([col_prev], [col_own]))
+            self.cols_home = _unpack(col_own, self.present)
+        RING_STATS["passes"] += 1
+
+    def backward(self, k, col_pack, need_dk):
+        st, world = self.st, self.st.world
+        # dk accumulators: the input dtype with low_memory (the kernels' final gradients)
+        dk_dtype = self.dtype if self.spec.options.low_memory else self.acc
+        blocks, bufs = _Counter("remote_key_blocks"), _Counter("dk_buffers")
+        cur_k, cur_lab = k, self.key_labels
+        cur_pack = None
+        if col_pack is not None:
+            cur_pack = _pack(col_pack, k.shape[0], self.acc, k.device)
+            present = tuple(x is not None for x in col_pack)
+        dk_prev = None
+        for t in range(world):
+            owner = (st.rank - t) % world
+            sends, recvs = [], []
+            nk, nl = self._next_block(t, cur_k, cur_lab, sends, recvs, blocks)
+            npack = None
+            if cur_pack is not None and t < world - 1:
+                npack = torch.empty(nk.shape[0], 4, dtype=self.acc, device=k.device)
+                sends.append(cur_pack)
+                recvs.append(npack)
+            dk_in = None
+            if t > 0 and need_dk:
+                # the dk accumulator of the block held now, from the previous rank
+                dk_in = torch.empty(st.sizes_m[owner], self.d, dtype=dk_dtype, device=k.device)
+                bufs.acquire()
+                sends.append(dk_prev)
+                recvs.append(dk_in)
+            reqs = self._exchange(sends, recvs)
+            blk = self._block(t, cur_k, cur_lab)
+            blk.col_pack = None if cur_pack is None else _unpack(cur_pack, present)
+            blk.dk = None
+            yield blk, cur_k
+            dk_b = blk.dk
+            if need_dk:
+                if dk_b is None:       # folded into dq already (the self-masked block)
+                    dk_b = torch.zeros(cur_k.shape[0], self.d, dtype=dk_dtype, device=k.device)
+                bufs.acquire()
+            _wait(reqs)
+            if dk_prev is not None:
+                bufs.release()  # sent
+            if dk_in is not None:
+                dk_b += dk_in
+                bufs.release()
+                del dk_in
+            dk_prev = dk_b
+            if t > 0:
+                blocks.release()
+            cur_k, cur_lab, cur_pack = nk, nl, npack
+        if not need_dk:
+            return
+        # the accumulator held last belongs to the next rank: one more hop brings it home
+        dk = torch.empty(k.shape[0], self.d, dtype=dk_dtype, device=k.device)
+        _wait(self._exchange([dk_prev], [dk]))
+        self.dk_home = dk
 
 
 def _wait(reqs):
@@ -307,328 +400,120 @@ def _wait(reqs):
         r.wait()
 
 
-def _classes(lab_q, lab_k):
-    ids, inv = torch.unique(torch.cat([lab_q, lab_k]), return_inverse=True)
-    return ids.numel(), inv[:lab_q.numel()], inv[lab_q.numel():]
-
-
-def _class_sum(x, idx, c):
-    return torch.zeros(c, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, idx, x)
-
-
-def _pi_pairs(pi, off, mb):
-    """(local rows i, block rows j) of the positives that lie in the block [off, off+mb)."""
-    i = torch.nonzero((pi >= off) & (pi < off + mb)).flatten()
-    return i, pi[i] - off
-
-
-def _block_forward(plan, q, kb, lab_b, owner, self_mask):
-    """Row stats (lse, A, B, P) of the local queries against block kb, and the block's
-    column stats (M_b, 4) over the local queries (if plan.cols)."""
-    p, acc = plan.st.p, q.dtype if q.dtype == torch.float64 else torch.float32
-    lse_r, lse_c = plan.backend.lse_forward(q, kb, plan.s, self_mask, plan.cols)
-    qf, kf = q.to(acc), kb.to(acc)
-    b_r = qf @ kf.sum(0)
-    b_c = kf @ qf.sum(0) if plan.cols else None
-    diag = (qf * kf).sum(1) if self_mask else None
-    if p.labels is not None:
-        c, rid, cid = _classes(p.labels, lab_b)
-        a_r = (qf * _class_sum(kf, cid, c)[rid]).sum(1)
-        n_r = torch.bincount(cid, minlength=c)[rid].to(acc)
-        if plan.cols:
-            a_c = (kf * _class_sum(qf, rid, c)[cid]).sum(1)
-            n_c = torch.bincount(rid, minlength=c)[cid].to(acc)
-        if self_mask:  # a row's own label always matches: drop the diagonal
-            a_r, n_r = a_r - diag, n_r - 1
-            if plan.cols:
-                a_c, n_c = a_c - diag, n_c - 1
-    else:
-        i, j = _pi_pairs(p.positive_index, plan.st.offs_m[owner], kb.shape[0])
-        dots = (qf[i] * kf[j]).sum(1)
-        a_r = torch.zeros_like(b_r).index_put_((i,), dots)
-        n_r = torch.zeros_like(b_r).index_put_((i,), torch.ones_like(dots))
-        if plan.cols:
-            a_c = torch.zeros(kb.shape[0], dtype=acc, device=q.device).index_add_(0, j, dots)
-            n_c = torch.zeros_like(a_c).index_add_(0, j, torch.ones_like(dots))
-    if self_mask:
-        b_r = b_r - diag
-        if plan.cols:
-            b_c = b_c - diag
-    col = torch.stack([lse_c, a_c, b_c, n_c], 1) if plan.cols else None
-    return (lse_r, a_r, b_r, n_r), col
-
-
-def _merge_cols(x, y):
-    out = x + y
-    out[:, 0] = torch.logaddexp(x[:, 0], y[:, 0])
-    return out
-
-
-def _ring_forward(plan, q, k, key_labels):
-    st, p = plan.st, plan.st.p
-    world, rank = st.world, st.rank
-    acc = q.dtype if q.dtype == torch.float64 else torch.float32
-    n = q.shape[0]
-    lse = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
-    a, b, cnt = (torch.zeros(n, dtype=acc, device=q.device) for _ in range(3))
-    blocks = _Counter("remote_key_blocks")
-    cur_k, cur_lab, col_prev = k, key_labels, None
-    for t in range(world):
-        owner, nxt = (rank - t) % world, (rank - t - 1) % world
-        sends, recvs = [], []
-        if t < world - 1:
-            nk = q.new_empty(st.sizes_m[nxt], q.shape[1], dtype=k.dtype)
-            blocks.acquire()
-            sends.append(cur_k)
-            recvs.append(nk)
-            if p.labels is not None:
-                nl = torch.empty(st.sizes_m[nxt], dtype=torch.int64, device=q.device)
-                sends.append(cur_lab)
-                recvs.append(nl)
-        col_in = None
-        if plan.cols and t > 0:
-            # the partial column stats of the block held now, sent by the previous rank
-            # after its compute on that block
-            col_in = torch.empty(st.sizes_m[owner], 4, dtype=acc, device=q.device)
-            sends.append(col_prev)
-            recvs.append(col_in)
-        reqs = _exchange(plan, sends, recvs)
-        (l_b, a_b, b_b, n_b), col = _block_forward(plan, q, cur_k, cur_lab, owner,
-                                                   p.self_contrast and t == 0)
-        torch.logaddexp(lse, l_b, out=lse)
-        a += a_b
-        b += b_b
-        cnt += n_b
-        _wait(reqs)
-        if plan.cols:
-            col_prev = col if col_in is None else _merge_cols(col_in, col)
-        if t > 0:
-            blocks.release()
-        if t < world - 1:
-            cur_k = nk
-            cur_lab = nl if p.labels is not None else None
-    col_own = None
-    if plan.cols:
-        # the block held last belongs to the next rank: send its stats home
-        col_own = torch.empty(k.shape[0], 4, dtype=acc, device=q.device)
-        _wait(_exchange(plan, [col_prev], [col_own]))
-    RING_STATS["passes"] += 1
-    return (lse, a, b, cnt), col_own
-
-
-def _block_backward(plan, q, kb, lab_b, owner, self_mask, lse_r, g_r, g_a, g_b, colpack,
-                    need_dq=True, need_dk=True):
-    """This rank's contribution to dq (LSE part raw, linear part) and to the block's dk;
-    a gradient not needed is None (frozen keys: no dk GEMM, no dk buffer)."""
-    p, acc = plan.st.p, lse_r.dtype
-    if plan.cols:
-        lse_c, g_c, g_ac, g_bc = (x.contiguous() for x in colpack.unbind(1))
-    dq_raw, dk_raw = plan.backend.lse_backward(q, kb, plan.s, self_mask, lse_r,
-                                               lse_c if plan.cols else None, g_r,
-                                               g_c if plan.cols else None,
-                                               need_dq=need_dq, need_dk=need_dk)
-    qf, kf = q.to(acc), kb.to(acc)
-    dq = dk = None
-    # valid pairs (label smoothing): d/dq_i sum_j (gB_i + gBc_j) <q_i, k_j>
-    if need_dq:
-        dq = g_b[:, None] * kf.sum(0)
-        if plan.cols:
-            dq += g_bc @ kf
-    if need_dk:
-        dk = (g_b @ qf).expand(kb.shape[0], -1).clone()
-        if plan.cols:
-            dk += g_bc[:, None] * qf.sum(0)
-    # the global diagonal (own block under self-contrast) is neither valid nor positive
-    diag_c = None
-    if self_mask:
-        diag_c = g_b + (g_bc if plan.cols else 0)
-        if p.labels is not None:  # a row's own label always matches
-            diag_c = diag_c + g_a + (g_ac if plan.cols else 0)
-    if p.labels is not None:
-        c, rid, cid = _classes(p.labels, lab_b)
-        if need_dq:
-            dq += g_a[:, None] * _class_sum(kf, cid, c)[rid]
-            if plan.cols:
-                dq += _class_sum(g_ac[:, None] * kf, cid, c)[rid]
-        if need_dk:
-            dk += _class_sum(g_a[:, None] * qf, rid, c)[cid]
-            if plan.cols:
-                dk += g_ac[:, None] * _class_sum(qf, rid, c)[cid]
-    else:
-        i, j = _pi_pairs(p.positive_index, plan.st.offs_m[owner], kb.shape[0])
-        w = g_a[i] + (g_ac[j] if plan.cols else 0)
-        if need_dq:
-            dq.index_add_(0, i, w[:, None] * kf[j])
-        if need_dk:
-            dk.index_add_(0, j, w[:, None] * qf[i])
-    if self_mask:
-        if need_dq:
-            dq -= diag_c[:, None] * kf
-        if need_dk:
-            dk -= diag_c[:, None] * qf
-    return dq_raw, dq, (dk_raw * plan.s + dk) if need_dk else None
-
-
-def _ring_backward(plan, q, k, key_labels, lse_r, lse_c, g_r, g_a, g_b, g_c, g_ac, g_bc,
-                   need_dq=True, need_dk=True):
-    """(dq_raw, dq_lin, dk) of this rank; without need_dk (frozen keys) no dk accumulator
-    is made or sent, without need_dq no dq."""
-    st, p = plan.st, plan.st.p
-    world, rank = st.world, st.rank
-    acc = lse_r.dtype
-    dq_raw = dq_lin = None
-    if need_dq:
-        dq_raw = torch.zeros(q.shape[0], q.shape[1], dtype=acc, device=q.device)
-        dq_lin = torch.zeros_like(dq_raw)
-    blocks, bufs = _Counter("remote_key_blocks"), _Counter("dk_buffers")
-    cur_k, cur_lab = k, key_labels
-    cur_pack = torch.stack([lse_c, g_c, g_ac, g_bc], 1) if plan.cols else None
-    dk_prev = None
-    for t in range(world):
-        owner, nxt = (rank - t) % world, (rank - t - 1) % world
-        sends, recvs = [], []
-        if t < world - 1:
-            mn = st.sizes_m[nxt]
-            nk = q.new_empty(mn, q.shape[1], dtype=k.dtype)
-            blocks.acquire()
-            sends.append(cur_k)
-            recvs.append(nk)
-            if p.labels is not None:
-                nl = torch.empty(mn, dtype=torch.int64, device=q.device)
-                sends.append(cur_lab)
-                recvs.append(nl)
-            if plan.cols:
-                npack = torch.empty(mn, 4, dtype=acc, device=q.device)
-                sends.append(cur_pack)
-                recvs.append(npack)
-        dk_in = None
-        if t > 0 and need_dk:
-            # the dk accumulator of the block held now, from the previous rank
-            dk_in = torch.empty(st.sizes_m[owner], q.shape[1], dtype=acc, device=q.device)
-            bufs.acquire()
-            sends.append(dk_prev)
-            recvs.append(dk_in)
-        reqs = _exchange(plan, sends, recvs)
-        dq_b, dql_b, dk_b = _block_backward(plan, q, cur_k, cur_lab, owner,
-                                            p.self_contrast and t == 0,
-                                            lse_r, g_r, g_a, g_b, cur_pack, need_dq, need_dk)
-        if need_dk:
-            bufs.acquire()
-        if need_dq:
-            dq_raw += dq_b
-            dq_lin += dql_b
-        _wait(reqs)
-        if dk_prev is not None:
-            bufs.release()  # sent
-        if dk_in is not None:
-            dk_b += dk_in
-            bufs.release()
-            del dk_in
-        dk_prev = dk_b
-        if t > 0:
-            blocks.release()
-        if t < world - 1:
-            cur_k = nk
-            cur_lab = nl if p.labels is not None else None
-            cur_pack = npack if plan.cols else None
-    if not need_dk:
-        return dq_raw, dq_lin, None
-    # the accumulator held last belongs to the next rank: one more hop brings it home
-    dk = torch.empty(k.shape[0], k.shape[1], dtype=acc, device=q.device)
-    _wait(_exchange(plan, [dk_prev], [dk]))
-    return dq_raw, dq_lin, dk
-
-
 class _RingStats(torch.autograd.Function):
-    """(q, k, scale) -> row stats (lse, A, B, P) of the local queries against ALL keys, and
-    column stats of the local keys against ALL queries (empty unless symmetric)."""
+    """(q, k, scale) -> row statistics (lse, A, P, B) of the local queries against ALL keys,
+    and column statistics of the local keys against ALL queries (empty unless symmetric)."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, plan, key_labels):
-        plan.s = float(scale)
-        (lse, a, b, cnt), col = _ring_forward(plan, q, k, key_labels)
+    def forward(ctx, q, k, scale, run):
+        spec, targets = run["spec"], run["targets"]
+        blocks = run["blocks"]
+        sc = scale.detach().to(engine.acc_dtype(q.dtype)).reshape(())
+        rows, col = engine.forward(spec, q.detach(), k.detach(), sc, targets, blocks)
+        acc = rows[0].dtype
+        zeros = lambda n: torch.zeros(n, dtype=acc, device=q.device)
+        lse, a, p, b = rows
+        out = [lse, a, p, zeros(q.shape[0]) if b is None else b]
         if col is None:
-            col = lse.new_zeros(0, 4)
-        lse_c, a_c, b_c, n_c = (x.contiguous() for x in col.unbind(1))
-        ctx.save_for_backward(q, k, scale, lse, lse_c)
-        ctx.plan, ctx.key_labels = plan, key_labels
-        ctx.mark_non_differentiable(cnt, n_c)
-        return lse, a, b, cnt, lse_c, a_c, b_c, n_c
+            out += [rows[0].new_empty(0) for _ in range(4)]
+        else:
+            out += [rows[0].new_empty(0) if col[0] is None else col[0], col[1], col[2],
+                    zeros(k.shape[0]) if col[3] is None else col[3]]
+        ctx.save_for_backward(q, k, scale, out[0], out[4], out[5])
+        ctx.run = run
+        ctx.mark_non_differentiable(out[2], out[6])
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, g_r, g_a, g_b, _g_n, g_c, g_ac, g_bc, _g_nc):
-        q, k, scale, lse, lse_c = ctx.saved_tensors
-        plan = ctx.plan
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_r, g_a, _g_p, g_b, g_c, g_ac, _g_pc, g_bc):
+        q, k, scale, lse_r, lse_c, a_c = ctx.saved_tensors
+        run = ctx.run
+        spec, targets, st = run["spec"], run["targets"], run["st"]
 
         def z(g, like):
             return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
 
-        g_r, g_a, g_b = z(g_r, lse), z(g_a, lse), z(g_b, lse)
-        g_c, g_ac, g_bc = z(g_c, lse_c), z(g_ac, lse_c), z(g_bc, lse_c)
+        g_r, g_a, g_b = z(g_r, lse_r), z(g_a, lse_r), z(g_b, lse_r)
+        col_pack = None
+        if targets.cols:
+            col_pack = (lse_c if spec.cols else None, z(g_c, lse_c) if spec.cols else None,
+                        z(g_ac, a_c), z(g_bc, a_c) if targets.eps else None)
         # Frozen keys (a locked tower, a memory bank) skip dk and its ring traffic when they
-        # are frozen on every rank; the scale's gradient is read off dq_raw. (Under
+        # are frozen on every rank; the scale's gradient is read off dq. (Under
         # self-contrast k is q: both wanted.)
-        need_dk = plan.st.any_key_grad
-        need_dq = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        dq_raw, dq_lin, dk = _ring_backward(plan, q, k, ctx.key_labels, lse, lse_c,
-                                            g_r, g_a, g_b, g_c, g_ac, g_bc, need_dq, need_dk)
-        # this rank's share of dL/ds = sum_ij dS_ij <q_i, k_j>: its rows
-        ds = (q.to(lse.dtype) * dq_raw).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
-        dq = (dq_raw * plan.s + dq_lin).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = dk.to(k.dtype) if ctx.needs_input_grad[1] else None
-        return dq, dk, ds, None, None
+        need_dk = st.any_key_grad
+        need_s = ctx.needs_input_grad[2]
+        need_dq = ctx.needs_input_grad[0] or need_s
+        sc = scale.detach().to(lse_r.dtype).reshape(())
+        blocks = run["blocks"]
+        dq, dk, ds = engine.backward(spec, q.detach(), k.detach(), sc, targets, blocks, lse_r,
+                                     g_r, g_a, g_b if targets.eps else None, col_pack, need_dq,
+                                     need_dk, need_s)
+        dq = dq.to(q.dtype) if (ctx.needs_input_grad[0] and dq is not None) else None
+        dk = dk.to(k.dtype) if (ctx.needs_input_grad[1] and dk is not None) else None
+        ds = ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None) else None
+        return dq, dk, ds, None
 
 
-@not_traced
 def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                   key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                   symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto",
-                  overlap=True):
+                  overlap=True, **options):
     """`info_nce` over the global batch by a ring of point-to-point transfers.
 
-    Same keyword arguments as `contrastive_kernels.info_nce`, plus `group` (default:
-    the default process group) and `overlap` (False: wait for each transfer before
-    computing; for benchmarks). See the module docstring for the semantics and the
-    gradient contract. Collective: every rank of `group` must call it (and backward).
+    Same keyword arguments as `contrastive_kernels.info_nce` (kernel options included),
+    plus `group` (default: the default process group) and `overlap` (False: wait for each
+    transfer before computing; for benchmarks). See the module docstring for the
+    semantics and the gradient contract. Collective: every rank of `group` must call it
+    (and backward).
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
-                  symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction,
-                  backend=backend)
+                  symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction)
     world = _process_group_size(group)
     if world is None or world == 1:
-        return info_nce(query, key, **kwargs)
-    kwargs.pop("backend")
+        return info_nce(query, key, backend=backend, **kwargs, **options)
+    opts = make_options(**options)
     st = _setup("ring_info_nce", query, key, group, world, **kwargs)
     p = st.p
-    be = backends.get_backend(backend, p.query.device)
     q = p.query.contiguous()
     k = q if p.self_contrast else p.key.contiguous()
+    n, d = q.shape
+    be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, p.self_contrast,
+                                       p.symmetric), opts)
     kl = None
     if p.labels is not None:
         kl = (p.labels if p.self_contrast else p.key_labels).contiguous()
     acc = p.out_dtype
     scale_t = p.scale if torch.is_tensor(p.scale) else torch.tensor(p.scale, dtype=acc,
                                                                     device=q.device)
-    plan = _Plan(st, be, cols=p.symmetric, overlap=overlap)
-    lse, a, b, cnt, lse_c, a_c, b_c, n_c = _RingStats.apply(q, k, scale_t, plan, kl)
-    s, bias, eps = p.scale, p.bias, p.label_smoothing
-    sub = 1 if p.self_contrast else 0
-    zero = lse.new_zeros(())
-
-    def side(l, a_, b_, n_, nvalid):
-        ok = n_ > 0
-        tgt = (1 - eps) * a_ / n_.clamp_min(1)
-        if eps:
-            tgt = tgt + eps * b_ / max(nvalid - sub, 1)
-        # the bias cancels but keeps its (zero) gradient, as in info_nce
-        return torch.where(ok, (l + bias) - (s * tgt + bias), zero), ok
-
-    row, row_ok = side(lse, a, b, cnt, st.m_global)
-    col = col_ok = None
+    spec = engine.Spec(be, opts, p.self_contrast, p.symmetric and not p.self_contrast)
+    targets = Targets(n, d, st.m_global, p.labels,
+                      p.positive_index if p.labels is None else None, p.label_smoothing,
+                      p.symmetric)
+    blocks = RingBlocks(st, spec, targets, kl, overlap, d, q.dtype)
+    run = dict(spec=spec, targets=targets, blocks=blocks, st=st)
+    stats = _RingStats.apply(q, k, scale_t, run)
+    eps, sub = p.label_smoothing, (1 if p.self_contrast else 0)
+    rows = engine.side_losses(*stats[:4], p.scale, p.bias, eps, st.m_global - sub)
+    col = None
     if p.symmetric:
-        col, col_ok = side(lse_c, a_c, b_c, n_c, st.n_global)
-    return _finish(st, row, row_ok, col, col_ok)
+        lse_c = stats[0] if p.self_contrast else stats[4]
+        col = engine.side_losses(lse_c, *stats[5:], p.scale, p.bias, eps, st.n_global - sub)
+    return _finish(st, rows, col, p.reduction)
+
+
+def _finish(st, rows, col, reduction):
+    """The per-rank loss of the contract (module docstring) from the local row (and
+    column) losses."""
+    def counts(cnt):
+        cnt = cnt.to(st.dev)
+        dist.all_reduce(cnt, group=st.group)
+        return cnt.to(rows[0].device)
+
+    loss = engine.reduce(rows, col, reduction, counts=counts)
+    return st.world * loss if reduction == "mean" else loss
 
 
 # ----------------------------------------------------------------------------- gather
@@ -660,27 +545,29 @@ def _gather_rows(x, st, sizes):
     return torch.cat([t[:n] for t, n in zip(parts, sizes)]).to(x.device)
 
 
-@not_traced
 def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                     key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
-                    symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto"):
+                    symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto",
+                    **options):
     """`info_nce` over the global batch by an all-gather (with gradient) of the keys.
 
     Local queries against all keys (and, if symmetric, local keys against all queries),
     on any backend; memory O(global batch * D). key=None is not supported (ValueError
-    on every rank). Same contract as `ring_info_nce`.
+    on every rank). Same contract as `ring_info_nce`; the kernel options go to every
+    local call.
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
                   symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction)
     world = _process_group_size(group)
     if world is None or world == 1:
-        return info_nce(query, key, backend=backend, **kwargs)
+        return info_nce(query, key, backend=backend, **kwargs, **options)
+    make_options(**options)
     st = _setup("gather_info_nce", query, key, group, world, allow_self=False, **kwargs)
     p = st.p
     common = dict(temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
                   symmetric=False, label_smoothing=label_smoothing, reduction="none",
-                  backend=backend)
+                  backend=backend, **options)
     k_all = _AllGather.apply(p.key, st, st.sizes_m)
     if p.labels is not None:
         kl_all = _gather_rows(p.key_labels, st, st.sizes_m)
@@ -689,7 +576,7 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
     else:
         row = info_nce(p.query, k_all, positive_index=p.positive_index, **common)
         row_ok = torch.ones_like(row, dtype=torch.bool)
-    col = col_ok = None
+    col = None
     if p.symmetric:
         q_all = _AllGather.apply(p.query, st, st.sizes_n)
         if p.labels is not None:
@@ -700,6 +587,6 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
             dev = p.key.device
             col_lab = torch.arange(st.sizes_m[st.rank], device=dev) + st.offs_m[st.rank]
             q_lab = _gather_rows(p.positive_index, st, st.sizes_n)
-        col = info_nce(p.key, q_all, labels=col_lab, key_labels=q_lab, **common)
-        col_ok = torch.isin(col_lab, q_lab)
-    return _finish(st, row, row_ok, col, col_ok)
+        col = (info_nce(p.key, q_all, labels=col_lab, key_labels=q_lab, **common),
+               torch.isin(col_lab, q_lab))
+    return _finish(st, (row, row_ok), col, p.reduction)

@@ -6,7 +6,7 @@ no code with the fused path except argument checking.
 """
 import torch
 
-from ._validate import check_inputs
+from .problem import check_inputs, check_values
 
 
 def _row_losses(logits, valid, pos, smoothing):
@@ -41,6 +41,7 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction)
+    check_values(p.positive_index, p.n_keys, 0, p.self_contrast, p.scale, p.bias, p.scale_name)
     q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
     k = q if p.self_contrast else (p.key.to(torch.float64) if p.key.dtype != torch.float64 else p.key)
     scale = p.scale.to(torch.float64) if torch.is_tensor(p.scale) else p.scale

@@ -3,11 +3,16 @@
 // CMake build can produce a plain shared library loadable by torch.ops.load_library.
 #include <torch/library.h>
 
+// The options are arguments (contrastive_kernels/options.py decides them): deterministic
+// (no float atomics), tf32 (fp32 inputs may use TF32 tensor cores), and poison, which the
+// test suite sets: outputs and scratch start as NaN, so an unwritten entry shows.
 TORCH_LIBRARY(contrastive_kernels, m) {
   // lse_rows (N,), lse_cols (M,) or (0,) when !cols, of S = scale * q k^T.
-  m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_forward(Tensor q, Tensor k, float scale, bool self_mask, bool cols, "
+        "bool deterministic=False, bool tf32=False, bool poison=False) -> (Tensor, Tensor)");
   // dq_raw = dS k, dk_raw = dS^T q with dS_ij = g_r[i] P_ij + g_c[j] Pc_ij; g_c may be empty.
   // A gradient not needed (need_dq / need_dk false) is not computed and comes back empty.
   m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
-        "Tensor g_r, Tensor g_c, bool need_dq=True, bool need_dk=True) -> (Tensor, Tensor)");
+        "Tensor g_r, Tensor g_c, bool need_dq=True, bool need_dk=True, bool deterministic=False, "
+        "bool tf32=False, bool poison=False) -> (Tensor, Tensor)");
 }

@@ -1,10 +1,10 @@
-"""Smoke tests of `python -m contrastive_kernels.bench` at tiny sizes."""
+"""Smoke tests of the benchmark scripts (bench/sweep.py, bench/bench_gpu.py) at tiny sizes."""
 import json
 
 import pytest
 import torch
 
-from contrastive_kernels import bench
+import sweep as bench
 
 pytestmark = pytest.mark.cpu_only  # CI runs it; skipped under CK_TEST_DEVICE=cuda
 

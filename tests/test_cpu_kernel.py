@@ -3,8 +3,7 @@ float64 math (the torch_tiled backend on float64 inputs)."""
 import pytest
 import torch
 
-from contrastive_kernels import _ext
-from contrastive_kernels.backends import torch_tiled as tt
+from contrastive_kernels import _ext, backends, make_options
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("lse_forward", "CPU"),
                                 reason="C++ CPU kernel not built")
@@ -27,9 +26,11 @@ def run(q, k, scale, self_mask, cols, g_r, g_c, col_lse=None):
 
 def expected(q, k, scale, self_mask, cols, g_r, g_c):
     qd, kd = q.double(), k.double()
-    lr, lc = tt.lse_forward(qd, kd, scale, self_mask, cols)
-    dq, dk = tt.lse_backward(qd, kd, scale, self_mask, lr, lc if g_c is not None else None,
-                             g_r.double(), None if g_c is None else g_c.double())
+    tt, opts = backends.get("torch"), make_options()
+    s = torch.tensor(scale, dtype=torch.float64)
+    lr, lc = tt.lse_forward(qd, kd, s, self_mask, cols, opts)
+    dq, dk = tt.lse_backward(qd, kd, s, self_mask, lr, lc if g_c is not None else None,
+                             g_r.double(), None if g_c is None else g_c.double(), True, True, opts)
     return lr, lc, dq, dk
 
 

@@ -12,7 +12,9 @@ import subprocess
 import pytest
 import torch
 
-from contrastive_kernels.backends import cuda as cuda_backend
+from contrastive_kernels import backends, make_options
+
+cuda_backend = backends.get("cuda")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -106,7 +108,8 @@ def test_half_paths_use_tensor_cores(tmp_path):
 
 
 def test_unavailable_reason_explains_the_build():
-    assert cuda_backend.unavailable_reason(torch.device("cpu")) == "it runs on CUDA tensors only"
+    call = backends.Call(torch.device("cpu"), torch.float32, 4, 4, 4)
+    assert cuda_backend.reasons(call, make_options()) == ["runs on cuda tensors, not cpu"]
     if torch.version.cuda is None:
         reason = cuda_backend.unavailable_reason(torch.device("cuda"))
         assert reason is not None and "CK_BUILD_CUDA=1 pip install -e . --no-build-isolation" in reason
@@ -118,12 +121,18 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 SHAPES = [(1, 1, 1), (5, 3, 7), (64, 64, 64), (130, 67, 33), (97, 200, 200), (65, 65, 1)]
 
 
+def _s(scale, dtype, device="cpu"):
+    return torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                        device=device)
+
+
 def _ref(q, k, scale, self_mask, cols, g_r, g_c):
-    from contrastive_kernels.backends import torch_tiled
+    tt, opts = backends.get("torch"), make_options()
     q64, k64 = q.double(), k.double()
-    lse_r, lse_c = torch_tiled.lse_forward(q64, k64, scale, self_mask, cols)
-    dq, dk = torch_tiled.lse_backward(q64, k64, scale, self_mask, lse_r, lse_c, g_r.double(),
-                                      None if g_c is None else g_c.double())
+    s = _s(scale, torch.float64)
+    lse_r, lse_c = tt.lse_forward(q64, k64, s, self_mask, cols, opts)
+    dq, dk = tt.lse_backward(q64, k64, s, self_mask, lse_r, lse_c, g_r.double(),
+                             None if g_c is None else g_c.double(), True, True, opts)
     return lse_r, lse_c, dq, dk
 
 
@@ -141,14 +150,14 @@ def _close(a, e, tol, what):
 @pytest.mark.parametrize("mode", ["atomic", "deterministic", "tf32"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("self_mask,cols", [(False, False), (False, True), (True, True)])
-def test_cuda_matches_reference(dtype, mode, shape, self_mask, cols, monkeypatch):
+def test_cuda_matches_reference(dtype, mode, shape, self_mask, cols):
     if mode == "tf32" and dtype != torch.float32:
         pytest.skip("TF32 applies to float32 only")
     reason = cuda_backend.unavailable_reason(torch.device("cuda"))
     if reason is not None:
         pytest.skip(reason)
-    monkeypatch.setenv("CK_CUDA_DETERMINISTIC", "1" if mode == "deterministic" else "0")
-    monkeypatch.setenv("CK_CUDA_TF32", "1" if mode == "tf32" else "0")
+    opts = make_options(deterministic=mode == "deterministic",
+                        precision="tf32" if mode == "tf32" else "ieee")
     n, m, d = shape
     if self_mask:
         m = n
@@ -162,7 +171,8 @@ def test_cuda_matches_reference(dtype, mode, shape, self_mask, cols, monkeypatch
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     qc, kc = q.cuda(), k.cuda()
-    r, c = cuda_backend.lse_forward(qc, kc, scale, self_mask, cols)
+    sc = _s(scale, dtype, "cuda")
+    r, c = cuda_backend.lse_forward(qc, kc, sc, self_mask, cols, opts)
     assert r.dtype == acc and r.shape == (n,)
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}[dtype]
     gtol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
@@ -174,14 +184,16 @@ def test_cuda_matches_reference(dtype, mode, shape, self_mask, cols, monkeypatch
         _close(c, lse_c, tol, "lse_cols")
     else:
         assert c is None
-    gq, gk = cuda_backend.lse_backward(qc, kc, scale, self_mask, r, c, g_r.to(acc).cuda(),
-                                       None if g_c is None else g_c.to(acc).cuda())
+    gq, gk = cuda_backend.lse_backward(qc, kc, sc, self_mask, r, c, g_r.to(acc).cuda(),
+                                       None if g_c is None else g_c.to(acc).cuda(), True, True,
+                                       opts)
     assert gq.dtype == acc and gq.shape == (n, d) and gk.shape == (m, d)
     _close(gq, dq, gtol, "dq")
     _close(gk, dk, gtol, "dk")
     if mode == "deterministic":
-        gq2, gk2 = cuda_backend.lse_backward(qc, kc, scale, self_mask, r, c, g_r.to(acc).cuda(),
-                                             None if g_c is None else g_c.to(acc).cuda())
+        gq2, gk2 = cuda_backend.lse_backward(qc, kc, sc, self_mask, r, c, g_r.to(acc).cuda(),
+                                             None if g_c is None else g_c.to(acc).cuda(), True,
+                                             True, opts)
         assert torch.equal(gq, gq2) and torch.equal(gk, gk2)
 
 
@@ -190,7 +202,9 @@ def test_cuda_fully_masked_row_gives_zero_grad():
     if cuda_backend.unavailable_reason(torch.device("cuda")) is not None:
         pytest.skip("cuda backend unavailable")
     q = torch.randn(1, 8, device="cuda")
-    r, c = cuda_backend.lse_forward(q, q, 2.0, True, True)
+    opts, sc = make_options(), _s(2.0, torch.float32, "cuda")
+    r, c = cuda_backend.lse_forward(q, q, sc, True, True, opts)
     assert r.item() == float("-inf") and c.item() == float("-inf")
-    gq, gk = cuda_backend.lse_backward(q, q, 2.0, True, r, c, torch.ones_like(r), torch.ones_like(c))
+    gq, gk = cuda_backend.lse_backward(q, q, sc, True, r, c, torch.ones_like(r), torch.ones_like(c),
+                                       True, True, opts)
     assert torch.equal(gq, torch.zeros_like(gq)) and torch.equal(gk, torch.zeros_like(gk))

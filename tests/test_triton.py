@@ -1,10 +1,11 @@
 """Triton backend: kernel statistics and raw gradients against float64 math, and the
-loss family end to end, in both backward modes (atomic and deterministic).
+loss family end to end, in every backward mode (atomic, deterministic, low-memory,
+blocked), selected by the kernel options of the public API.
 
 On CPU this runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1 before
 triton is imported; standalone: `TRITON_INTERPRET=1 pytest tests/test_triton.py`).
-Every kernel output buffer is poisoned with NaN first (backends.triton.POISON), so an
-entry a kernel fails to write shows up as a non-finite value.
+Every buffer allocated uninitialized starts as NaN (tests/dispatch.py), so an entry a
+kernel fails to write shows up as a non-finite value.
 """
 import os
 import subprocess
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 
 import contrastive_kernels as ck
 from conftest import DEVICE, rel_err
+from contrastive_kernels import backends, make_options
+from dispatch import SeeThrough
 
 pytest.importorskip("triton")
 T = pytest.importorskip("contrastive_kernels.backends.triton")
@@ -24,6 +27,7 @@ if T.unavailable_reason(torch.device(DEVICE)) is not None:
     pytest.skip(f"triton backend unavailable on {DEVICE}: "
                 f"{T.unavailable_reason(torch.device(DEVICE))}", allow_module_level=True)
 
+BE = backends.get("triton")
 ON_GPU = DEVICE == "cuda"
 # Kernel-level tolerances, relative to the largest reference value. Half types are
 # compared with float64 math on the same rounded inputs: S and the statistics are
@@ -34,35 +38,51 @@ DTYPES = [torch.float64, torch.float32, torch.float16] + ([torch.bfloat16] if ON
 DT_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-@pytest.fixture(autouse=True)
-def _settings(monkeypatch):
-    monkeypatch.setattr(T, "POISON", True)
-    monkeypatch.setattr(T, "DETERMINISTIC", False)
-    monkeypatch.setattr(T, "LOW_MEMORY", False)
-    monkeypatch.setattr(T, "PRECISION", "ieee")
-    monkeypatch.setattr(T, "BLOCKED", "off")
-    monkeypatch.setattr(T, "BLOCKED_ROWS", None)
-
-
-# Backward modes of the loss: one atomic kernel, two launches of it, the low-memory
-# kernel that writes final gradients (lse_backward must then not be called), or the
-# blocked algorithm (GEMMs on blocks of 7 rows, so that every case has several blocks
-# and a ragged last one; fused kernels then not called).
+# Backward modes of the loss, as kernel options: one atomic kernel, two launches of it,
+# the low-memory kernel that writes final gradients (lse_backward must then not be
+# called), or the blocked algorithm (GEMMs on blocks of BLOCKED_ROWS rows, so that every
+# case has several blocks and a ragged last one; the fused kernels then not called).
 MODES = ["atomic", "deterministic", "low_memory", "blocked"]
+BLOCKED_ROWS = 7
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def blocked_workspace(rows, m, dtype):
+    """The `workspace` option (bytes) that gives blocks of `rows` rows against m keys."""
+    return rows * (-(-m // 64) * 64) * (_acc(dtype).itemsize + torch.empty(0, dtype=dtype).element_size())
+
+
+def mode_options(mode, m, dtype):
+    return {"atomic": {}, "deterministic": dict(deterministic=True),
+            "low_memory": dict(low_memory=True),
+            "blocked": dict(algorithm="blocked",
+                            workspace=blocked_workspace(BLOCKED_ROWS, m, dtype))}[mode]
 
 
 def set_mode(monkeypatch, mode):
-    monkeypatch.setattr(T, "DETERMINISTIC", mode == "deterministic")
-    monkeypatch.setattr(T, "LOW_MEMORY", mode == "low_memory")
+    """Instrumentation of a mode: the kernels it must not launch fail if called."""
     if mode == "blocked":
-        monkeypatch.setattr(T, "BLOCKED", "on")
-        monkeypatch.setattr(T, "BLOCKED_ROWS", 7)
         for name in ("lse_fwd_kernel", "lse_fwd_tuned", "lse_bwd_kernel", "lse_bwd_tuned"):
             monkeypatch.setattr(T._kernels(), name, _not_called(name))
     if mode == "low_memory":
         def not_this(*a, **k):
             raise AssertionError("low-memory mode called lse_backward")
-        monkeypatch.setattr(T, "lse_backward", not_this)
+        monkeypatch.setattr(BE, "lse_backward", not_this)
+
+
+def fwd(q, k, scale, self_mask, cols, **opts):
+    """The backend's forward, with a tensor scale and options."""
+    s = torch.tensor(scale, dtype=_acc(q.dtype), device=q.device)
+    return T.lse_forward(q, k, s, self_mask, cols, make_options(**opts))
+
+
+def bwd(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True, **opts):
+    s = torch.tensor(scale, dtype=_acc(q.dtype), device=q.device)
+    return T.lse_backward(q, k, s, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                          make_options(**opts))
 
 
 class _not_called:
@@ -105,7 +125,8 @@ def _qk(n, m, d, dtype, self_mask, seed=0, spread=3.0):
     return (q * spread).to(dtype).to(DEVICE), (k * spread).to(dtype).to(DEVICE)
 
 
-def check_kernels(n, m, d, dtype, self_mask, cols, with_gc=True, scale=2.0, seed=0, g_scale=1.0):
+def check_kernels(n, m, d, dtype, self_mask, cols, with_gc=True, scale=2.0, seed=0, g_scale=1.0,
+                  **opts):
     if self_mask:
         m = n
     q, k = _qk(n, m, d, dtype, self_mask, seed)
@@ -114,10 +135,10 @@ def check_kernels(n, m, d, dtype, self_mask, cols, with_gc=True, scale=2.0, seed
     g_r = (torch.randn(n, generator=gen, dtype=torch.float64) * g_scale).to(acc).to(DEVICE)
     g_c = (torch.randn(m, generator=gen, dtype=torch.float64) * g_scale).to(acc).to(DEVICE) \
         if cols and with_gc else None
-    lse_r, lse_c = T.lse_forward(q, k, scale, self_mask, cols)
+    lse_r, lse_c = fwd(q, k, scale, self_mask, cols, **opts)
     assert lse_r.dtype == acc and lse_r.shape == (n,)
     assert (lse_c is None) == (not cols)
-    dq, dk = T.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c)
+    dq, dk = bwd(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, **opts)
     assert dq.dtype == acc and dq.shape == (n, d) and dk.dtype == acc and dk.shape == (m, d)
     er, ec, eq, ek = dense(q, k, scale, self_mask, g_r, g_c)
     tl, tg = KTOL[dtype]
@@ -149,23 +170,21 @@ def test_kernels_against_float64(dtype, shape, mode):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (17, 33, 3), (65, 65, 200)], ids=str)
 @pytest.mark.parametrize("mode", ["rows", "cols", "self", "self_cols"])
-def test_deterministic_backward(monkeypatch, shape, mode):
+def test_deterministic_backward(shape, mode):
     n, m, d = shape
     self_mask, cols = mode.startswith("self"), mode.endswith("cols")
-    monkeypatch.setattr(T, "DETERMINISTIC", True)
-    a = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3)
-    b = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3)
+    a = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3, deterministic=True)
+    b = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3, deterministic=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "not bitwise reproducible"
-    monkeypatch.setattr(T, "DETERMINISTIC", False)
-    c = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3)
+    c = check_kernels(n, m, d, torch.float32, self_mask, cols, seed=3, deterministic=False)
     assert rel_err(c[0], a[0]) < 1e-5 and rel_err(c[1], a[1]) < 1e-5
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-def test_column_stats_without_column_gradient(monkeypatch, det):
-    # FusedLSE passes lse_c with g_c=None when the column output gets no gradient.
-    monkeypatch.setattr(T, "DETERMINISTIC", det)
-    check_kernels(20, 37, 9, torch.float32, self_mask=False, cols=True, with_gc=False)
+def test_column_stats_without_column_gradient(det):
+    # lse_c with g_c=None: the column output gets no gradient.
+    check_kernels(20, 37, 9, torch.float32, self_mask=False, cols=True, with_gc=False,
+                  deterministic=det)
 
 
 @pytest.mark.parametrize("programs", [1, 2, 3])
@@ -190,10 +209,10 @@ def test_forward_scratch_is_linear_and_reproducible(monkeypatch, programs):
 
     monkeypatch.setattr(torch, "full", full)
     monkeypatch.setattr(torch, "empty", empty)
-    a = T.lse_forward(q, k, 3.0, False, True)
+    a = fwd(q, k, 3.0, False, True)
     monkeypatch.setattr(torch, "full", real_full)
     monkeypatch.setattr(torch, "empty", real_empty)
-    b = T.lse_forward(q, k, 3.0, False, True)
+    b = fwd(q, k, 3.0, False, True)
     block_m = T.forward_block_m(n, T._kernels().PARAMS["fp32"], torch.device(DEVICE))
     progs = T.forward_programs(-(-n // block_m), torch.device(DEVICE)) if ON_GPU else programs
     assert max(sizes) <= max(n, progs * m), sizes
@@ -205,9 +224,9 @@ def test_forward_scratch_is_linear_and_reproducible(monkeypatch, programs):
 def test_fully_masked_row_gives_zero_not_nan():
     # N = M = 1 with the self-mask: no valid entry, lse = -inf, gradients 0.
     q = torch.randn(1, 4, dtype=torch.float32, device=DEVICE)
-    lse_r, _ = T.lse_forward(q, q, 1.0, True, False)
+    lse_r, _ = fwd(q, q, 1.0, True, False)
     assert lse_r.item() == float("-inf")
-    dq, dk = T.lse_backward(q, q, 1.0, True, lse_r, None, torch.ones(1, device=DEVICE), None)
+    dq, dk = bwd(q, q, 1.0, True, lse_r, None, torch.ones(1, device=DEVICE), None)
     assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
 
 
@@ -225,30 +244,29 @@ def test_strided_inputs():
     k = k0.T.contiguous().T           # column stride != 1: the backend copies it
     g = torch.randn(15, device=DEVICE)
     gc = torch.randn(40, device=DEVICE)
-    lse_r, lse_c = T.lse_forward(q, k, 0.5, False, True)
-    dq, dk = T.lse_backward(q, k, 0.5, False, lse_r, lse_c, g, gc)
+    lse_r, lse_c = fwd(q, k, 0.5, False, True)
+    dq, dk = bwd(q, k, 0.5, False, lse_r, lse_c, g, gc)
     er, ec, eq, ek = dense(q, k, 0.5, False, g, gc)
     assert max(_err(lse_r, er), _err(lse_c, ec)) < 2e-6
     assert max(_err(dq, eq), _err(dk, ek)) < 2e-5
 
 
-def test_tf32_precision_setting(monkeypatch):
-    monkeypatch.setattr(T, "PRECISION", "tf32")
+def test_tf32_precision_option():
     q, k = _qk(20, 30, 40, torch.float32, False)
-    lse_r, _ = T.lse_forward(q, k, 2.0, False, False)
+    lse_r, _ = fwd(q, k, 2.0, False, False, precision="tf32")
     er = dense(q, k, 2.0, False, torch.zeros(20), None)[0]
     assert _err(lse_r, er) < 1e-2
-    monkeypatch.setattr(T, "PRECISION", "fp8")
-    with pytest.raises(ValueError, match="PRECISION"):
-        T.lse_forward(q, k, 2.0, False, False)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ck.info_nce(q, k, backend="triton", precision="fp8")
 
 
-def test_unsupported_dtypes_raise_type_error():
+def test_unsupported_dtypes_are_refused():
     q = torch.randn(4, 8, device=DEVICE)
-    with pytest.raises(TypeError, match="same dtype"):
-        T.lse_forward(q, q.double(), 1.0, False, False)
+    with pytest.raises(TypeError, match="key has dtype"):
+        ck.info_nce(q, q.double(), backend="triton")
     if not ON_GPU:
-        with pytest.raises(TypeError, match="bfloat16"):
+        # declared: no bfloat16 in the interpreter
+        with pytest.raises(ValueError, match="backend 'triton' cannot run.*bfloat16"):
             ck.info_nce(q.bfloat16(), q.bfloat16(), backend="triton")
 
 
@@ -267,9 +285,11 @@ def test_needs_interpreter_on_cpu():
 # ---------------------------------------------------------------- end to end
 
 
-def _e2e(n, m, d, dtype, kwargs, scale=14.0, bias=-0.5, tol=(1e-5, 1e-4)):
+def _e2e(n, m, d, dtype, kwargs, scale=14.0, bias=-0.5, tol=(1e-5, 1e-4), mode="atomic",
+         **opts):
     kwargs = dict(kwargs)
     self_c = "key" in kwargs and kwargs.pop("key") is None
+    opts = dict(mode_options(mode, n if self_c else m, dtype), **opts)
     q, k = _qk(n, m, d, torch.float64, self_c, seed=n + m + d, spread=1.0)
     kw = {a: (v.to(DEVICE) if torch.is_tensor(v) else v) for a, v in kwargs.items()}
 
@@ -284,7 +304,7 @@ def _e2e(n, m, d, dtype, kwargs, scale=14.0, bias=-0.5, tol=(1e-5, 1e-4)):
     la = leaves(dtype, dtype)
     lr = leaves(dtype, torch.float64)
     out = ck.info_nce(la[0], None if self_c else la[1], logit_scale=la[-2], logit_bias=la[-1],
-                      backend="triton", **kw)
+                      backend="triton", **kw, **opts)
     ref = ck.reference.info_nce(lr[0], None if self_c else lr[1], logit_scale=lr[-2],
                                 logit_bias=lr[-1], **kw)
     assert rel_err(out, ref) <= tol[0], ("loss", rel_err(out, ref))
@@ -320,7 +340,7 @@ E2E = {
 def test_loss_family_fp32(monkeypatch, case, mode):
     set_mode(monkeypatch, mode)
     n, m, d, kw = E2E[case]
-    _e2e(n, m, d, torch.float32, kw)
+    _e2e(n, m, d, torch.float32, kw, mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked"])
@@ -328,7 +348,7 @@ def test_loss_family_fp32(monkeypatch, case, mode):
 def test_loss_family_fp64(monkeypatch, case, mode):
     set_mode(monkeypatch, mode)
     n, m, d, kw = E2E[case]
-    _e2e(n, m, d, torch.float64, kw, tol=(1e-11, 1e-10))
+    _e2e(n, m, d, torch.float64, kw, tol=(1e-11, 1e-10), mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked"])
@@ -342,7 +362,7 @@ def test_loss_family_half(monkeypatch, dtype, case, mode):
     # Reference on the same rounded inputs in float64; loss accumulated in fp32,
     # gradients through dS rounded to the input dtype.
     tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
-    _e2e(n, m, d, dtype, kw, tol=tol)
+    _e2e(n, m, d, dtype, kw, tol=tol, mode=mode)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="autotuned launches run on GPU only")
@@ -370,39 +390,40 @@ def test_programs_share_blocks_wide_d_gpu(monkeypatch, mode, dtype, d):
     monkeypatch.setattr(T, "forward_programs", lambda n_blocks, device: min(n_blocks, 3))
     monkeypatch.setattr(T, "grad_programs", lambda n_blocks, device: min(n_blocks, 3))
     tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
-    _e2e(1000, 1000, d, dtype, dict(symmetric=True), tol=tol)
-    _e2e(1000, 1000, d, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol)
+    _e2e(1000, 1000, d, dtype, dict(symmetric=True), tol=tol, mode=mode)
+    _e2e(1000, 1000, d, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol,
+         mode=mode)
 
 
 def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch):
     # The blocked path's largest buffers are its S and dS blocks: by default at most
     # WORKSPACE_FACTOR x the bytes of q and k (here far below one N x M fp32 matrix; the
     # floor is lifted so that it applies at test size), and a block of rows that fits.
-    from torch.utils._python_dispatch import TorchDispatchMode
     set_mode(monkeypatch, "blocked")
-    monkeypatch.setattr(T, "BLOCKED_ROWS", None)
     monkeypatch.setattr(T, "WORKSPACE_MIN", 0)
     n, d = 1200, 16
     q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float32, False, seed=3, spread=1.0))
     sizes = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+    class Record(SeeThrough):
+        def handle(self, func, args, kwargs):
+            out = func(*args, **kwargs)
             for t in (out if isinstance(out, (tuple, list)) else [out]):
                 if torch.is_tensor(t) and t.dtype.is_floating_point:
                     sizes.append(t.numel() * t.element_size())
             return out
 
     with Record():
-        loss = ck.info_nce(q, k, temperature=0.1, symmetric=True, backend="triton")
+        loss = ck.info_nce(q, k, temperature=0.1, symmetric=True, backend="triton",
+                           algorithm="blocked")
         torch.autograd.grad(loss, (q, k))
     inputs = 2 * n * d * 4
     biggest = sorted(sizes)[-3:]
     # S (fp32) and dS (fp32 here): each below the whole workspace, which is 2 x inputs,
     # under a seventh of one N x N fp32 matrix.
     assert max(biggest) <= T.WORKSPACE_FACTOR * inputs < n * n * 4 / 7, (biggest, inputs)
-    rows, _, _ = T._block_plan(T._setup(q, k, 1.0))
+    scale = torch.tensor(1.0, device=q.device)
+    rows, _, _ = T._block_plan(T._setup(q, k, scale, make_options(algorithm="blocked")))
     assert 16 <= rows < n and rows % 16 == 0, rows
 
 
@@ -412,13 +433,12 @@ def test_auto_takes_blocked_for_wide_half_gpu(monkeypatch, dtype):
     # BLOCKED="auto" with fp16/bf16 and D above the one-chunk limit: cuBLAS GEMMs with fp32
     # output on row blocks (a small workspace: 256-row blocks, the last one ragged), and no
     # fused kernel launched.
-    monkeypatch.setattr(T, "BLOCKED", "auto")
-    monkeypatch.setattr(T, "BLOCKED_WORKSPACE", 256 * 1536 * 6)   # 256 rows
-    for name in ("lse_fwd_kernel", "lse_fwd_tuned", "lse_bwd_kernel", "lse_bwd_tuned"):
-        monkeypatch.setattr(T._kernels(), name, _not_called(name))
+    set_mode(monkeypatch, "blocked")       # the fused kernels fail if launched
+    ws = blocked_workspace(256, 1500, dtype)
     tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-4, 3e-2)
-    _e2e(1500, 1500, 768, dtype, dict(symmetric=True), tol=tol)
-    _e2e(1500, 1500, 520, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol)
+    _e2e(1500, 1500, 768, dtype, dict(symmetric=True), tol=tol, workspace=ws)
+    _e2e(1500, 1500, 520, dtype, dict(key=None, symmetric=True, label_smoothing=0.1), tol=tol,
+         workspace=ws)
 
 
 def test_deterministic_turns_autotuning_off(monkeypatch):
@@ -428,13 +448,12 @@ def test_deterministic_turns_autotuning_off(monkeypatch):
     monkeypatch.setitem(K.PARAMS, "fp32", dict(K.PARAMS["fp32"], tune=True))
     monkeypatch.setattr(T, "AUTOTUNE_MIN_MACS", 0)
     q = torch.randn(8, 4, device=DEVICE)
-    assert T._setup(q, q, 1.0).tuned
-    monkeypatch.setattr(T, "DETERMINISTIC", True)
-    assert not T._setup(q, q, 1.0).tuned
-    monkeypatch.setattr(T, "DETERMINISTIC", False)
+    s = torch.tensor(1.0, device=DEVICE)
+    assert T._setup(q, q, s, make_options()).tuned
+    assert not T._setup(q, q, s, make_options(deterministic=True)).tuned
     torch.use_deterministic_algorithms(True)
     try:
-        assert not T._setup(q, q, 1.0).tuned
+        assert not T._setup(q, q, s, make_options(deterministic=False)).tuned
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -447,8 +466,8 @@ def test_tile_barrier_option(monkeypatch, self_mask):
     P = K.PARAMS["fp32"]
     monkeypatch.setitem(K.PARAMS, "fp32", dict(P, BWD=dict(P["BWD"], TILE_BARRIER=True)))
     for deterministic in (False, True):
-        monkeypatch.setattr(T, "DETERMINISTIC", deterministic)
-        check_kernels(70, 45, 131, torch.float32, self_mask, True, scale=3.0)
+        check_kernels(70, 45, 131, torch.float32, self_mask, True, scale=3.0,
+                      deterministic=deterministic)
 
 
 def test_backward_prune_drops_spilling_configs():
@@ -498,7 +517,7 @@ def test_low_memory_blocks_and_partial_rows(monkeypatch, dtype, case):
     monkeypatch.setattr(T, "forward_programs", lambda n_blocks, device: min(n_blocks, programs))
     n, m, d, kw = LOWMEM[case]
     tol = (1e-4, 4e-3) if dtype == torch.float16 else (1e-5, 1e-4)
-    _e2e(n, m, d, dtype, kw, tol=tol)
+    _e2e(n, m, d, dtype, kw, tol=tol, mode="low_memory")
 
 
 @pytest.mark.parametrize("d", [24, 131])
@@ -519,8 +538,8 @@ def test_low_memory_frozen_inputs_and_reproducible(monkeypatch, d, trained):
         loss.backward()
         return [x.grad for x in (q, k, s)]
 
-    got = run(lambda *a, **kw: ck.info_nce(*a, backend="triton", **kw))
-    again = run(lambda *a, **kw: ck.info_nce(*a, backend="triton", **kw))
+    got = run(lambda *a, **kw: ck.info_nce(*a, backend="triton", low_memory=True, **kw))
+    again = run(lambda *a, **kw: ck.info_nce(*a, backend="triton", low_memory=True, **kw))
     ref = run(lambda q, k, **kw: ck.reference.info_nce(q.double(), k.double(), **kw))
     for g, g2, r, name in zip(got, again, ref, ("query", "key", "scale")):
         assert (g is None) == (name not in trained), name
@@ -537,7 +556,11 @@ def test_non_finite_inputs_every_mode(monkeypatch, mode, case, where):
     # dropped NaN entries of dS as if they were masked).
     import test_info_nce as E
     set_mode(monkeypatch, mode)
-    E.test_non_finite_inputs_propagate("triton", getattr(E, "case_" + case), where, float("nan"))
+    opts = mode_options(mode, 1, torch.float32)
+    if mode == "blocked":
+        opts["workspace"] = 1          # one row per block
+    E.test_non_finite_inputs_propagate("triton", getattr(E, "case_" + case), where, float("nan"),
+                                       **opts)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -546,17 +569,16 @@ def test_low_memory_makes_no_float32_embedding_buffers(monkeypatch, mode):
     # an fp16 gradient (half an N x D float32 buffer), only the two fp16 gradients and
     # O(programs * BLOCK_M * D) scratch; the other modes do make them (so this check can
     # fail). (The interpreter's own byte copies, uint8, are not counted.)
-    from torch.utils._python_dispatch import TorchDispatchMode
     set_mode(monkeypatch, mode)
     n, d = 90, 140
     q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float16, False, seed=1, spread=1.0))
     loss = ck.info_nce(q, k, temperature=0.1, symmetric=True, label_smoothing=0.1,
-                       backend="triton")
+                       backend="triton", **mode_options(mode, n, torch.float16))
     big = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+    class Record(SeeThrough):
+        def handle(self, func, args, kwargs):
+            out = func(*args, **kwargs)
             for t in (out if isinstance(out, (tuple, list)) else [out]):
                 if torch.is_tensor(t) and t.dtype.is_floating_point and \
                         t.numel() * t.element_size() >= n * d * 2:
@@ -579,17 +601,16 @@ def test_low_memory_backward_live_bytes(monkeypatch, d):
     # Bytes of every tensor alive during the low-memory backward, at its peak (storages
     # tracked from their creation to their release): the two fp16 gradients, the kernel's
     # scratch, once (programs x BLOCK_M/2 x D floats when D is chunked), and O(N) vectors
-    # of at most 64 bytes per row (42 measured: statistics, weights, ids, masks). At
+    # of at most 64 bytes per row (52 measured: statistics, their gradients, weights, ids). At
     # N = 65536, D = 768 on 132 SMs that predicts 1.04x inputs + gradients. (The first
     # version kept both launches' scratch alive: this test caught it.)
     import weakref
 
-    from torch.utils._python_dispatch import TorchDispatchMode
     set_mode(monkeypatch, "low_memory")
     n = 300
     q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float16, False, seed=2, spread=1.0))
     s = torch.tensor(20.0, requires_grad=True)
-    loss = ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton")
+    loss = ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton", low_memory=True)
     inputs = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
     live, state = {}, dict(cur=0, peak=0)
 
@@ -603,9 +624,9 @@ def test_low_memory_backward_live_bytes(monkeypatch, d):
         state["peak"] = max(state["peak"], state["cur"])
         weakref.finalize(st, lambda key=key: state.__setitem__("cur", state["cur"] - live.pop(key)))
 
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+    class Track(SeeThrough):
+        def handle(self, func, args, kwargs):
+            out = func(*args, **kwargs)
             for t in (out if isinstance(out, (tuple, list)) else [out]):
                 if torch.is_tensor(t):
                     track(t)
@@ -635,13 +656,13 @@ def test_low_memory_peak_at_target_size_gpu(monkeypatch):
     s = torch.tensor(20.0, device="cuda", requires_grad=True)
     # Compile and autotune first: the autotuner's cache-flush buffer (256 MiB) is not
     # the loss's memory.
-    ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton").backward()
+    ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton", low_memory=True).backward()
     q.grad = k.grad = s.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton").backward()
+    ck.info_nce(q, k, logit_scale=s, symmetric=True, backend="triton", low_memory=True).backward()
     torch.cuda.synchronize()
     io = 4 * n * d * 2        # q, k and their gradients
     peak = torch.cuda.max_memory_allocated() - base + 2 * n * d * 2

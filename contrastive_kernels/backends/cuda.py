@@ -15,16 +15,16 @@ of 64 rows (32 for fp64) sweeps all column blocks, computing tiles of S = scale 
 in shared memory with fp32 (fp64 for fp64 inputs) accumulation. fp16/bf16 use tensor
 cores (nvcuda::wmma m16n16k16); fp32 and fp64 use a SIMT path.
 
-Switches, read on every call:
-  CK_CUDA_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)):
-      no floating-point atomics, so results are bitwise reproducible. The column
-      log-sum-exp comes from a second, transposed forward pass instead of being merged
-      across row blocks by compare-and-swap, and dk from a second backward pass over
-      column blocks (recomputing S) instead of fp32/fp64 atomicAdd. Costs one more
+Options (arguments, contrastive_kernels/options.py):
+  deterministic: no floating-point atomics, so results are bitwise reproducible. The
+      column log-sum-exp comes from a second, transposed forward pass instead of being
+      merged across row blocks by compare-and-swap, and dk from a second backward pass
+      over column blocks (recomputing S) instead of fp32/fp64 atomicAdd. Costs one more
       forward pass (with column statistics) and one more S recomputation in backward.
-  CK_CUDA_TF32=1: fp32 inputs use TF32 tensor cores (wmma m16n16k8) instead of the
+  precision="tf32": fp32 inputs use TF32 tensor cores (wmma m16n16k8) instead of the
       exact fp32 SIMT path (faster, about 1e-3 relative error in S).
-fp64 inputs always get their column statistics from the second pass.
+fp64 inputs always get their column statistics from the second pass. The scale is read
+on the host (one device sync per call).
 """
 import logging
 import os
@@ -33,9 +33,7 @@ import threading
 import torch
 
 from .. import _ext
-from .._ext import lse_backward, lse_forward  # noqa: F401  (the backend contract)
-
-NAME = "cuda"
+from .base import Backend
 
 BUILD_HOWTO = ("install a CUDA build of torch and a CUDA toolkit with nvcc (CUDA_HOME), then "
                "run `CK_BUILD_CUDA=1 pip install -e . --no-build-isolation`")
@@ -45,11 +43,6 @@ _CSRC = os.path.join(_ROOT, "csrc")
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _jit = {"tried": False, "error": None}
-
-
-def deterministic():
-    """True when the deterministic (atomic-free) kernels are used."""
-    return os.environ.get("CK_CUDA_DETERMINISTIC") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
 def _has_cuda_kernels():
@@ -105,12 +98,34 @@ def _jit_build_locked():
     return None
 
 
-def unavailable_reason(device):
-    if device.type != "cuda":
-        return "it runs on CUDA tensors only"
-    if _has_cuda_kernels():
-        return None
-    if torch.version.cuda is None:
-        return (f"torch {torch.__version__} is a CPU-only build, which cannot build or run the CUDA "
-                f"kernels; {BUILD_HOWTO}")
-    return _jit_build()
+class CudaBackend(Backend):
+    name = "cuda"
+    device_types = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    def unavailable_reason(self, device):
+        if _has_cuda_kernels():
+            return None
+        if torch.version.cuda is None:
+            return (f"torch {torch.__version__} is a CPU-only build, which cannot build or run "
+                    f"the CUDA kernels; {BUILD_HOWTO}")
+        return _jit_build()
+
+    def call_reasons(self, call, options):
+        # wmma fragments: fp16 needs sm70, bf16 sm80.
+        need = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}.get(call.dtype)
+        if need and torch.cuda.get_device_capability(call.device) < need:
+            return [f"{str(call.dtype).replace('torch.', '')} needs compute capability "
+                    f"{need[0]}.{need[1]} or newer"]
+        return []
+
+    def lse_forward(self, q, k, scale, self_mask, cols, options):
+        return _ext.lse_forward(q, k, scale, self_mask, cols, options)
+
+    def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                     options):
+        return _ext.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq,
+                                 need_dk, options)
+
+
+BACKEND = CudaBackend()

@@ -1,15 +1,12 @@
 """Tiled pure-PyTorch backend: runs on any device, never holds more than a tile."""
 import torch
 
-NAME = "torch"
+from .base import Backend
+
 TILE = 2048
 
 
-def unavailable_reason(device):
-    return None
-
-
-def acc_dtype(dtype):
+def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -31,41 +28,50 @@ def _finite_or_inf(lse):
     return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
 
 
-def lse_forward(q, k, scale, self_mask, cols, tile=TILE):
-    acc = acc_dtype(q.dtype)
-    n, m = q.shape[0], k.shape[0]
-    lse_r = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
-    lse_c = torch.full((m,), float("-inf"), dtype=acc, device=q.device) if cols else None
-    for j0 in range(0, m, tile):
-        kb = k[j0:j0 + tile].to(acc)
-        for i0 in range(0, n, tile):
-            s = _tile(q[i0:i0 + tile].to(acc), kb, scale, self_mask, i0, j0)
-            # Online merge of log-sum-exp: logaddexp handles -inf on both sides.
-            torch.logaddexp(lse_r[i0:i0 + tile], torch.logsumexp(s, 1), out=lse_r[i0:i0 + tile])
-            if cols:
-                torch.logaddexp(lse_c[j0:j0 + tile], torch.logsumexp(s, 0), out=lse_c[j0:j0 + tile])
-    return lse_r, lse_c
+class TorchBackend(Backend):
+    name = "torch"
+    device_types = ()      # any
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    tile = TILE
+
+    def lse_forward(self, q, k, scale, self_mask, cols, options):
+        acc, tile = _acc(q.dtype), self.tile
+        n, m = q.shape[0], k.shape[0]
+        lse_r = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
+        lse_c = torch.full((m,), float("-inf"), dtype=acc, device=q.device) if cols else None
+        for j0 in range(0, m, tile):
+            kb = k[j0:j0 + tile].to(acc)
+            for i0 in range(0, n, tile):
+                s = _tile(q[i0:i0 + tile].to(acc), kb, scale, self_mask, i0, j0)
+                # Online merge of log-sum-exp: logaddexp handles -inf on both sides.
+                torch.logaddexp(lse_r[i0:i0 + tile], torch.logsumexp(s, 1), out=lse_r[i0:i0 + tile])
+                if cols:
+                    torch.logaddexp(lse_c[j0:j0 + tile], torch.logsumexp(s, 0),
+                                    out=lse_c[j0:j0 + tile])
+        return lse_r, lse_c
+
+    def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                     options):
+        acc, tile = lse_r.dtype, self.tile
+        n, m = q.shape[0], k.shape[0]
+        dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device) if need_dq else None
+        dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if need_dk else None
+        lr = _finite_or_inf(lse_r)
+        lc = _finite_or_inf(lse_c) if g_c is not None else None
+        for j0 in range(0, m, tile):
+            kb = k[j0:j0 + tile].to(acc)
+            for i0 in range(0, n, tile):
+                qb = q[i0:i0 + tile].to(acc)
+                s = _tile(qb, kb, scale, self_mask, i0, j0)
+                # Two tile-sized buffers at most: s itself is reused for the column term.
+                ds = (s - lr[i0:i0 + tile, None]).exp_().mul_(g_r[i0:i0 + tile, None])
+                if lc is not None:
+                    ds += s.sub_(lc[None, j0:j0 + tile]).exp_().mul_(g_c[None, j0:j0 + tile])
+                if need_dq:
+                    dq[i0:i0 + tile] += ds @ kb
+                if need_dk:
+                    dk[j0:j0 + tile] += ds.T @ qb
+        return dq, dk
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True,
-                 tile=TILE):
-    acc = lse_r.dtype
-    n, m = q.shape[0], k.shape[0]
-    dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device) if need_dq else None
-    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if need_dk else None
-    lr = _finite_or_inf(lse_r)
-    lc = _finite_or_inf(lse_c) if g_c is not None else None
-    for j0 in range(0, m, tile):
-        kb = k[j0:j0 + tile].to(acc)
-        for i0 in range(0, n, tile):
-            qb = q[i0:i0 + tile].to(acc)
-            s = _tile(qb, kb, scale, self_mask, i0, j0)
-            # Two tile-sized buffers at most: s itself is reused for the column term.
-            ds = (s - lr[i0:i0 + tile, None]).exp_().mul_(g_r[i0:i0 + tile, None])
-            if lc is not None:
-                ds += s.sub_(lc[None, j0:j0 + tile]).exp_().mul_(g_c[None, j0:j0 + tile])
-            if need_dq:
-                dq[i0:i0 + tile] += ds @ kb
-            if need_dk:
-                dk[j0:j0 + tile] += ds.T @ qb
-    return dq, dk
+BACKEND = TorchBackend()

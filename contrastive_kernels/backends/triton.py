@@ -4,51 +4,47 @@ Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INT
 set before triton is first imported; slow, for tests).
 
 Dtypes: float16 and bfloat16 use tensor cores with float32 accumulation; float32 uses
-tl.dot with input_precision PRECISION ("ieee" by default, "tf32" is faster and
-rounds the inputs to 10 mantissa bits); float64 is computed in float64 throughout
-(DMMA on sm80+). bfloat16 is rejected on CPU (the interpreter's bf16 tl.dot is wrong).
+tl.dot with input_precision "ieee" (or "tf32" with precision="tf32", faster, rounding
+the inputs to 10 mantissa bits); float64 is computed in float64 throughout (DMMA on
+sm80+). bfloat16 is not served on CPU (the interpreter's bf16 tl.dot is wrong).
 
 The forward uses no atomics: a fixed number of programs share the row blocks in a
 fixed order and write their column partials to a (programs x M) buffer
 (forward_programs: PROGRAMS_PER_SM per SM on a GPU), reduced on the host. It gives the
 same bits on every run with the same config; large problems autotune their config per
-process unless DETERMINISTIC is on, which also turns autotuning off.
+process unless deterministic.
 
-Settings (module attributes, read at every call; their defaults come from the environment):
-  DETERMINISTIC  CK_TRITON_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)).
-                 False: one backward kernel computes dq for its rows and adds dk with
+Options (contrastive_kernels/options.py), per call:
+  deterministic  False: one backward kernel computes dq for its rows and adds dk with
                  fp32 atomics (1 forward + 3 backward GEMM passes over N*M*D; dk's
                  summation order varies from run to run). True: two backward kernels,
                  dq over row blocks and dk over column blocks, no atomics, and the
                  fixed (not autotuned) config: bitwise reproducible (1 + 4 passes).
                  When only dq or only dk is wanted (frozen keys or queries), its one
                  kernel runs, without atomics, in either mode (1 + 2 passes).
-  LOW_MEMORY     CK_TRITON_LOW_MEMORY=1: backward through `input_grads` (lse_grad_kernel):
-                 the kernels write the final gradients in the input dtype, with the
-                 target gradient folded into dS, so no float32 N x D buffer is made;
-                 scratch is programs x BLOCK_M/2 x D floats (fp16/bf16 with D above
-                 the one-chunk limit), else none. Two launches (dq over row blocks,
-                 dk over column blocks; one under self-contrast), no atomics, a fixed
-                 config: bitwise reproducible, 1 + 4 GEMM passes.
-  BLOCKED        CK_TRITON_BLOCKED in {"auto", "on", "off"}: the blocked algorithm, for
-                 an embedding dim too large for one chunk (D above MAX_ONE_D, 256 for
-                 fp16/bf16), where the fused kernels re-read q and k chunks and
-                 accumulate dq through memory. Rows go in blocks of R (an fp32 R x M
-                 block of S and its dS in the input dtype fill the workspace: by default
-                 2 x the bytes of q and k, so R is about 4D/3 for N = M; per
-                 block, cuBLAS computes S = q_b k^T with fp32 output, a Triton kernel
-                 reads it once for the row and column log-sum-exps (forward) or writes
-                 dS (backward), and cuBLAS gives dq_b = dS k and dk += dS^T q_b
-                 (1 + 3 GEMM passes, no atomics, deterministic). "auto": on for CUDA
-                 fp16/bf16 inputs with D above MAX_ONE_D, where torch has
-                 mm(..., out_dtype=float32), unless LOW_MEMORY or torch's deterministic
-                 algorithms are on (cuBLAS would need CUBLAS_WORKSPACE_CONFIG).
-                 "on" forces it (tests: CPU tensors under the interpreter, where the
-                 GEMMs run in torch in the accumulation dtype); LOW_MEMORY still wins.
-  PRECISION      CK_TRITON_PRECISION in {"ieee", "tf32"}; applies to float32 inputs only.
-  POISON         CK_TRITON_POISON=1 or CK_POISON=1 (debug; the test suite sets it): fill
-                 every buffer a kernel must write in full with NaN first, so that a
-                 missed store shows up in the results.
+  low_memory     backward through `input_grads` (lse_grad_kernel): the kernels write the
+                 final gradients in the input dtype, with the target gradient folded into
+                 dS, so no float32 N x D buffer is made; scratch is programs x BLOCK_M/2 x D
+                 floats (fp16/bf16 with D above the one-chunk limit), else none. Two
+                 launches (dq over row blocks, dk over column blocks; one under
+                 self-contrast), no atomics, a fixed config: bitwise reproducible, 1 + 4
+                 GEMM passes.
+  algorithm      "blocked": for an embedding dim too large for one chunk (D above
+                 MAX_ONE_D, 256 for fp16/bf16), where the fused kernels re-read q and k
+                 chunks and accumulate dq through memory. Rows go in blocks of R (an fp32
+                 R x M block of S and its dS in the input dtype fill the workspace: by
+                 default 2 x the bytes of q and k, so R is about 4D/3 for N = M; the
+                 option `workspace` sets its bytes); per block, cuBLAS computes
+                 S = q_b k^T with fp32 output, a Triton kernel reads it once for the row
+                 and column log-sum-exps (forward) or writes dS (backward), and cuBLAS
+                 gives dq_b = dS k and dk += dS^T q_b (1 + 3 GEMM passes, no atomics,
+                 deterministic). "auto": blocked for CUDA fp16/bf16 inputs with D above
+                 MAX_ONE_D, where torch has mm(..., out_dtype=float32), unless low_memory
+                 or torch's deterministic algorithms are on (cuBLAS would then need
+                 CUBLAS_WORKSPACE_CONFIG); else "fused". "blocked" on CPU tensors runs
+                 the GEMMs in torch in the accumulation dtype (tests); low_memory takes
+                 the fused kernels whatever the algorithm.
+  precision      "tf32" applies to float32 inputs only.
 
 The triton import is lazy: `import contrastive_kernels` does not import triton.
 """
@@ -58,23 +54,13 @@ import sys
 
 import torch
 
-NAME = "triton"
+from .base import Backend
 
-DETERMINISTIC = os.environ.get("CK_TRITON_DETERMINISTIC", "0") == "1"
-PRECISION = os.environ.get("CK_TRITON_PRECISION", "ieee")
-LOW_MEMORY = os.environ.get("CK_TRITON_LOW_MEMORY", "0") == "1"
-BLOCKED = os.environ.get("CK_TRITON_BLOCKED", "auto")
-# The blocked path's workspace (an fp32 block of S and its dS): BLOCKED_WORKSPACE bytes,
-# or by default WORKSPACE_FACTOR x the bytes of q and k, at least WORKSPACE_MIN: it grows
-# with (N + M) D, never with N M. BLOCKED_ROWS (tests) fixes the rows per block instead.
-BLOCKED_WORKSPACE = None
+# The blocked path's default workspace (an fp32 block of S and its dS): WORKSPACE_FACTOR
+# x the bytes of q and k, at least WORKSPACE_MIN: it grows with (N + M) D, never with N M.
 WORKSPACE_FACTOR = 2
 WORKSPACE_MIN = 64 << 20
-BLOCKED_ROWS = None
-POISON = "1" in (os.environ.get("CK_TRITON_POISON"), os.environ.get("CK_POISON"))
 
-_PRECISIONS = ("ieee", "tf32")
-_BLOCKED_MODES = ("auto", "on", "off")
 _KERNEL_MODULE = "contrastive_kernels.triton_kernels.lse"
 # Problems with fewer multiply-adds than this use one fixed config instead of autotuning.
 AUTOTUNE_MIN_MACS = 1 << 30
@@ -86,6 +72,7 @@ INTERPRET_PROGRAMS = 2
 # Low-memory backward programs per SM (each holds BLOCK_M/2 x D floats of scratch when
 # D is chunked: 13 MB on 132 SMs at D = 768).
 GRAD_PROGRAMS_PER_SM = 1
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _interpret_env():
@@ -111,33 +98,20 @@ def unavailable_reason(device):
     return None
 
 
+def call_reasons(call, options):
+    """Why Triton cannot serve this call beyond availability (backend contract)."""
+    if call.dtype == torch.bfloat16:
+        if call.device.type == "cpu":
+            return ["does not support bfloat16 on CPU (the Triton interpreter's bfloat16 "
+                    "tl.dot is wrong)"]
+        if torch.cuda.get_device_capability(call.device)[0] < 8:
+            return ["bfloat16 needs compute capability 8.0 or newer"]
+    return []
+
+
 def _kernels():
     import importlib
     return importlib.import_module(_KERNEL_MODULE)
-
-
-def _check(q, k):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"the Triton backend supports float16, bfloat16, float32 and float64, got {q.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"query and key must have the same dtype, got {q.dtype} and {k.dtype}")
-    if q.dtype == torch.bfloat16:
-        if q.device.type == "cpu":
-            raise TypeError("the Triton backend does not support bfloat16 on CPU: the Triton "
-                            "interpreter's bfloat16 tl.dot is wrong; use float16/float32, a CUDA "
-                            "device, or backend 'cpu'/'torch'")
-        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
-            raise TypeError("the Triton backend needs sm80 or newer for bfloat16")
-    if BLOCKED not in _BLOCKED_MODES:
-        raise ValueError(f"contrastive_kernels.backends.triton.BLOCKED must be one of "
-                         f"{_BLOCKED_MODES}, got {BLOCKED!r}")
-    if PRECISION not in _PRECISIONS:
-        raise ValueError(f"contrastive_kernels.backends.triton.PRECISION must be one of "
-                         f"{_PRECISIONS}, got {PRECISION!r}")
-
-
-def _deterministic():
-    return DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 def _acc(dtype):
@@ -149,18 +123,16 @@ def _rows(x):
     return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
 
 
-def _out(shape, dtype, device, poison):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device) if poison else \
-        torch.empty(shape, dtype=dtype, device=device)
+def _out(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _setup(q, k, scale):
-    """Checks, row-strided q and k, and what both launches need, as a namespace."""
+def _setup(q, k, scale, options):
+    """Row-strided q and k, and what the launches need, as a namespace."""
     import types
 
     import triton
     import triton.language as tl
-    _check(q, k)
     K = _kernels()
     q, k = _rows(q), _rows(k)
     n, d = q.shape
@@ -171,13 +143,15 @@ def _setup(q, k, scale):
     return types.SimpleNamespace(
         K=K, triton=triton, q=q, k=k, n=n, m=m, d=d, P=P, one_d=one_d, acc=acc, dev=q.device,
         block_d=max(16, triton.next_power_of_2(d)) if one_d else P["CHUNK_D"],
-        prec=PRECISION if q.dtype == torch.float32 else "ieee",
+        prec=options.precision if q.dtype == torch.float32 else "ieee",
         acc_tl=tl.float64 if q.dtype == torch.float64 else tl.float32,
         # Autotuning picks tile sizes by timing, which can differ between processes and
         # change the summation order: off when determinism is asked for.
         tuned=P["tune"] and (not K.INTERPRET) and n * m * d >= AUTOTUNE_MIN_MACS
-        and not _deterministic(),
-        scale_t=torch.full((1,), float(scale), dtype=acc, device=q.device))
+        and not options.deterministic,
+        options=options,
+        # The kernels load the scale from memory: no host read, no sync.
+        scale_t=scale.detach().reshape(1).to(acc))
 
 
 def _sms(device):
@@ -226,10 +200,11 @@ def _mm_out_dtype(device, dtype):
 
 
 def _blocked(L):
-    """Whether this call takes the blocked algorithm (BLOCKED, module docstring)."""
-    if BLOCKED == "off" or LOW_MEMORY:
+    """Whether this call takes the blocked algorithm (`algorithm`, module docstring)."""
+    algo = L.options.algorithm
+    if algo == "fused" or L.options.low_memory:
         return False
-    if BLOCKED == "on":
+    if algo == "blocked":
         return True
     return (L.dev.type == "cuda" and L.q.dtype in (torch.float16, torch.bfloat16)
             and not L.one_d and not torch.are_deterministic_algorithms_enabled()
@@ -257,25 +232,24 @@ def _gemm(a, b, out, accumulate=False):
 def _block_plan(L):
     """(rows per block, padded row stride of the workspace, tile config)."""
     mpad = -(-L.m // 64) * 64
-    if BLOCKED_ROWS:
-        rows = BLOCKED_ROWS
+    per_row = mpad * (_acc(L.q.dtype).itemsize + L.q.element_size())
+    ws = L.options.workspace
+    if ws:
+        rows = max(1, ws // per_row)           # as asked (tests use a few rows)
     else:
-        ws = BLOCKED_WORKSPACE
-        if ws is None:
-            ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
-        rows = ws // (mpad * (_acc(L.q.dtype).itemsize + L.q.element_size()))
-        rows = max(16, rows // 16 * 16)
-    return max(1, min(L.n, rows)), mpad, L.K.BLOCKED_TILE
+        ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
+        rows = max(16, ws // per_row // 16 * 16)
+    return min(L.n, rows), mpad, L.K.BLOCKED_TILE
 
 
 def _blocked_forward(L, self_mask, cols):
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
     br, bc = T["BLOCK_R"], T["BLOCK_C"]
-    sbuf = _out((rows, mpad), acc, dev, POISON)
-    row_part = _out((rows, cdiv(m, bc)), acc, dev, POISON)
-    col_part = _out((cdiv(rows, br), m), acc, dev, POISON) if cols else row_part
-    lse_r = _out((n,), acc, dev, POISON)
+    sbuf = _out((rows, mpad), acc, dev)
+    row_part = _out((rows, cdiv(m, bc)), acc, dev)
+    col_part = _out((cdiv(rows, br), m), acc, dev) if cols else row_part
+    lse_r = _out((n,), acc, dev)
     lse_c = torch.full((m,), float("-inf"), dtype=acc, device=dev) if cols else None
     kt = L.k.T
     for i0 in range(0, n, rows):
@@ -295,10 +269,10 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
     br, bc = T["BLOCK_R"], T["BLOCK_C"]
-    sbuf = _out((rows, mpad), acc, dev, POISON)
-    dsbuf = _out((rows, mpad), L.q.dtype, dev, POISON)
-    dq = _out((n, L.d), acc, dev, POISON) if need_dq else None
-    dk = _out((m, L.d), acc, dev, POISON) if need_dk else None
+    sbuf = _out((rows, mpad), acc, dev)
+    dsbuf = _out((rows, mpad), L.q.dtype, dev)
+    dq = _out((n, L.d), acc, dev) if need_dq else None
+    dk = _out((m, L.d), acc, dev) if need_dk else None
     q, k = L.q, L.k
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
@@ -315,16 +289,16 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
     return dq, dk
 
 
-def lse_forward(q, k, scale, self_mask, cols):
-    L = _setup(q, k, scale)
+def lse_forward(q, k, scale, self_mask, cols, options):
+    L = _setup(q, k, scale, options)
     if _blocked(L):
         with torch.cuda.device(L.dev) if L.dev.type == "cuda" else _nullctx():
             return _blocked_forward(L, self_mask, cols)
     n, m, P, dev = L.n, L.m, L.P, L.dev
-    lse_r = _out((n,), L.acc, dev, POISON)
+    lse_r = _out((n,), L.acc, dev)
     bm = forward_block_m(n, P, dev)
     progs = forward_programs(L.triton.cdiv(n, bm), dev)
-    part = _out((progs, m), L.acc, dev, POISON) if cols else lse_r
+    part = _out((progs, m), L.acc, dev) if cols else lse_r
     args = (L.q, L.k, L.scale_t, lse_r, part, n, m, L.d, L.q.stride(0), L.k.stride(0),
             _size_key(n, m))
     meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=L.one_d, PREC=L.prec,
@@ -338,8 +312,8 @@ def lse_forward(q, k, scale, self_mask, cols):
     return lse_r, lse_c
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, need_dk=True):
-    L = _setup(q, k, scale)
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk, options):
+    L = _setup(q, k, scale, options)
     acc, dev, triton = L.acc, L.dev, L.triton
     has_c = lse_c is not None and g_c is not None
     g_r = g_r.to(acc).contiguous()
@@ -375,17 +349,17 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq=True, n
         if _blocked(L):
             dq, dk = _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm,
                                        need_dq, need_dk)
-        elif need_dq and need_dk and not _deterministic():
-            dq = _out((L.n, L.d), acc, dev, POISON)
+        elif need_dq and need_dk and not options.deterministic:
+            dq = _out((L.n, L.d), acc, dev)
             dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
             launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, dk, True)
         else:
             # dq over row blocks, dk over column blocks (the same kernel on S^T): no atomics.
             if need_dq:
-                dq = _out((L.n, L.d), acc, dev, POISON)
+                dq = _out((L.n, L.d), acc, dev)
                 launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
             if need_dk:
-                dk = _out((L.m, L.d), acc, dev, POISON)
+                dk = _out((L.m, L.d), acc, dev)
                 launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
     return tuple(None if g is None else g.mul_(gmax) for g in (dq, dk))
 
@@ -398,19 +372,17 @@ def grad_programs(n_blocks, device):
     return max(1, min(n_blocks, INTERPRET_PROGRAMS))
 
 
-def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
-                need_dk=True, need_ds=False):
-    """The low-memory backward (LOW_MEMORY), or None when it is off.
+def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq, need_dk, need_ds,
+                options):
+    """The low-memory backward (option low_memory).
 
     Returns the final (dq, dk, ds): dq and dk in the input dtype, including the target
-    gradient W (w() = (rid, cid, a, e, b, f) from loss.Targets: W_ij = [rid_i == cid_j]
-    (a_i + b_j) + e_i + f_j on valid entries; b, f may be None, e, f are None without
-    smoothing), and ds = sum_ij dS_lse_ij <q_i, k_j> (None unless need_ds). Under
-    self-contrast (self_mask; k is q) dq is the whole gradient of q and dk is None.
+    gradient W (w() = (rid, cid, a, e, b, f) from targets.Targets.weights: W_ij =
+    [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid entries; b, f may be None, e, f are
+    None without smoothing), and ds = sum_ij dS_lse_ij <q_i, k_j> (None unless need_ds).
+    Under self-contrast (self_mask; k is q) dq is the whole gradient of q and dk is None.
     """
-    if not LOW_MEMORY:
-        return None
-    L = _setup(q, k, scale)
+    L = _setup(q, k, scale, options)
     acc, dev, triton = L.acc, L.dev, L.triton
     rid, cid, a, e, b, f = w()
     has_c = lse_c is not None and g_c is not None
@@ -426,8 +398,8 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
     # |dS| <= |s| (max|g_r| + max|g_c|) + max|W|: dS / gmax is at most 1 in the input
     # dtype (no fp16 overflow, and small gradients keep their relative precision).
     sym = bool(self_mask)
-    gmax = abs(float(scale)) * (g_r.abs().amax() * (2 if sym else 1) +
-                                (g_c.abs().amax() if has_c else 0))
+    gmax = L.scale_t[0].abs() * (g_r.abs().amax() * (2 if sym else 1) +
+                                 (g_c.abs().amax() if has_c else 0))
     wmax = a.abs().amax() + b.abs().amax()
     if has_eps:
         wmax = wmax + e.abs().amax() + f.abs().amax()
@@ -441,14 +413,14 @@ def input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, w, need_dq=True,
     spare = gmax
     if half and not L.one_d:
         most = max(grad_programs(triton.cdiv(x, bm), dev) for x in (L.n, L.m))
-        spare = _out((most * (bm // 2) * L.d,), acc, dev, POISON)
+        spare = _out((most * (bm // 2) * L.d,), acc, dev)
 
     def launch(x, y, lse_a, g_a, has_a, lse_b, g_b, has_b, side_r, side_c, ds_on):
         """(the gradient of x's rows, the scale's sum or None)."""
         nx, ny = x.shape[0], y.shape[0]
         progs = grad_programs(triton.cdiv(nx, bm), dev)
-        out = _out((nx, L.d), q.dtype, dev, POISON)
-        dsc = _out((progs,), acc, dev, POISON) if ds_on else gmax
+        out = _out((nx, L.d), q.dtype, dev)
+        dsc = _out((progs,), acc, dev) if ds_on else gmax
         dummy = lse_r
         L.K.lse_grad_kernel[(progs,)](
             x, y, L.scale_t, gmax, lse_a if has_a else dummy, g_a if has_a else dummy,
@@ -482,3 +454,32 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = ("cuda", "cpu")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    features = frozenset({"low_memory", "blocked", "tf32"})
+
+    def unavailable_reason(self, device):
+        return unavailable_reason(device)
+
+    def call_reasons(self, call, options):
+        return call_reasons(call, options)
+
+    def lse_forward(self, q, k, scale, self_mask, cols, options):
+        return lse_forward(q, k, scale, self_mask, cols, options)
+
+    def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                     options):
+        return lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                            options)
+
+    def input_grads(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, weights, need_dq,
+                    need_dk, need_ds, options):
+        return input_grads(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, weights, need_dq,
+                           need_dk, need_ds, options)
+
+
+BACKEND = TritonBackend()

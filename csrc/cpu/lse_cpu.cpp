@@ -191,11 +191,9 @@ struct Stripes {
   int64_t end(int64_t s) const { return std::min(n, (s + 1) * per); }
 };
 
-// CK_POISON=1 (the test suite sets it): outputs and scratch start as NaN, so
+// poison (an op argument the test suite sets): outputs and scratch start as NaN, so
 // any element a kernel fails to write shows up in the results.
-at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  const char* v = std::getenv("CK_POISON");
-  const bool poison = v != nullptr && v[0] == '1';
+at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
   at::Tensor t = at::empty(sizes, opts);
   if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
@@ -217,23 +215,25 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
 // ---- ops
 
 std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                   double scale, bool self_mask, bool cols) {
+                                                   double scale, bool self_mask, bool cols,
+                                                   bool /*deterministic: always*/, bool /*tf32*/,
+                                                   bool poison) {
   check_inputs(q, k, self_mask);
   const auto acc = acc_type(q);
   // detach: parallel workers do not inherit the caller's no-grad mode.
   const at::Tensor qa = q.detach().to(acc).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
   const int64_t n = q.size(0), m = k.size(0);
-  at::Tensor lse_r = new_buffer({n}, q.options().dtype(acc));
+  at::Tensor lse_r = new_buffer({n}, q.options().dtype(acc), poison);
   const Stripes st(n, at::get_num_threads());
   // Column partials per stripe, merged after the parallel loop.
-  at::Tensor col_m = new_buffer({cols ? st.count : 0, m}, lse_r.options());
-  at::Tensor col_l = new_buffer({cols ? st.count : 0, m}, lse_r.options());
+  at::Tensor col_m = new_buffer({cols ? st.count : 0, m}, lse_r.options(), poison);
+  at::Tensor col_l = new_buffer({cols ? st.count : 0, m}, lse_r.options(), poison);
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
-      Tile tile{new_buffer({kRows * kCols}, lse_r.options())};
+      Tile tile{new_buffer({kRows * kCols}, lse_r.options(), poison)};
       std::vector<T> tm(std::max(kRows, kCols)), tl(std::max(kRows, kCols));
       std::vector<ck::OnlineLSE<T>> rows(kRows);
       for (int64_t s = s0; s < s1; ++s) {
@@ -265,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
     });
   });
 
-  at::Tensor lse_c = new_buffer({cols ? m : 0}, lse_r.options());
+  at::Tensor lse_c = new_buffer({cols ? m : 0}, lse_r.options(), poison);
   if (cols) {
     AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu_cols", [&] {
       using T = scalar_t;
@@ -288,7 +288,9 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
                                                     double scale, bool self_mask,
                                                     const at::Tensor& lse_r, const at::Tensor& lse_c,
                                                     const at::Tensor& g_r, const at::Tensor& g_c,
-                                                    bool need_dq, bool need_dk) {
+                                                    bool need_dq, bool need_dk,
+                                                    bool /*deterministic: always*/,
+                                                    bool /*tf32*/, bool poison) {
   check_inputs(q, k, self_mask);
   const auto acc = acc_type(q);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
@@ -327,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
-      Tile tile{new_buffer({kRows * kCols}, qa.options())};
+      Tile tile{new_buffer({kRows * kCols}, qa.options(), poison)};
       for (int64_t s = s0; s < s1; ++s) {
         at::Tensor dk = dk_parts[s];
         for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {

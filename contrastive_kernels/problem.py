@@ -1,6 +1,10 @@
-"""Argument checking shared by the fused loss and the reference.
+"""The problem: the checked arguments of a loss call, shared by the fused loss, the ring
+and the reference.
 
-Every check runs before any kernel, and every error names the argument.
+`check_inputs` checks what the tensors' metadata shows (types, shapes, devices, dtypes,
+Python scalars): traceable by torch.compile. `check_values` checks what needs the data
+(positive_index in range, a tensor scale's value): it runs inside the fused op, before
+any kernel. Every error names the argument.
 """
 import math
 from dataclasses import dataclass
@@ -27,6 +31,11 @@ class Problem:
     symmetric: bool
     label_smoothing: float
     reduction: str
+    scale_name: str = "logit_scale"        # the argument the scale came from
+
+    @property
+    def n_keys(self):
+        return self.query.shape[0] if self.key is None else self.key.shape[0]
 
     @property
     def self_contrast(self):
@@ -64,28 +73,35 @@ def _check_int_vector(name, x, length, length_name, device):
 
 
 def _check_scalar(name, x, device, positive):
-    """A float or a 0-dim floating tensor that is finite (and > 0 if `positive`)."""
+    """A float (finite, and > 0 if `positive`) or a 0-dim floating tensor. A tensor's value
+    is checked here when it is on the CPU (in eager mode; check_values does it inside the
+    op when compiled); on a GPU it is not read (a device sync every step)."""
     if torch.is_tensor(x):
         if x.dim() != 0 and x.numel() != 1:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        value = float(x.detach())
-        x = x.reshape(()).to(device)
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        value = float(x)
-        x = value
-    else:
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_value(name, float(x.detach()), positive)
+        return x.reshape(()).to(device)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        _check_value(name, float(x), positive)
+        return float(x)
+    raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
+
+
+def _check_value(name, value, positive):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    return x
 
 
 def check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                 logit_scale, logit_bias, symmetric, label_smoothing, reduction) -> Problem:
+                 logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+                 global_index=False) -> Problem:
+    """The Problem of one call (module docstring). global_index: positive_index points
+    into the keys of every rank (the ring checks the global sizes)."""
     _check_matrix("query", query)
     n, d = query.shape
     dev = query.device
@@ -108,9 +124,11 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
+    scale_name = "logit_scale"
     if logit_scale is not None:
         scale = _check_scalar("logit_scale", logit_scale, dev, positive=True)
     else:
+        scale_name = "temperature"
         t = DEFAULT_TEMPERATURE if temperature is None else temperature
         t = _check_scalar("temperature", t, dev, positive=True)
         scale = 1.0 / t
@@ -135,7 +153,8 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
         else:
             key_labels = _check_int_vector("key_labels", key_labels, m, "key rows", dev)
     else:
-        if symmetric and key is not None and m != n:
+        if symmetric and key is not None and m != n and not (global_index and
+                                                              positive_index is not None):
             raise ValueError(f"symmetric=True needs as many keys as queries unless labels are "
                              f"given, got query rows {n} and key rows {m}")
         if positive_index is None:
@@ -151,11 +170,30 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                 positive_index = torch.arange(n, device=dev)
         else:
             positive_index = _check_int_vector("positive_index", positive_index, n, "query rows", dev)
-            lo, hi = int(positive_index.min()), int(positive_index.max())
-            if lo < 0 or hi >= m:
-                raise ValueError(f"positive_index values must be in [0, {m}), got range [{lo}, {hi}]")
-            if key is None and bool((positive_index == torch.arange(n, device=dev)).any()):
-                raise ValueError("positive_index must not point a query at itself when key is None")
 
     return Problem(query, key, positive_index, labels, key_labels, scale, bias,
-                   symmetric, float(label_smoothing), reduction)
+                   symmetric, float(label_smoothing), reduction, scale_name)
+
+
+def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias,
+                 scale_name="logit_scale", where=""):
+    """The checks that read data: positive_index within [0, n_keys) and (self-contrast)
+    never at the query itself (query i is key i + self_offset); a tensor scale finite and
+    > 0 and a tensor bias finite, when on the CPU (on a GPU reading them would cost a
+    device sync every step: they are not checked there)."""
+    if positive_index is not None and positive_index.numel():
+        lo, hi = int(positive_index.min()), int(positive_index.max())
+        if lo < 0 or hi >= n_keys:
+            raise ValueError(f"positive_index values must be in [0, {n_keys}){where}, got range "
+                             f"[{lo}, {hi}]")
+        if self_contrast:
+            own = torch.arange(positive_index.numel(), device=positive_index.device) + self_offset
+            if bool((positive_index == own).any()):
+                raise ValueError(f"positive_index must not point a query at itself when key is "
+                                 f"None{where}")
+    for name, x, positive in ((scale_name, scale, True), ("logit_bias", bias, False)):
+        if torch.is_tensor(x) and x.device.type == "cpu":
+            v = float(x.detach())
+            if name == "temperature":          # the scale is 1 / temperature
+                v = 1.0 / v if v else float("inf")
+            _check_value(name, v, positive)

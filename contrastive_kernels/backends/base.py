@@ -1,0 +1,169 @@
+"""The backend contract: what a backend declares and what it computes.
+
+A backend computes only the fused, tiled part of the loss (docs/DESIGN.md):
+
+    lse_forward(q, k, scale, self_mask, cols, options) -> (lse_rows (N,), lse_cols (M,) or None)
+        lse_rows[i] = log sum_j exp(scale * <q_i, k_j>)   over valid j
+        lse_cols[j] = log sum_i exp(scale * <q_i, k_j>)   over valid i (only if cols)
+        self_mask excludes the diagonal i == j.
+    lse_backward(q, k, scale, self_mask, lse_rows, lse_cols, g_rows, g_cols,
+                 need_dq, need_dk, options) -> (dq_raw, dk_raw)
+        dS_ij  = g_rows[i] * exp(S_ij - lse_rows[i]) + g_cols[j] * exp(S_ij - lse_cols[j])
+        dq_raw = dS @ k,   dk_raw = dS.T @ q          (no scale applied)
+        A gradient that is not needed is None, and neither its buffer nor its GEMM is made.
+        Both are fresh buffers the caller may change in place.
+
+`scale` is a tensor of one element (the accumulation dtype, on the inputs' device), so
+that nothing reads it on the host. Statistics and raw gradients are float64 for float64
+inputs and float32 otherwise. A backend that declares the feature "low_memory" also has
+
+    input_grads(q, k, scale, self_mask, lse_rows, lse_cols, g_rows, g_cols, weights,
+                need_dq, need_dk, need_ds, options) -> (dq, dk, ds)
+        dq = (scale * dS + W) @ k and dk = (scale * dS + W).T @ q in the input dtype, with
+        the target weights W_ij = [rid_i == cid_j] (a_i + b_j) + e_i + f_j on valid entries
+        (weights() returns (rid, cid, a, e, b, f), from targets.Targets.weights), and
+        ds = sum_ij dS_ij <q_i, k_j>. Under self_mask (k is q) dq is the whole gradient of
+        q and dk is None.
+
+What a backend supports is declared, not probed: its device types, dtypes and features,
+and `reasons(call, options)`, which lists why it cannot serve one call (empty: it can).
+`select` picks the first backend in the device's preference order with no reasons.
+"""
+import dataclasses
+import warnings
+
+import torch
+
+# Features a call may need beyond the InfoNCE core (every backend has that: rows and
+# columns, self-masking, any target), from its options.
+FEATURES = ("low_memory", "blocked", "tf32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What dispatch looks at: the device, dtype and sizes of one call."""
+    device: torch.device
+    dtype: torch.dtype
+    n: int
+    m: int
+    d: int
+    self_contrast: bool = False
+    symmetric: bool = False
+
+
+def needed_features(options):
+    """The features `options` ask for ("tf32" is a permission, never required)."""
+    out = []
+    if options.low_memory:
+        out.append("low_memory")
+    if options.algorithm == "blocked":
+        out.append("blocked")
+    return out
+
+
+class Backend:
+    """One backend: its declarations, `reasons`, and the contract's functions."""
+    name = ""
+    device_types = ()          # torch device types it runs on (empty: any)
+    dtypes = ()                # input dtypes
+    features = frozenset()     # of FEATURES
+
+    def runs_on(self, device):
+        return not self.device_types or torch.device(device).type in self.device_types
+
+    def unavailable_reason(self, device):
+        """Why it cannot run on `device` at all (not installed, not built), or None."""
+        return None
+
+    def call_reasons(self, call, options):
+        """Reasons specific to this backend (e.g. a dtype needing a newer GPU)."""
+        return []
+
+    def reasons(self, call, options):
+        """Every reason this backend cannot serve `call` with `options` ([]: it can)."""
+        if not self.runs_on(call.device):
+            return [f"runs on {' or '.join(self.device_types)} tensors, not {call.device.type}"]
+        why = self.unavailable_reason(call.device)
+        if why is not None:
+            return [why]
+        out = []
+        if call.dtype not in self.dtypes:
+            out.append(f"does not support {str(call.dtype).replace('torch.', '')}")
+        out += [f"does not support {f}=True" if f == "low_memory" else
+                f"does not have the {f} algorithm"
+                for f in needed_features(options) if f not in self.features]
+        return out + self.call_reasons(call, options)
+
+    def lse_forward(self, q, k, scale, self_mask, cols, options):
+        raise NotImplementedError
+
+    def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                     options):
+        raise NotImplementedError
+
+
+class Registry:
+    """The backends and their preference order per device type (fastest first)."""
+
+    def __init__(self, backends, order, default_order):
+        self.by_name = {b.name: b for b in backends}
+        self.order = order
+        self.default_order = default_order
+        self._warned = set()
+
+    def names(self):
+        return sorted(self.by_name)
+
+    def order_for(self, device):
+        return self.order.get(torch.device(device).type, self.default_order)
+
+    def available(self, device):
+        """Names of the backends that can run on `device` (built, installed), fastest first."""
+        device = torch.device(device)
+        return [n for n in self.order_for(device)
+                if self.by_name[n].runs_on(device)
+                and self.by_name[n].unavailable_reason(device) is None]
+
+    def explain(self, call, options):
+        """{name: reasons} for every backend of the device's order."""
+        return {n: self.by_name[n].reasons(call, options) for n in self.order_for(call.device)}
+
+    def select(self, name, call, options):
+        """The backend for this call: `name`, or with "auto" the first in the preference
+        order that can serve it. ValueError with the reasons when none can."""
+        if not isinstance(name, str):
+            raise TypeError(f"backend must be a string, got {type(name).__name__}")
+        if name != "auto" and name not in self.by_name:
+            raise ValueError(f"backend must be 'auto' or one of {self.names()}, got {name!r}; "
+                             f"available on {call.device}: {self.available(call.device)}")
+        if name != "auto":
+            why = self.by_name[name].reasons(call, options)
+            if why:
+                fits = [n for n, r in self.explain(call, options).items() if not r]
+                raise ValueError(f"backend {name!r} cannot run this call on {call.device} "
+                                 f"({_describe(call)}): {'; '.join(why)}. Available for this "
+                                 f"call: {fits or 'none'}")
+            return self.by_name[name]
+        table = self.explain(call, options)
+        for n, why in table.items():
+            if not why:
+                if n == "torch" and list(table)[0] != "torch":
+                    self._warn_fallback(call, table)
+                return self.by_name[n]
+        lines = "; ".join(f"{n!r}: {', '.join(r)}" for n, r in table.items())
+        raise ValueError(f"no backend can run this call ({_describe(call)}): {lines}")
+
+    def _warn_fallback(self, call, table):
+        if call.device.type in self._warned:
+            return
+        self._warned.add(call.device.type)
+        skipped = "; ".join(f"{n!r}: {', '.join(r)}" for n, r in table.items()
+                            if n != "torch" and r)
+        warnings.warn(f"contrastive_kernels: no fused backend can run this call on "
+                      f"{call.device} ({skipped}); falling back to the slower 'torch' backend",
+                      RuntimeWarning, stacklevel=5)
+
+
+def _describe(call):
+    return (f"{str(call.dtype).replace('torch.', '')} on {call.device}, "
+            f"N={call.n}, M={call.m}, D={call.d}")

@@ -1,0 +1,165 @@
+"""The stages of a fused loss, shared by the local loss and the ring (docs/DESIGN.md).
+
+    problem.check_inputs        validation -> Problem
+    backends.REGISTRY.select    the backend that declares it can serve the call
+    forward(...)                per key block: the backend's log-sum-exps and the target
+                                statistics (targets.Targets), merged over blocks
+    backward(...)               per key block: the backend's gradients (or, with
+                                low_memory, its final ones) plus the target gradients
+    side_losses / reduce        the per-row losses and the reduction
+
+Where the key blocks come from is a `Blocks` object: `LocalBlocks` (one block: the keys)
+here, the ring's transport in distributed.py. The autograd node around forward and
+backward is a custom op for the local loss (ops.py) and an autograd.Function for the
+ring; both call these two functions.
+"""
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the stages need besides tensors."""
+    backend: object          # backends.base.Backend
+    options: object          # options.Options
+    self_contrast: bool      # the keys are the queries (global diagonal masked)
+    cols: bool               # column log-sum-exps from the backend (symmetric, and not
+                             # self-contrast: there they are the rows'); the column target
+                             # statistics come with every symmetric loss (Targets.cols)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LocalBlocks:
+    """The local loss: one block, all the keys."""
+
+    def __init__(self, targets, key_labels, self_contrast):
+        self.targets, self.key_labels, self.self_contrast = targets, key_labels, self_contrast
+        self.cols_home = self.dk_home = None
+
+    def _block(self, k):
+        return self.targets.block(k.shape[0], self.self_contrast, self.key_labels, 0)
+
+    def forward(self, k):
+        blk = self._block(k)
+        yield blk, k
+        self.cols_home = blk.cols
+
+    def backward(self, k, col_pack, need_dk):
+        blk = self._block(k)
+        blk.col_pack = col_pack
+        yield blk, k
+        self.dk_home = blk.dk
+
+
+def forward(spec, q, k, scale, targets, blocks):
+    """Row statistics (lse, A, P, B) of the local queries over every key block, and the
+    column statistics (lse, A, P, B) of the local keys (None unless symmetric; their lse
+    None without spec.cols). B is None without label smoothing."""
+    acc = acc_dtype(q.dtype)
+    n = q.shape[0]
+    lse = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
+    a, p = (torch.zeros(n, dtype=acc, device=q.device) for _ in range(2))
+    b = torch.zeros(n, dtype=acc, device=q.device) if targets.eps else None
+    for blk, kb in blocks.forward(k):
+        lse_b, lse_cb = spec.backend.lse_forward(q, kb, scale, blk.self_mask, spec.cols,
+                                                 options=spec.options)
+        (a_b, p_b, b_b), (ac_b, pc_b, bc_b) = targets.stats(blk, q, kb, acc)
+        torch.logaddexp(lse, lse_b, out=lse)
+        a += a_b
+        p += p_b
+        if b is not None:
+            b += b_b
+        blk.cols = (lse_cb, ac_b, pc_b, bc_b) if targets.cols else None
+    return (lse, a, p, b), blocks.cols_home
+
+
+def merge_cols(x, y):
+    """Column statistics (lse, A, P, B) of the same keys over two sets of queries."""
+    lse = None if x[0] is None else torch.logaddexp(x[0], y[0])
+    return (lse,) + tuple(None if u is None else u + v for u, v in zip(x[1:], y[1:]))
+
+
+def block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq, need_dk,
+                need_ds):
+    """(dq, dk, ds) of one block: dq's and kb's gradient contributions (float32/64, or the
+    input dtype with low_memory) and its share of sum_ij dS_ij <q_i, k_j> (the scale)."""
+    be, opt = spec.backend, spec.options
+    lse_c = g_c = g_ac = g_bc = None
+    if blk.col_pack is not None:
+        lse_c, g_c, g_ac, g_bc = blk.col_pack
+    if not spec.cols:
+        lse_c = g_c = None
+    if opt.low_memory:
+        def w():
+            return targets.weights(blk, g_a, g_b, g_ac, g_bc)
+        return be.input_grads(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c, w,
+                              need_dq=need_dq, need_dk=need_dk, need_ds=need_ds, options=opt)
+    dq, dk = be.lse_backward(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c,
+                             need_dq=need_dq, need_dk=need_dk, options=opt)
+    ds = None
+    if need_ds:
+        rows, grads = (q, dq) if dq is not None else (kb, dk)
+        ds = targets.rowdots(rows, grads, grads.dtype).sum()
+    s = scale.to(lse_r.dtype)
+    for g in (dq, dk):
+        if g is not None:
+            g.mul_(s)
+    targets.add_grads(blk, q, kb, g_a, g_b, g_ac, g_bc, dq, dk)
+    return dq, dk, ds
+
+
+def backward(spec, q, k, scale, targets, blocks, lse_r, g_r, g_a, g_b, col_pack, need_dq,
+             need_dk, need_ds):
+    """(dq, dk, ds): the gradients of the statistics' consumers with respect to q, the
+    local keys (None under self-contrast: folded into dq) and the scale. col_pack is
+    (lse_c, g_c, g_ac, g_bc) of the local keys (lse_c, g_c None without spec.cols), or
+    None unless symmetric."""
+    dq = ds = None
+    for blk, kb in blocks.backward(k, col_pack, need_dk):
+        dq_b, dk_b, ds_b = block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a,
+                                       g_b, need_dq, need_dk, need_ds)
+        if dq_b is not None:
+            dq = dq_b if dq is None else dq.add_(dq_b)
+        if ds_b is not None:
+            ds = ds_b if ds is None else ds + ds_b
+        blk.dk = dk_b
+    dk = blocks.dk_home
+    if spec.self_contrast:
+        # the keys are the queries: their gradient as keys belongs to q
+        if dk is not None:
+            dq = dk if dq is None else dq.add_(dk)
+        dk = None
+    return dq, dk, ds
+
+
+def side_losses(lse, a, p, b, scale, bias, eps, nvalid):
+    """The loss of each row (or column) from its statistics: (LSE + b) - (s t + b) with
+    t = (1 - eps) A / P + eps B / nvalid, 0 where P = 0; and the mask P > 0. The bias
+    cancels but keeps its (zero) gradient."""
+    ok = p > 0
+    t = (1 - eps) * a / p.clamp_min(1)
+    if eps:
+        t = t + eps * b / max(nvalid, 1)
+    return torch.where(ok, (lse + bias) - (scale * t + bias), torch.zeros_like(lse)), ok
+
+
+def reduce(rows, cols, reduction, counts=None):
+    """The reduction of the row losses and (symmetric) the column losses, each a pair
+    (loss, ok). "mean" divides each side by its number of rows with a positive (given by
+    counts(local counts) in the ring, where the global counts are summed over ranks) and
+    averages the two sides; "none" returns the rows then the columns, each weighted 1/2."""
+    sides = [rows] if cols is None else [rows, cols]
+    w = 1.0 if cols is None else 0.5
+    if reduction == "none":
+        return torch.cat([w * loss for loss, _ in sides]) if cols is not None else rows[0]
+    if reduction == "sum":
+        return sum(w * loss.sum() for loss, _ in sides)
+    cnt = torch.stack([ok.sum() for _, ok in sides])
+    if counts is not None:
+        cnt = counts(cnt)
+    cnt = cnt.clamp_min(1).to(rows[0].dtype)
+    return sum(w * loss.sum() / c for (loss, _), c in zip(sides, cnt.unbind(0)))

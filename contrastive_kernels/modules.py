@@ -1,0 +1,53 @@
+"""nn.Module wrappers of the losses."""
+import torch
+
+from . import distributed
+from .loss import info_nce
+from .options import make_options
+from .problem import DEFAULT_TEMPERATURE
+
+
+class FusedInfoNCE(torch.nn.Module):
+    """Drop-in contrastive loss module.
+
+    FusedInfoNCE(temperature=0.07, symmetric=True)(image_emb, text_emb) equals
+    (CE(s * I T^T, arange) + CE(s * T I^T, arange)) / 2 with s = 1 / temperature.
+    A `logit_scale` passed to forward overrides the temperature (as open_clip does).
+    distributed: None (local loss), "ring" or "gather" (global batch over
+    torch.distributed; see contrastive_kernels.distributed). Kernel options
+    (deterministic=, precision=, low_memory=, algorithm=, workspace=) are passed to
+    every call.
+    """
+
+    def __init__(self, temperature=DEFAULT_TEMPERATURE, symmetric=True, label_smoothing=0.0,
+                 reduction="mean", backend="auto", distributed=None, group=None, **options):
+        super().__init__()
+        if distributed not in (None, "ring", "gather"):
+            raise ValueError(f"distributed must be None, 'ring' or 'gather', got {distributed!r}")
+        make_options(**options)       # unknown or invalid options fail here, not at forward
+        self.distributed = distributed
+        self.group = group
+        self.temperature = temperature
+        self.symmetric = symmetric
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.backend = backend
+        self.options = dict(options)
+
+    def forward(self, query, key=None, *, positive_index=None, labels=None, key_labels=None,
+                logit_scale=None, logit_bias=None):
+        kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
+                      temperature=self.temperature, logit_scale=logit_scale,
+                      logit_bias=logit_bias, symmetric=self.symmetric,
+                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                      backend=self.backend, **self.options)
+        if self.distributed is None:
+            return info_nce(query, key, **kwargs)
+        fn = distributed.ring_info_nce if self.distributed == "ring" else distributed.gather_info_nce
+        return fn(query, key, group=self.group, **kwargs)
+
+    def extra_repr(self):
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
+                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}, distributed={self.distributed!r}{opts}")

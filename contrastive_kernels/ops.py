@@ -1,0 +1,174 @@
+"""The local fused loss as custom ops (torch.library), so that torch.compile traces it as
+one call with a known output shape (no graph break, no host sync outside it).
+
+    contrastive_kernels::info_nce_stats   forward: row and column statistics (stats_impl)
+    contrastive_kernels::info_nce_grads   backward: the gradients of q, k and the scale
+                                          (grads_impl)
+
+Everything data-dependent (value checks, label classes, positive pairs) and the choice
+of the backend (`backend` is the name asked for, "auto" included) happen inside them, in
+eager mode. Both call the stages in engine.py with `LocalBlocks`.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import engine
+from .backends import REGISTRY, Call
+from .options import Options
+from .problem import check_values
+from .targets import Targets
+
+def _setup(query, key, positive_index, labels, key_labels, label_smoothing, symmetric, backend,
+           options):
+    self_c = key is None
+    k = query if self_c else key
+    n, d = query.shape
+    be = REGISTRY.select(backend, Call(query.device, query.dtype, n, k.shape[0], d, self_c,
+                                       symmetric), options)
+    spec = engine.Spec(be, options, self_c, symmetric and not self_c)
+    targets = Targets(n, d, k.shape[0], labels, positive_index, label_smoothing, symmetric)
+    kl = None if labels is None else (labels if self_c else key_labels)
+    return spec, k, targets, engine.LocalBlocks(targets, kl, self_c)
+
+
+def _scale(scale, query):
+    return scale.detach().to(engine.acc_dtype(query.dtype)).reshape(())
+
+
+def _exact(x):
+    """No autocast inside the ops: the backends choose their own precision (fp32
+    accumulation); autocast must not turn their products into half precision."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def stats_impl(query: Tensor, key: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
+                   positive_index: Optional[Tensor], labels: Optional[Tensor],
+                   key_labels: Optional[Tensor], scale_name: str, label_smoothing: float,
+                   symmetric: bool, backend: str, deterministic: bool, precision: str,
+                   low_memory: bool, algorithm: str, workspace: int) -> List[Tensor]:
+    """[lse, A, P, B] of the rows and [lse, A, P, B] of the columns: the column ones empty
+    unless symmetric, the column lse also empty under self-contrast (it is the rows');
+    B is zeros without label smoothing."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    n_keys = query.shape[0] if key is None else key.shape[0]
+    check_values(positive_index, n_keys, 0, key is None, scale, bias, scale_name)
+    spec, k, targets, blocks = _setup(query, key, positive_index, labels, key_labels,
+                                      label_smoothing, symmetric, backend, options)
+    with torch.no_grad(), _exact(query):
+        rows, col = engine.forward(spec, query.detach(), k.detach(), _scale(scale, query),
+                                   targets, blocks)
+    acc = rows[0].dtype
+    zeros = lambda n: torch.zeros(n, dtype=acc, device=query.device)
+    lse, a, p, b = rows
+    out = [lse, a, p, zeros(query.shape[0]) if b is None else b]
+    if col is None:
+        out += [zeros(0) for _ in range(4)]
+    else:
+        out += [zeros(0) if col[0] is None else col[0], col[1], col[2],
+                zeros(n_keys) if col[3] is None else col[3]]
+    return out
+
+
+info_nce_stats = torch.library.custom_op("contrastive_kernels::info_nce_stats",
+                                         mutates_args=())(stats_impl)
+
+
+@info_nce_stats.register_fake
+def _(query, key, scale, bias, positive_index, labels, key_labels, scale_name, label_smoothing,
+      symmetric, backend, deterministic, precision, low_memory, algorithm, workspace):
+    acc = engine.acc_dtype(query.dtype)
+    n = query.shape[0]
+    m = (n if key is None else key.shape[0]) if symmetric else 0
+    m_lse = m if key is not None else 0
+    return [query.new_empty(n, dtype=acc) for _ in range(4)] + \
+        [query.new_empty(m_lse, dtype=acc)] + [query.new_empty(m, dtype=acc) for _ in range(3)]
+
+
+def grads_impl(query: Tensor, key: Optional[Tensor], scale: Tensor,
+                   positive_index: Optional[Tensor], labels: Optional[Tensor],
+                   key_labels: Optional[Tensor], stats: List[Tensor], grads: List[Tensor],
+                   label_smoothing: float, symmetric: bool, backend: str, deterministic: bool,
+                   precision: str, low_memory: bool, algorithm: str, workspace: int,
+                   need_q: bool, need_k: bool, need_s: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, ds) in the dtypes of query, key and scale; a gradient not needed is empty
+    (ds: zero). stats = [lse_r, lse_c], grads = the gradients of [lse, A, B] of the rows
+    and of the columns."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    spec, k, targets, blocks = _setup(query, key, positive_index, labels, key_labels,
+                                      label_smoothing, symmetric, backend, options)
+    lse_r, lse_c = stats
+    # (an empty gradient: none came; the first two are always given)
+    g_r, g_a, g_b, g_c, g_ac, g_bc = (g if g.numel() or i < 2 else None
+                                      for i, g in enumerate(grads))
+    if not spec.cols:
+        lse_c = g_c = None
+    elif g_c is None:
+        g_c = torch.zeros_like(lse_c)
+    if symmetric and g_ac is None:
+        g_ac = torch.zeros(k.shape[0], dtype=lse_r.dtype, device=query.device)
+    self_c = key is None
+    # the scale's gradient reads dq (or dk); under self-contrast q is also the keys
+    need_dq = need_q or (need_s and not need_k)
+    need_dk = need_k or (self_c and need_q)
+    with torch.no_grad(), _exact(query):
+        dq, dk, ds = engine.backward(
+            spec, query.detach(), k.detach(), _scale(scale, query), targets, blocks, lse_r, g_r,
+            g_a, g_b, (lse_c, g_c, g_ac, g_bc) if symmetric else None, need_dq, need_dk,
+            need_s)
+    # One cast at a time, each float32 buffer dropped once cast.
+    dq_out = dq.to(query.dtype) if (need_q and dq is not None) else query.new_empty(0)
+    dq = None
+    dk_out = dk.to(k.dtype) if (need_k and dk is not None) else query.new_empty(0)
+    ds_out = (ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None)
+              else torch.zeros_like(scale))
+    return dq_out, dk_out, ds_out
+
+
+info_nce_grads = torch.library.custom_op("contrastive_kernels::info_nce_grads",
+                                         mutates_args=())(grads_impl)
+
+
+@info_nce_grads.register_fake
+def _(query, key, scale, positive_index, labels, key_labels, stats, grads, label_smoothing,
+      symmetric, backend, deterministic, precision, low_memory, algorithm, workspace, need_q,
+      need_k, need_s):
+    dq = torch.empty_like(query) if need_q else query.new_empty(0)
+    dk = torch.empty_like(key) if (need_k and key is not None) else query.new_empty(0)
+    return dq, dk, torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    (query, key, scale, bias, positive_index, labels, key_labels, scale_name, label_smoothing,
+     symmetric, backend, *opts) = inputs
+    ctx.save_for_backward(query, key, scale, positive_index, labels, key_labels,
+                          output[0], output[4], output[5])
+    ctx.config = (label_smoothing, symmetric, backend, *opts)
+
+
+def _backward(ctx, grads):
+    query, key, scale, positive_index, labels, key_labels, lse_r, lse_c, a_c = ctx.saved_tensors
+    label_smoothing, symmetric, backend, *opts = ctx.config
+    like = [lse_r, lse_r, lse_r, lse_c, a_c, a_c]
+    # gradients of [lse, A, B] of the rows and of the columns (P counts: none); one that
+    # did not come is empty, but for the rows' lse and A
+    picked = [grads[i] for i in (0, 1, 3, 4, 5, 7)]
+    g = [(torch.zeros_like(x) if i < 2 else x.new_empty(0)) if gi is None else
+         gi.to(x.dtype).contiguous() for i, (gi, x) in enumerate(zip(picked, like))]
+    need_q, need_k, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dq, dk, ds = info_nce_grads(query, key, scale, positive_index, labels, key_labels,
+                                [lse_r, lse_c], g, label_smoothing, symmetric, backend, *opts,
+                                need_q, need_k and key is not None, need_s)
+    return (dq if need_q else None, dk if (need_k and key is not None) else None,
+            ds if need_s else None) + (None,) * 13
+
+
+info_nce_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The Python body of each op: a dispatch mode that wants to see the operations inside
+# them (the test suite's poisoning, bench/peak_gpu.py's memory trace) runs the body under
+# itself instead of the opaque op.
+BODIES = {torch.ops.contrastive_kernels.info_nce_stats.default: stats_impl,
+          torch.ops.contrastive_kernels.info_nce_grads.default: grads_impl}

@@ -1,0 +1,96 @@
+"""Kernel options: the keyword arguments of the public API that change results or memory.
+
+    info_nce(q, k, ..., backend="auto", deterministic=None, precision=None,
+             low_memory=None, algorithm=None, workspace=None)
+
+  deterministic  True: the same bits on every run (no float atomics, no autotuning).
+                 torch.use_deterministic_algorithms(True) turns it on as well.
+  precision      "ieee" (default) or "tf32": float32 inputs may use TF32 tensor cores
+                 (a permission: backends without TF32 compute in full float32).
+  low_memory     True: the backward writes the final gradients in the input dtype,
+                 without float32 N x D buffers (backends that declare "low_memory").
+  algorithm      "auto", "fused" (the tiled kernels) or "blocked" (GEMMs on row blocks,
+                 Triton only; docs/DESIGN.md section 5).
+  workspace      bytes for the blocked algorithm's blocks of S (0: its default).
+
+A value left None comes from the environment (read once, at import), else the default:
+CK_DETERMINISTIC=1, CK_PRECISION=tf32, CK_LOW_MEMORY=1, CK_ALGORITHM=blocked|fused,
+CK_WORKSPACE=<bytes>.
+"""
+import dataclasses
+import os
+
+import torch
+
+PRECISIONS = ("ieee", "tf32")
+ALGORITHMS = ("auto", "fused", "blocked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    deterministic: bool = False
+    precision: str = "ieee"
+    low_memory: bool = False
+    algorithm: str = "auto"
+    workspace: int = 0
+
+    def as_args(self):
+        """The values in field order (arguments of the custom ops)."""
+        return dataclasses.astuple(self)
+
+
+NAMES = tuple(f.name for f in dataclasses.fields(Options))
+
+ENV_DEFAULTS = dict(
+    deterministic=os.environ.get("CK_DETERMINISTIC", "0") == "1",
+    precision=os.environ.get("CK_PRECISION", "ieee"),
+    low_memory=os.environ.get("CK_LOW_MEMORY", "0") == "1",
+    algorithm=os.environ.get("CK_ALGORITHM", "auto"),
+    workspace=os.environ.get("CK_WORKSPACE", "0"),
+)
+
+
+def _flag(name, v):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def _choice(name, v, allowed):
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a string, got {type(v).__name__}")
+    if v not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {v!r}")
+    return v
+
+
+def _bytes(name, v):
+    if isinstance(v, str):
+        try:
+            v = int(v)
+        except ValueError:
+            raise ValueError(f"{name} must be a number of bytes, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int (bytes), got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def make_options(**kwargs):
+    """Options from the public API's keyword arguments (None: the environment's default).
+
+    Unknown names raise a TypeError that lists the known ones."""
+    unknown = sorted(set(kwargs) - set(NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the kernel options are "
+                        f"{list(NAMES)}")
+    v = {name: (ENV_DEFAULTS[name] if kwargs.get(name) is None else kwargs[name])
+         for name in NAMES}
+    return Options(
+        deterministic=_flag("deterministic", v["deterministic"])
+        or torch.are_deterministic_algorithms_enabled(),
+        precision=_choice("precision", v["precision"], PRECISIONS),
+        low_memory=_flag("low_memory", v["low_memory"]),
+        algorithm=_choice("algorithm", v["algorithm"], ALGORITHMS),
+        workspace=_bytes("workspace", v["workspace"]))
