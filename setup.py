@@ -5,6 +5,7 @@ CK_BUILD_CUDA=1 forces the CUDA sources in csrc/cuda/, CK_BUILD_CUDA=0 leaves th
 out; by default they are built when torch is a CUDA build and nvcc is found.
 """
 import glob
+import json
 import os
 
 from setuptools import setup
@@ -13,6 +14,8 @@ import torch
 from torch.utils import cpp_extension as ce
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "csrc", "build_flags.json")) as f:
+    FLAGS = json.load(f)
 
 
 def _want_cuda():
@@ -29,23 +32,25 @@ def _sources(pattern):
 def extension():
     sources = ["csrc/bindings.cpp", "csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     include = [os.path.join(ROOT, "csrc")]
-    # -fno-trapping-math: GCC then vectorises the CPU kernel's exp loops (their NaN and
-    # range tests) for AVX2 and the baseline ISA too, not only AVX-512. No FP traps are
-    # enabled anyway, and results are unchanged (it allows no reassociation).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] if os.name != "nt" else ["/O2"]
+    # (csrc/build_flags.json) -fno-trapping-math: GCC then vectorises the CPU kernel's exp
+    # loops (their NaN and range tests) for AVX2 and the baseline ISA too, not only
+    # AVX-512. No FP traps are enabled anyway, and results are unchanged.
+    cxx = FLAGS["cxx"] + FLAGS["openmp"] if os.name != "nt" else FLAGS["cxx_msvc"]
+    link = FLAGS["openmp"] if os.name != "nt" else []
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-        archs = os.environ.get("CK_CUDA_ARCHS", "80;90").split(";")
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
+        archs = os.environ.get("CK_CUDA_ARCHS", ";".join(FLAGS["cuda_archs"])).split(";")
+        define = "-D" + FLAGS["cuda_define"]
+        nvcc = FLAGS["nvcc"] + [define]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         # PTX of the newest arch too, so that newer GPUs can JIT-compile the kernels.
         newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
         nvcc += [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
         return ce.CUDAExtension("contrastive_kernels._C", sources, include_dirs=include,
-                                extra_compile_args={"cxx": cxx + ["-DCK_WITH_CUDA"], "nvcc": nvcc},
-                                extra_link_args=["-fopenmp"])
+                                extra_compile_args={"cxx": cxx + [define], "nvcc": nvcc},
+                                extra_link_args=link)
     return ce.CppExtension("contrastive_kernels._C", sources, include_dirs=include,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

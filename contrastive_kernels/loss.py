@@ -43,8 +43,8 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
                                                                     device=q.device)
     bias_t = p.bias if torch.is_tensor(p.bias) else None
     stats = ops.info_nce_stats(q, p.key, scale_t, bias_t, p.positive_index, p.labels,
-                               p.key_labels, p.scale_name, p.label_smoothing, p.symmetric,
-                               backend, *opts.as_args())
+                               p.key_labels, p.scale_name, p.index_given, p.label_smoothing,
+                               p.symmetric, backend, *opts.as_args())
     eps = p.label_smoothing
     sub = 1 if p.self_contrast else 0
     rows = engine.side_losses(*stats[:4], p.scale, p.bias, eps, p.n_keys - sub)

@@ -45,15 +45,17 @@ def _exact(x):
 
 def stats_impl(query: Tensor, key: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
                    positive_index: Optional[Tensor], labels: Optional[Tensor],
-                   key_labels: Optional[Tensor], scale_name: str, label_smoothing: float,
-                   symmetric: bool, backend: str, deterministic: bool, precision: str,
-                   low_memory: bool, algorithm: str, workspace: int) -> List[Tensor]:
+                   key_labels: Optional[Tensor], scale_name: str, check_index: bool,
+                   label_smoothing: float, symmetric: bool, backend: str, deterministic: bool,
+                   precision: str, low_memory: bool, algorithm: str,
+                   workspace: int) -> List[Tensor]:
     """[lse, A, P, B] of the rows and [lse, A, P, B] of the columns: the column ones empty
     unless symmetric, the column lse also empty under self-contrast (it is the rows');
     B is zeros without label smoothing."""
     options = Options(deterministic, precision, low_memory, algorithm, workspace)
     n_keys = query.shape[0] if key is None else key.shape[0]
-    check_values(positive_index, n_keys, 0, key is None, scale, bias, scale_name)
+    check_values(positive_index if check_index else None, n_keys, 0, key is None, scale, bias,
+                 scale_name)
     spec, k, targets, blocks = _setup(query, key, positive_index, labels, key_labels,
                                       label_smoothing, symmetric, backend, options)
     with torch.no_grad(), _exact(query):
@@ -76,8 +78,9 @@ info_nce_stats = torch.library.custom_op("contrastive_kernels::info_nce_stats",
 
 
 @info_nce_stats.register_fake
-def _(query, key, scale, bias, positive_index, labels, key_labels, scale_name, label_smoothing,
-      symmetric, backend, deterministic, precision, low_memory, algorithm, workspace):
+def _(query, key, scale, bias, positive_index, labels, key_labels, scale_name, check_index,
+      label_smoothing, symmetric, backend, deterministic, precision, low_memory, algorithm,
+      workspace):
     acc = engine.acc_dtype(query.dtype)
     n = query.shape[0]
     m = (n if key is None else key.shape[0]) if symmetric else 0
@@ -140,8 +143,8 @@ def _(query, key, scale, positive_index, labels, key_labels, stats, grads, label
 
 
 def _setup_context(ctx, inputs, output):
-    (query, key, scale, bias, positive_index, labels, key_labels, scale_name, label_smoothing,
-     symmetric, backend, *opts) = inputs
+    (query, key, scale, bias, positive_index, labels, key_labels, scale_name, check_index,
+     label_smoothing, symmetric, backend, *opts) = inputs
     ctx.save_for_backward(query, key, scale, positive_index, labels, key_labels,
                           output[0], output[4], output[5])
     ctx.config = (label_smoothing, symmetric, backend, *opts)
@@ -161,7 +164,7 @@ def _backward(ctx, grads):
                                 [lse_r, lse_c], g, label_smoothing, symmetric, backend, *opts,
                                 need_q, need_k and key is not None, need_s)
     return (dq if need_q else None, dk if (need_k and key is not None) else None,
-            ds if need_s else None) + (None,) * 13
+            ds if need_s else None) + (None,) * 14
 
 
 info_nce_stats.register_autograd(_backward, setup_context=_setup_context)

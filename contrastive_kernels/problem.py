@@ -32,6 +32,8 @@ class Problem:
     label_smoothing: float
     reduction: str
     scale_name: str = "logit_scale"        # the argument the scale came from
+    index_given: bool = False              # positive_index came from the caller (checked
+                                           # by check_values; the defaults are in range)
 
     @property
     def n_keys(self):
@@ -73,15 +75,15 @@ def _check_int_vector(name, x, length, length_name, device):
 
 
 def _check_scalar(name, x, device, positive):
-    """A float (finite, and > 0 if `positive`) or a 0-dim floating tensor. A tensor's value
-    is checked here when it is on the CPU (in eager mode; check_values does it inside the
-    op when compiled); on a GPU it is not read (a device sync every step)."""
+    """A float (finite, and > 0 if `positive`) or a 0-dim floating tensor. A tensor on the
+    CPU is checked inside the op (check_values), or here when the inputs are on another
+    device (in eager mode); on a GPU its value is not read (a device sync every step)."""
     if torch.is_tensor(x):
         if x.dim() != 0 and x.numel() != 1:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
             _check_value(name, float(x.detach()), positive)
         return x.reshape(()).to(device)
     if isinstance(x, (int, float)) and not isinstance(x, bool):
@@ -136,6 +138,7 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
 
     if positive_index is not None and labels is not None:
         raise ValueError("give either positive_index or labels, not both")
+    given_index = positive_index is not None
     if key_labels is not None and labels is None:
         raise ValueError("key_labels needs labels as well")
 
@@ -172,7 +175,8 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
             positive_index = _check_int_vector("positive_index", positive_index, n, "query rows", dev)
 
     return Problem(query, key, positive_index, labels, key_labels, scale, bias,
-                   symmetric, float(label_smoothing), reduction, scale_name)
+                   symmetric, float(label_smoothing), reduction, scale_name,
+                   index_given=given_index)
 
 
 def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias,

@@ -41,7 +41,8 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction)
-    check_values(p.positive_index, p.n_keys, 0, p.self_contrast, p.scale, p.bias, p.scale_name)
+    check_values(p.positive_index if p.index_given else None, p.n_keys, 0, p.self_contrast,
+                 p.scale, p.bias, p.scale_name)
     q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
     k = q if p.self_contrast else (p.key.to(torch.float64) if p.key.dtype != torch.float64 else p.key)
     scale = p.scale.to(torch.float64) if torch.is_tensor(p.scale) else p.scale

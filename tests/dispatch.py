@@ -12,7 +12,7 @@ to write then shows up as NaN in the results. Production code reads nothing of t
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from contrastive_kernels import _ext, ops
+from contrastive_kernels import extension, ops
 
 EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
          torch.ops.aten.new_empty.default, torch.ops.aten.empty_like.default,
@@ -22,7 +22,7 @@ BODIES = ops.BODIES
 
 def c_ops():
     """The C++ ops (empty without the extension)."""
-    if not _ext.loaded():
+    if not extension.loaded():
         return set()
     return {torch.ops.contrastive_kernels.lse_forward.default,
             torch.ops.contrastive_kernels.lse_backward.default}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
-from contrastive_kernels import _ext, backends
+from contrastive_kernels import extension, backends
 from conftest import DEVICE
 
 
@@ -54,8 +54,8 @@ def test_module_repr_and_options():
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     if DEVICE != "cpu":
         pytest.skip("CPU fallback")
-    monkeypatch.setattr(_ext, "_C", None)
-    monkeypatch.setattr(_ext, "LOAD_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "LOAD_ERROR", "ImportError: simulated")
     monkeypatch.setattr(backends.REGISTRY, "_warned", set())
     monkeypatch.setitem(backends.REGISTRY.order, "cpu", ("cpu", "torch"))
     q = torch.randn(6, 4)
@@ -80,7 +80,7 @@ def test_import_without_extension():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.skipif(not _ext.loaded(), reason="extension not built")
+@pytest.mark.skipif(not extension.loaded(), reason="extension not built")
 def test_extension_is_used_by_auto_on_cpu():
     call = backends.Call(torch.device("cpu"), torch.float32, 8, 8, 4)
     assert backends.REGISTRY.select("auto", call, ck.make_options()).name == "cpu"

@@ -3,9 +3,9 @@ float64 math (the torch_tiled backend on float64 inputs)."""
 import pytest
 import torch
 
-from contrastive_kernels import _ext, backends, make_options
+from contrastive_kernels import extension, backends, make_options
 
-pytestmark = pytest.mark.skipif(not _ext.has_kernel("lse_forward", "CPU"),
+pytestmark = pytest.mark.skipif(not extension.has_kernel("lse_forward", "CPU"),
                                 reason="C++ CPU kernel not built")
 
 TILE = 256  # kRows = kCols in csrc/cpu/lse_cpu.cpp

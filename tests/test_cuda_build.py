@@ -4,6 +4,7 @@ Every torch-free kernel file csrc/cuda/*.cu is compiled for sm_80 and sm_90, and
 PTX of the fp16/bf16 (and TF32) paths must use tensor-core mma instructions. The
 whole extension against a CUDA build of torch is checked by .ci/cuda_build.sh.
 """
+import json
 import os
 import re
 import shutil
@@ -34,8 +35,11 @@ def _nvcc():
 NVCC = _nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME to check the CUDA kernels compile)")
 
-# The flags torch's CUDAExtension gives nvcc that matter to device code.
-FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-I", CSRC,
+# The project's nvcc flags (csrc/build_flags.json) and those torch's CUDAExtension gives
+# nvcc that matter to device code.
+with open(os.path.join(CSRC, "build_flags.json")) as _f:
+    _NVCC = json.load(_f)["nvcc"]
+FLAGS = ["-std=c++17", *_NVCC, "-I", CSRC,
          "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
          "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 

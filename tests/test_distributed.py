@@ -59,7 +59,7 @@ def _close(name, got, want, tol):
 def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, symmetric=True,
               labels=False, key_labels=False, global_pi=False, smoothing=0.0,
               reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0,
-              frozen=None):
+              frozen=None, options=None):
     """One case: ring/gather loss on the shards vs ck.reference on the global batch.
     frozen: "keys" or "queries" need no gradient (a locked tower, a memory bank);
     "keys_rank0": only rank 0's keys (the others' dk still needs rank 0's share)."""
@@ -98,7 +98,7 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     k_frozen = frozen == "keys" or (frozen == "keys_rank0" and rank == 0)
     k = None if self_contrast else leaf(K[rm], not k_frozen)
     scale, bias = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
-    loc = dict(kw, logit_scale=scale, logit_bias=bias, backend=backend)
+    loc = dict(kw, logit_scale=scale, logit_bias=bias, backend=backend, **(options or {}))
     if lab is not None:
         loc["labels"] = lab[rn]
         if klab is not None:
@@ -241,8 +241,19 @@ def _cases(world, rank):
     R(symmetric=True, labels=True, smoothing=0.1, frozen="keys_rank0")
     R(symmetric=False, uneven_m=True, global_pi=True, frozen="keys_rank0")
     R(symmetric=False, uneven_m=True, labels=True, key_labels=True, frozen="queries")
+    # --- kernel options reach the ring: the Triton low-memory backward (interpreter), which
+    # must then be the one that runs (lse_backward is made to fail) ---
+    low = dict(backend="triton", options=dict(low_memory=True))
+    with _forbidden("triton", "lse_backward"):
+        R(symmetric=True, smoothing=0.1, **low)
+        R(symmetric=True, uneven_m=True, labels=True, key_labels=True, dtype=torch.float32, **low)
+        R(self_contrast=True, symmetric=True, global_pi=True, **low)
+        R(self_contrast=True, symmetric=False, smoothing=0.1, **low)
+        R(symmetric=False, uneven_m=True, global_pi=True, frozen="keys_rank0", **low)
+    R(symmetric=True, labels=True, backend="triton", options=dict(deterministic=True))
     # --- gather ---
     R(mode="gather", symmetric=True, smoothing=0.1)
+    R(mode="gather", symmetric=True, labels=True, dtype=torch.float32, **low)
     R(mode="gather", symmetric=False, uneven_m=True, dtype=torch.float32)
     R(mode="gather", symmetric=True, uneven_m=True, labels=True, key_labels=True, smoothing=0.1)
     R(mode="gather", symmetric=True, global_pi=True)
@@ -268,12 +279,29 @@ def _cases(world, rank):
         "embedding dim must be the same")
 
 
+class _forbidden:
+    """Within it, backend `name`'s method `attr` raises if called."""
+
+    def __init__(self, name, attr):
+        self.be, self.attr = ck.backends.get(name), attr
+
+    def __enter__(self):
+        def fail(*a, **k):
+            raise AssertionError(f"{self.be.name}.{self.attr} was called")
+        setattr(self.be, self.attr, fail)
+
+    def __exit__(self, *exc):
+        delattr(self.be, self.attr)
+        return False
+
+
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         _cases(world, rank)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

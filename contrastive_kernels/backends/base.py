@@ -105,10 +105,11 @@ class Backend:
 class Registry:
     """The backends and their preference order per device type (fastest first)."""
 
-    def __init__(self, backends, order, default_order):
+    def __init__(self, backends, order, default_order, fallback="torch"):
         self.by_name = {b.name: b for b in backends}
         self.order = order
         self.default_order = default_order
+        self.fallback = fallback      # the slow one: choosing it over a faster one warns once
         self._warned = set()
 
     def names(self):
@@ -147,7 +148,7 @@ class Registry:
         table = self.explain(call, options)
         for n, why in table.items():
             if not why:
-                if n == "torch" and list(table)[0] != "torch":
+                if n == self.fallback and list(table)[0] != n:
                     self._warn_fallback(call, table)
                 return self.by_name[n]
         lines = "; ".join(f"{n!r}: {', '.join(r)}" for n, r in table.items())
@@ -158,9 +159,10 @@ class Registry:
             return
         self._warned.add(call.device.type)
         skipped = "; ".join(f"{n!r}: {', '.join(r)}" for n, r in table.items()
-                            if n != "torch" and r)
+                            if n != self.fallback and r)
         warnings.warn(f"contrastive_kernels: no fused backend can run this call on "
-                      f"{call.device} ({skipped}); falling back to the slower 'torch' backend",
+                      f"{call.device} ({skipped}); falling back to the slower "
+                      f"{self.fallback!r} backend",
                       RuntimeWarning, stacklevel=5)
 
 

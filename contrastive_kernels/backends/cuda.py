@@ -26,13 +26,14 @@ Options (arguments, contrastive_kernels/options.py):
 fp64 inputs always get their column statistics from the second pass. The scale is read
 on the host (one device sync per call).
 """
+import json
 import logging
 import os
 import threading
 
 import torch
 
-from .. import _ext
+from .. import extension
 from .base import Backend
 
 BUILD_HOWTO = ("install a CUDA build of torch and a CUDA toolkit with nvcc (CUDA_HOME), then "
@@ -77,14 +78,17 @@ def _jit_build_locked():
     from torch.utils import cpp_extension as ce
     if ce.CUDA_HOME is None:
         return f"the loaded extension has no CUDA kernels and no CUDA toolkit (nvcc) was found to build them; {BUILD_HOWTO}"
-    standalone = not _ext.loaded()
+    standalone = not extension.loaded()
     sources = _jit_sources(standalone)
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
         return f"the CUDA sources are not installed ({missing[0]} is missing); {BUILD_HOWTO}"
     # no -std flag: torch adds the standard its headers need (C++20 for torch >= 2.13)
-    flags = ["-O3", "-DCK_WITH_CUDA"]
-    cuda_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DCK_WITH_CUDA"]
+    with open(os.path.join(_CSRC, "build_flags.json")) as f:
+        fl = json.load(f)
+    define = "-D" + fl["cuda_define"]
+    flags = fl["cxx"] + [define]
+    cuda_flags = fl["nvcc"] + [define]
     name = "contrastive_kernels_cuda" + ("_standalone" if standalone else "")
     _log.warning("contrastive_kernels: the loaded extension has no CUDA kernels; building them "
                  "just in time (once, takes minutes) ...")
@@ -120,11 +124,11 @@ class CudaBackend(Backend):
         return []
 
     def lse_forward(self, q, k, scale, self_mask, cols, options):
-        return _ext.lse_forward(q, k, scale, self_mask, cols, options)
+        return extension.lse_forward(q, k, scale, self_mask, cols, options)
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                      options):
-        return _ext.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq,
+        return extension.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq,
                                  need_dk, options)
 
 
