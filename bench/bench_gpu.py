@@ -1,7 +1,13 @@
-"""GPU benchmark: symmetric CLIP loss, forward + backward, bf16, D = 768.
+"""GPU benchmark: symmetric CLIP loss (or --loss siglip), forward + backward, bf16, D = 768.
 
     python bench/bench_gpu.py [--quick] [--sizes 8192,16384] [--dim 768] [--json out.json]
-                              [--methods naive,triton,...]
+                              [--methods naive,triton,...] [--loss clip|siglip]
+
+--loss siglip: the sigmoid loss (s = 10, b = -10): rows naive (open_clip's SigLipLoss
+math), every backend that declares "siglip" ("triton": the 3-pass schedule, "triton-4p":
+passes=4), and siglip-kernel's fused_siglip_loss when the `siglip_kernel` package
+imports; TFLOP/s counted as 6 N^2 D (its 3 GEMM passes), and the targets at the largest N
+are >= 60% of the matmul rate and >= 1.3x siglip-kernel.
 
 Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
 contrastive_kernels available on CUDA (Triton four times: "triton" as `auto` runs it, the
@@ -37,10 +43,12 @@ import time
 
 import torch
 
-from harness import SCALE, inputs, median_time, naive_loss
+from harness import (SCALE, SIGLIP_BIAS, SIGLIP_SCALE, inputs, median_time, naive_loss,
+                     naive_siglip)
 
 # "cuda"; "cpu" (--device cpu) only smoke-tests this script (tests/test_bench.py).
 DEVICE = "cuda"
+LOSS = "clip"          # or "siglip" (--loss)
 
 
 def _bench(fn, quick):
@@ -75,17 +83,36 @@ def _loss_or_grads(loss_fn, q, k, backward):
 
 
 def naive_step(q, k, backward=True):
-    return _loss_or_grads(naive_loss, q, k, backward)
+    return _loss_or_grads(naive_siglip if LOSS == "siglip" else naive_loss, q, k, backward)
 
 
 def ck_step(backend, **options):
     """One step of `backend` with kernel options (e.g. low_memory=True)."""
     import contrastive_kernels as ck
 
+    def loss(q, k):
+        if LOSS == "siglip":
+            return ck.siglip_loss(q, k, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
+                                  backend=backend, **options)
+        return ck.info_nce(q, k, temperature=0.07, symmetric=True, backend=backend, **options)
+
     def step(q, k, backward=True):
-        return _loss_or_grads(lambda q, k: ck.info_nce(q, k, temperature=0.07, symmetric=True,
-                                                       backend=backend, **options),
-                              q, k, backward)
+        return _loss_or_grads(loss, q, k, backward)
+    return step
+
+
+def siglip_kernel_step():
+    import math
+
+    from siglip_kernel import fused_siglip_loss  # siglip-kernel, optional
+
+    def loss(q, k):
+        t = torch.tensor(math.log(SIGLIP_SCALE), device=q.device)
+        b = torch.tensor(SIGLIP_BIAS, device=q.device)
+        return fused_siglip_loss(q, k, t, b)
+
+    def step(q, k, backward=True):
+        return _loss_or_grads(loss, q, k, backward)
     return step
 
 
@@ -121,6 +148,17 @@ def matmul_rate(n, d, dtype, quick):
 def methods():
     import contrastive_kernels as ck
     out = [("naive", naive_step, lambda n: 22 * n * n)]   # bf16 + fp32 logits, softmax, grads
+    if LOSS == "siglip":
+        for b in ck.available_backends(DEVICE):
+            if "siglip" in ck.backends.get(b).features:
+                out.append((b, ck_step(b), lambda n: 0))
+                if b == "triton":
+                    out.append(("triton-4p", ck_step(b, passes=4), lambda n: 0))
+        try:
+            out.append(("siglip_kernel", siglip_kernel_step(), lambda n: 0))
+        except Exception as e:  # not installed / does not import
+            print(f"# siglip-kernel skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return out
     for b in ck.available_backends(DEVICE):
         if b == "triton":
             # auto (blocked at large D: 4 GEMM passes), the fused kernels with fp32
@@ -152,7 +190,9 @@ def targets(rows):
         return ["targets: no results"]
     n = max(r["N"] for r in done)
     at = {r["method"]: r for r in done if r["N"] == n}
-    ours = [m for m in at if m not in ("naive", "inf_cl")]
+    peers = ("naive", "inf_cl", "siglip_kernel")
+    ours = [m for m in at if m not in peers]
+    siglip = any(r.get("loss_kind") == "siglip" for r in done)
     out = [f"targets at N={n}, D={at[next(iter(at))]['D']}:"]
     for m in ours:
         r = at[m]
@@ -160,13 +200,16 @@ def targets(rows):
         if r.get("frac_matmul") is not None:
             checks.append(("matmul rate >= 60%", r["frac_matmul"] >= 0.6,
                            f"{100 * r['frac_matmul']:.0f}%"))
-        for ref in ("naive", "inf_cl"):
+        for ref, want in ((("siglip_kernel", 1.3),) if siglip else
+                          (("naive", 1.5), ("inf_cl", 1.5))):
             if ref in at:
                 x = at[ref]["ms"] / r["ms"]
-                checks.append((f">= 1.5x {ref}", x >= 1.5, f"{x:.2f}x"))
+                checks.append((f">= {want}x {ref}", x >= want, f"{x:.2f}x"))
             else:
-                checks.append((f">= 1.5x {ref}", None, "not measured"))
-        if r.get("peak_bytes") is None:
+                checks.append((f">= {want}x {ref}", None, "not measured"))
+        if siglip:
+            pass
+        elif r.get("peak_bytes") is None:
             checks.append(("peak <= 1.05 ideal", None, "not measured"))
         else:
             ratio = r["peak_bytes"] / ideal_bytes(n, r["D"])
@@ -174,8 +217,9 @@ def targets(rows):
         for name, ok, val in checks:
             verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
             out.append(f"  {m:>12}  {name:<20} {val:>13}  {verdict}")
-    out.append("  (the peak target is for triton-low: the other modes keep float32 dq and dk, "
-               "about 1.75x by design; docs/DESIGN.md section 3)")
+    if not siglip:
+        out.append("  (the peak target is for triton-low: the other modes keep float32 dq and "
+                   "dk, about 1.75x by design; docs/DESIGN.md section 3)")
     gpu = [m for m in ("triton", "cuda") if m in at]
     if gpu:
         best = min(gpu, key=lambda m: at[m]["ms"])
@@ -231,9 +275,12 @@ def main(argv=None):
                                                    "results_gpu.json"))
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)    # cpu: smoke test
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    ap.add_argument("--loss", choices=["clip", "siglip"], default="clip")
     a = ap.parse_args(argv)
-    global DEVICE
-    DEVICE = a.device
+    global DEVICE, LOSS
+    DEVICE, LOSS = a.device, a.loss
+    # GEMM passes counted in TFLOP/s: CLIP 4 (forward, recompute, dq, dk), SigLIP 3
+    flops = (6 if LOSS == "siglip" else 8)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -254,7 +301,8 @@ def main(argv=None):
     def save():
         with open(a.json, "w") as fh:
             json.dump(dict(device=dev_name, torch=torch.__version__, dtype=a.dtype, D=d,
-                           flops_per_step="8*N^2*D", rows=rows, checks=checks), fh, indent=1)
+                           loss=LOSS, flops_per_step=f"{flops}*N^2*D", rows=rows,
+                           checks=checks), fh, indent=1)
 
     # Correctness first, at the smallest N: every method against the float32 loss.
     n0 = sizes[0]
@@ -284,7 +332,8 @@ def main(argv=None):
         except Exception as ex:
             mm[n] = None
             print(f"# matmul rate at N={n}: {type(ex).__name__}: {ex}", flush=True)
-    print(f"# {dev_name}, {a.dtype}, D={d}, symmetric CLIP loss, forward + backward")
+    print(f"# {dev_name}, {a.dtype}, D={d}, "
+          f"{'sigmoid loss' if LOSS == 'siglip' else 'symmetric CLIP loss'}, forward + backward")
     print(f"matmul TFLOP/s ({a.dtype} N x D @ D x N): " +
           ", ".join(f"N={n}: " + (f"{v:.0f}" if v else "-") for n, v in mm.items()))
     hdr = (f"{'method':>12} {'N':>6} {'ms':>9} {'peak GiB':>9} {'/ideal':>7} {'TFLOP/s':>8} "
@@ -293,7 +342,8 @@ def main(argv=None):
     print("-" * len(hdr), flush=True)
     for name, step, extra in meths:
         for n in sizes:
-            row = dict(method=name, N=n, D=d, dtype=a.dtype, ms=None, peak_bytes=None,
+            row = dict(method=name, N=n, D=d, dtype=a.dtype, loss_kind=LOSS, ms=None,
+                       peak_bytes=None,
                        tflops=None, matmul_tflops=mm[n], frac_matmul=None, fwd_ms=None,
                        fwd_frac_matmul=None, note="")
             free = _free_memory()
@@ -311,7 +361,7 @@ def main(argv=None):
                     peak = _peak(lambda: step(q, k))
                     peak = None if peak is None else peak + q.nbytes + k.nbytes
                     ms = _bench(lambda: step(q, k), a.quick)
-                    tf = 8 * n * n * d / (ms * 1e-3) / 1e12
+                    tf = flops * n * n * d / (ms * 1e-3) / 1e12
                     # the forward alone: one GEMM pass, 2 N^2 D
                     fwd = _bench(lambda: step(q, k, backward=False), a.quick)
                     ftf = 2 * n * n * d / (fwd * 1e-3) / 1e12

@@ -1,8 +1,10 @@
 """Ring vs gather for the global-batch loss, gloo on CPU.
 
     python bench/bench_ring.py [--world 4] [--n 1024] [--d 128] [--reps 5] [--threads 1]
+                               [--loss clip|siglip] [--backend torch]
 
-Times forward + backward of the symmetric CLIP loss over P processes:
+Times forward + backward of the symmetric CLIP loss (--loss siglip: the sigmoid loss,
+ring_siglip_loss / gather_siglip_loss, with a learnable bias too) over P processes:
   ring (overlap)  transfers of the next block overlap the compute on the current one
   ring (sync)     each transfer is waited for before computing (overlap=False)
   gather          all-gather with gradient, local queries against all keys
@@ -38,10 +40,15 @@ def _worker(rank, args, init_file, out):
         for rep in range(args.reps + 1):           # the first repetition warms up
             q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
             scale = torch.tensor(14.0, requires_grad=True)
+            bias = torch.tensor(-10.0, requires_grad=True)
             dist.barrier()
 
             def step():
-                if mode == "ring":
+                if args.loss == "siglip":
+                    kw = dict(logit_scale=scale, logit_bias=bias, backend=args.backend)
+                    loss = (ckd.ring_siglip_loss(q, k, overlap=overlap, **kw) if mode == "ring"
+                            else ckd.gather_siglip_loss(q, k, **kw))
+                elif mode == "ring":
                     loss = ckd.ring_info_nce(q, k, symmetric=True, logit_scale=scale,
                                              backend=args.backend, overlap=overlap)
                 else:
@@ -66,6 +73,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--backend", default="torch")
+    ap.add_argument("--loss", choices=["clip", "siglip"], default="clip")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -74,7 +82,8 @@ def main():
                                    nprocs=args.world, join=False, start_method="spawn")
         results = out.get(timeout=1800)
         procs.join()
-    print(f"global-batch symmetric InfoNCE, gloo CPU, P={args.world}, N_local={args.n}, "
+    what = "sigmoid loss (SigLIP)" if args.loss == "siglip" else "symmetric InfoNCE"
+    print(f"global-batch {what}, gloo CPU, P={args.world}, N_local={args.n}, "
           f"D={args.d}, fp32, backend={args.backend!r}, {args.threads} thread(s)/rank, "
           f"median of {args.reps} (fwd + bwd, slowest rank)")
     base = results["ring (overlap)"]

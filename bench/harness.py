@@ -19,6 +19,17 @@ def naive_loss(q, k, scale=SCALE):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0     # SigLIP's initialisation
+
+
+def naive_siglip(q, k, scale=SIGLIP_SCALE, bias=SIGLIP_BIAS):
+    """What users write today (open_clip's SigLipLoss): logits = s q k^T + b, labels 2 I - 1,
+    -sum log sigmoid(labels * logits) / N, with float32 logits for half inputs."""
+    logits = (scale * (q @ k.T)).float() + bias
+    labels = 2 * torch.eye(q.shape[0], k.shape[0], device=q.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / q.shape[0]
+
+
 def inputs(n, d, seed=0, dtype=torch.float32, device="cpu", requires_grad=True):
     """Two (n, d) matrices of unit rows (a CLIP batch), reproducible by seed."""
     g = torch.Generator(device=device).manual_seed(seed)

@@ -1,15 +1,19 @@
 """Benchmark and demo: `python bench/sweep.py` (what `make bench` runs; also
 `python -m contrastive_kernels.bench` from the source checkout).
 
-Workload: the symmetric CLIP loss, forward and backward, fp32, M = N.
-Rows for each N:
+Workloads, forward and backward, fp32, M = N: the symmetric CLIP loss and the sigmoid
+loss (SigLIP, s = 10, b = -10). Rows for each N:
   naive   what users write today: logits = s * q @ k.T, then
           (CE(logits, arange) + CE(logits.T, arange)) / 2, forward + backward;
   <name>  each backend available on the CPU (ck.available_backends("cpu"), less the
           Triton interpreter);
+  siglip-naive   open_clip's SigLipLoss: -sum log sigmoid(labels * (s q k^T + b)) / N;
+  siglip-<name>  ck.siglip_loss on each CPU backend (its default: the 3-pass schedule);
+  siglip-<name>-4p  the same with passes=4;
   gemm    one N x N x D matmul, torch.mm((N, D) @ (D, N)), measured in the same run.
-          The fused loss does 4 such GEMMs (1 forward; backward recomputes the logits
-          and does 2 more for the gradients), so 4 * t_gemm is its floor.
+          A fused loss does 4 such GEMMs (1 forward; backward recomputes the logits
+          and does 2 more for the gradients), so 4 * t_gemm is its floor (the sigmoid
+          loss's 3-pass schedule does 3).
 
 Every case runs in a fresh process (forked from a server that only imported
 torch), so its peak RSS is its own. "above inputs" is the peak RSS minus the RSS
@@ -22,7 +26,8 @@ Cases (--case):
   memory   N = 32768, D = 128: the fused loss stays far below one N x N matrix
   targets  (also --targets) the acceptance checks, printed as PASS/FAIL lines:
            N = 8192, D = 256: t_cpu <= 0.85 t_naive and t_cpu <= 1.25 * 4 t_gemm;
-           N = 32768, D = 128: cpu peak above inputs <= 1 GiB.
+           N = 32768, D = 128: cpu peak above inputs <= 1 GiB; the same three for
+           siglip-cpu against siglip-naive.
 """
 import argparse
 import json
@@ -36,7 +41,7 @@ import time
 
 import torch
 
-from harness import SCALE, naive_loss, reset_peak, status_bytes
+from harness import SCALE, SIGLIP_BIAS, SIGLIP_SCALE, naive_loss, naive_siglip, reset_peak, status_bytes
 from harness import inputs as _make_inputs
 
 GiB = 1 << 30
@@ -45,7 +50,9 @@ TILE = 2048                 # tile side assumed for the fused memory estimate
 GEMM_BLOCK_BYTES = 512 * MiB  # the gemm row writes its output in row blocks of at most this
 MEM_FRACTION = 0.75         # use at most this fraction of MemAvailable
 # Time of one forward + backward in units of t_gemm, used before a method was measured.
-PRIOR_GEMMS = {"gemm": 1.0, "naive": 10.0, "cpu": 6.0, "torch": 14.0}
+PRIOR_GEMMS = {"gemm": 1.0, "naive": 10.0, "cpu": 6.0, "torch": 14.0, "siglip-naive": 12.0,
+               "siglip-cpu": 5.0, "siglip-cpu-4p": 6.0, "siglip-torch": 14.0,
+               "siglip-torch-4p": 16.0}
 TARGET_N, TARGET_D = 8192, 256
 MEMORY_N, MEMORY_D = 32768, 128
 TARGET_VS_NAIVE, TARGET_VS_FLOOR, TARGET_MEM = 0.85, 1.25, 1 * GiB
@@ -77,8 +84,21 @@ def _step_fn(method, n, d):
         def step(q, k):
             naive_loss(q, k).backward()
         return step
+    if method == "siglip-naive":
+        def step(q, k):
+            naive_siglip(q, k).backward()
+        return step
 
     import contrastive_kernels as ck
+    if method.startswith("siglip-"):
+        backend = method[len("siglip-"):]
+        passes = 4 if backend.endswith("-4p") else None
+        backend = backend[:-3] if passes else backend
+
+        def step(q, k):
+            ck.siglip_loss(q, k, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
+                           backend=backend, passes=passes).backward()
+        return step
 
     def step(q, k):
         ck.info_nce(q, k, logit_scale=SCALE, symmetric=True, backend=method).backward()
@@ -232,8 +252,9 @@ def mem_available():
 def need_bytes(method, n, d):
     """Conservative estimate of the memory one forward + backward needs beyond the inputs."""
     vectors = 4 * n * d * 4  # gradients and a few (N, D) temporaries
-    if method == "naive":
+    if method in ("naive", "siglip-naive"):
         # logits, two log-softmax outputs, their gradients (~3-4 N^2 buffers): count 5
+        # (SigLIP: logits, labels, their product, logsigmoid and its gradient)
         return 5 * n * n * 4 + vectors
     if method == "gemm":
         rows = max(1, min(n, GEMM_BLOCK_BYTES // (4 * n)))
@@ -339,8 +360,8 @@ def run_sizes(sizes, methods, opts, gemm_flops, avail_fn, gemm=True):
                 if row["status"] == "ok" and r < row["rounds"]:
                     run_once(row, opts)
         t_gemm = _find(results, "gemm", n, d, "time_s")
-        t_naive = _find(results, "naive", n, d, "time_s")
         for row in rows:
+            t_naive = _find(results, naive_of(row["method"]), n, d, "time_s")
             if row["status"] == "ok" and t_gemm:
                 row["ratio_gemm"] = row["time_s"] / t_gemm
                 row["ratio_floor"] = row["time_s"] / (4 * t_gemm)
@@ -350,12 +371,17 @@ def run_sizes(sizes, methods, opts, gemm_flops, avail_fn, gemm=True):
     return sorted(results, key=lambda r: (r["d"], r["n"], rank.get(r["method"], 99)))
 
 
+def naive_of(method):
+    """The materializing loss a method is compared with."""
+    return "siglip-naive" if method.startswith("siglip-") else "naive"
+
+
 def format_table(rows):
-    head = (f"{'N':>6} {'D':>4}  {'method':<7}{'time (s)':>10}{'t/4gemm':>9}{'t/naive':>9}"
+    head = (f"{'N':>6} {'D':>4}  {'method':<16}{'time (s)':>10}{'t/4gemm':>9}{'t/naive':>9}"
             f"{'peak RSS MiB':>14}{'above inputs MiB':>18}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        pre = f"{r['n']:>6} {r['d']:>4}  {r['method']:<7}"
+        pre = f"{r['n']:>6} {r['d']:>4}  {r['method']:<16}"
         if r["status"] != "ok":
             lines.append(pre + " " + r["note"])
             continue
@@ -376,9 +402,35 @@ def check_targets(rows, cpu_reason=None):
                 return r
         return None
 
-    cpu, naive, gemm = (get(m, TARGET_N, TARGET_D) for m in ("cpu", "naive", "gemm"))
-    if naive or gemm or cpu:
-        what = f"cpu time at N={TARGET_N}, D={TARGET_D}"
+    for fused in ("cpu", "siglip-cpu"):
+        lines += _time_targets(get, fused, cpu_reason)
+    at_mem = [r for r in rows if (r["n"], r["d"]) == (MEMORY_N, MEMORY_D)]
+    if at_mem:
+        # "cpu" and "siglip-cpu" are the targets; other methods measured there get a line too
+        names = ["cpu"] + (["siglip-cpu"] if any(r["method"].startswith("siglip-") for r in at_mem)
+                           else [])
+        names += [r["method"] for r in at_mem
+                  if r["method"] not in names + ["naive", "gemm", "siglip-naive"]]
+        for name in names:
+            r = get(name, MEMORY_N, MEMORY_D)
+            what = f"{name} peak RSS above inputs at N={MEMORY_N}, D={MEMORY_D} (fwd+bwd)"
+            if not r or r["status"] != "ok":
+                why = r["note"] if r else f"backend 'cpu' unavailable ({cpu_reason})"
+                lines.append(f"FAIL  {what} <= {TARGET_MEM / GiB:g} GiB: {why}")
+                continue
+            a = r["above_inputs"]
+            lines.append(f"{'PASS' if a <= TARGET_MEM else 'FAIL'}  {what} <= "
+                         f"{TARGET_MEM / GiB:g} GiB: {a / MiB:.0f} MiB "
+                         f"(one N x N fp32 matrix: {4 * MEMORY_N ** 2 / GiB:.0f} GiB)")
+    return lines
+
+
+def _time_targets(get, fused, cpu_reason):
+    """The two time targets of one fused method (cpu, siglip-cpu) at TARGET_N, TARGET_D."""
+    lines = []
+    cpu, naive, gemm = (get(m, TARGET_N, TARGET_D) for m in (fused, naive_of(fused), "gemm"))
+    if (naive and naive["method"] == naive_of(fused)) or cpu or (gemm and fused == "cpu"):
+        what = f"{fused} time at N={TARGET_N}, D={TARGET_D}"
         if not cpu or cpu["status"] != "ok":
             why = cpu["note"] if cpu else f"backend 'cpu' unavailable ({cpu_reason})"
             lines += [f"FAIL  {what} <= {TARGET_VS_NAIVE} x naive: {why}",
@@ -399,21 +451,6 @@ def check_targets(rows, cpu_reason=None):
                              f"{t:.3f} s vs {TARGET_VS_FLOOR} x {floor:.3f} s (ratio {t / floor:.2f})")
             else:
                 lines.append(f"FAIL  {what} <= {TARGET_VS_FLOOR} x 4 t_gemm: gemm not measured")
-    at_mem = [r for r in rows if (r["n"], r["d"]) == (MEMORY_N, MEMORY_D)]
-    if at_mem:
-        # "cpu" is the target; other backends measured there get a line too
-        names = ["cpu"] + [r["method"] for r in at_mem if r["method"] not in ("cpu", "naive", "gemm")]
-        for name in names:
-            r = get(name, MEMORY_N, MEMORY_D)
-            what = f"{name} peak RSS above inputs at N={MEMORY_N}, D={MEMORY_D} (fwd+bwd)"
-            if not r or r["status"] != "ok":
-                why = r["note"] if r else f"backend 'cpu' unavailable ({cpu_reason})"
-                lines.append(f"FAIL  {what} <= {TARGET_MEM / GiB:g} GiB: {why}")
-                continue
-            a = r["above_inputs"]
-            lines.append(f"{'PASS' if a <= TARGET_MEM else 'FAIL'}  {what} <= "
-                         f"{TARGET_MEM / GiB:g} GiB: {a / MiB:.0f} MiB "
-                         f"(one N x N fp32 matrix: {4 * MEMORY_N ** 2 / GiB:.0f} GiB)")
     return lines
 
 
@@ -520,7 +557,8 @@ def main(argv=None, avail_fn=None):
             lambda: opts.mem_available_gib * GiB)
     backends = cpu_backends()
     cpu_reason = ck.backends.get("cpu").unavailable_reason(torch.device("cpu"))
-    methods = ["naive"] + backends + ["gemm"]
+    methods = (["naive"] + backends + ["siglip-naive"] + [f"siglip-{b}" for b in backends]
+               + [f"siglip-{b}-4p" for b in backends if b == "cpu"] + ["gemm"])
     if opts.methods:
         want = opts.methods.split(",")
         methods = [m for m in methods if m in want]
@@ -556,7 +594,8 @@ def main(argv=None, avail_fn=None):
         sizes = [(MEMORY_N, MEMORY_D)]
     else:
         sizes = [(TARGET_N, TARGET_D), (MEMORY_N, MEMORY_D)]
-        methods = [m for m in methods if m in ("naive", "cpu", "gemm")]
+        methods = [m for m in methods
+                   if m in ("naive", "cpu", "siglip-naive", "siglip-cpu", "siglip-cpu-4p", "gemm")]
     t0 = time.perf_counter()
     if opts.case == "targets":
         # the memory target needs no gemm row
@@ -567,8 +606,9 @@ def main(argv=None, avail_fn=None):
     elapsed = time.perf_counter() - t0
 
     log("")
-    log("symmetric CLIP loss, forward + backward, fp32, M = N; time = median; "
-        "t/4gemm = t / (4 t_gemm), the fused loss's floor")
+    log("symmetric CLIP loss and sigmoid loss (siglip-*), forward + backward, fp32, M = N; "
+        "time = median; t/4gemm = t / (4 t_gemm), the fused loss's floor; t/naive against "
+        "the same loss materialized")
     log(format_table(rows))
     targets = check_targets(rows, cpu_reason)
     if targets:

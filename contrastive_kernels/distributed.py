@@ -74,12 +74,14 @@ import torch.distributed as dist
 
 from . import engine
 from .backends import REGISTRY, Call
-from .loss import info_nce
+from .loss import info_nce, siglip_loss, siglip_options
 from .options import make_options
-from .problem import FLOAT_DTYPES, REDUCTIONS, check_inputs, check_values
+from .problem import (FLOAT_DTYPES, REDUCTIONS, SIGLIP_BIAS, SIGLIP_SCALE, check_inputs,
+                      check_siglip, check_values)
 from .targets import Targets
 
-__all__ = ["ring_info_nce", "gather_info_nce", "RING_STATS", "reset_ring_stats"]
+__all__ = ["ring_info_nce", "gather_info_nce", "ring_siglip_loss", "gather_siglip_loss",
+           "RING_STATS", "reset_ring_stats"]
 
 # Peaks over every ring pass since the last reset_ring_stats():
 #   remote_key_blocks: remote key blocks held at once (the bound is 2);
@@ -136,6 +138,7 @@ class _Setup:
     group: object
     dev: torch.device
     any_key_grad: bool = True   # some rank's keys need a gradient (the dk ring must run)
+    any_grad: bool = False      # some rank needs a gradient (the sigmoid loss's schedule)
 
     @property
     def n_global(self):
@@ -161,24 +164,34 @@ def _raise_together(err, group, world, cdev, what):
 
 def _setup(what, query, key, group, world, positive_index, labels, key_labels, temperature,
            logit_scale, logit_bias, symmetric, label_smoothing, reduction, allow_self=True):
+    def check():
+        return check_inputs(query, key, positive_index, labels, key_labels, temperature,
+                            logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+                            global_index=True)
+    return _agree(what, query, group, world, check, allow_self)
+
+
+def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
+    """Check the local shard (check() -> Problem), share sizes and settings with one
+    all_gather, and raise on every rank if any rank's arguments are bad or disagree.
+    wants_grad: this rank needs a gradient (shared as _Setup.any_grad)."""
     rank = dist.get_rank(group)
     # 1. check the local shard, without raising yet (the other ranks must hear of it).
     err, p, mode = None, None, 0
     try:
-        p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                         logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                         global_index=True)
-        mode = 2 if p.labels is not None else (1 if positive_index is not None else 0)
+        p = check()
+        mode = 2 if p.labels is not None else (1 if p.index_given else 0)
     except (TypeError, ValueError) as e:
         err, p = e, None
     cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
     if p is None:
-        row = [0] * 10
+        row = [0] * 11
     else:
         n, d = p.query.shape
         keys = p.query if p.self_contrast else p.key
         row = [1, n, p.n_keys, d, FLOAT_DTYPES.index(p.query.dtype), int(p.self_contrast),
-               mode, int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad)]
+               mode, int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad),
+               int(wants_grad)]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -226,7 +239,8 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
     # A key block's dk gathers every rank's share on its way round the ring: if any rank
     # trains its keys, every rank takes part (and one whose keys are frozen drops its own).
     any_key_grad = any(t[9] for t in table)
-    return _Setup(p, world, rank, sizes_n, sizes_m, offs_n, offs_m, group, cdev, any_key_grad)
+    return _Setup(p, world, rank, sizes_n, sizes_m, offs_n, offs_m, group, cdev, any_key_grad,
+                  any(t[10] for t in table))
 
 
 # ----------------------------------------------------------------------------- ring
@@ -516,6 +530,144 @@ def _finish(st, rows, col, reduction):
     return st.world * loss if reduction == "mean" else loss
 
 
+# ----------------------------------------------------------------------------- sigmoid loss
+
+class _RingSigLIPStats(torch.autograd.Function):
+    """4-pass: (q, k, scale, bias) -> (R, T, A, P) of the local queries against ALL keys
+    (engine.siglip_forward); backward sends the key blocks round again and brings dk home
+    (engine.siglip_backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, run):
+        spec, targets, blocks = run["spec"], run["targets"], run["blocks"]
+        acc = engine.acc_dtype(q.dtype)
+        sc, bc = (x.detach().to(acc).reshape(()) for x in (scale, bias))
+        (r, t, a, p), _ = engine.siglip_forward(spec, q.detach(), k.detach(), sc, bc, targets,
+                                                blocks, False, False)
+        ctx.save_for_backward(q, k, scale, bias, t)
+        ctx.run = run
+        ctx.mark_non_differentiable(t, p)
+        return r, t, a, p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_r, _g_t, g_a, _g_p):
+        q, k, scale, bias, t = ctx.saved_tensors
+        run = ctx.run
+        spec, targets, st = run["spec"], run["targets"], run["st"]
+        g_r, g_a = (torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
+                    for g in (g_r, g_a))
+        need_s = ctx.needs_input_grad[2]
+        need_dq = ctx.needs_input_grad[0] or need_s
+        sc, bc = (x.detach().to(t.dtype).reshape(()) for x in (scale, bias))
+        dq, dk, ds = engine.siglip_backward(spec, q.detach(), k.detach(), sc, bc, targets,
+                                            run["blocks"], g_r, g_a, need_dq, st.any_key_grad,
+                                            need_s)
+        db = (g_r * t).sum() if ctx.needs_input_grad[3] else None
+        return (dq.to(q.dtype) if (ctx.needs_input_grad[0] and dq is not None) else None,
+                dk.to(k.dtype) if (ctx.needs_input_grad[1] and dk is not None) else None,
+                ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None) else None,
+                db.to(bias.dtype).reshape(bias.shape) if db is not None else None, None)
+
+
+class _RingSigLIPFused(torch.autograd.Function):
+    """3-pass: (q, k, scale, bias) -> this rank's total loss (its rows against ALL keys),
+    with its gradients computed in the same ring pass; each key block's dk goes home with
+    the block. Backward only scales them by the upstream gradient, which must be the same
+    on every rank (dk mixes every rank's rows): it checks that with one small all_gather."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, run):
+        spec, targets, blocks, st = run["spec"], run["targets"], run["blocks"], run["st"]
+        acc = engine.acc_dtype(q.dtype)
+        sc, bc = (x.detach().to(acc).reshape(()) for x in (scale, bias))
+        (r, t, a, p), (dq, dk, ds, db) = engine.siglip_forward(
+            spec, q.detach(), k.detach(), sc, bc, targets, blocks, True, st.any_key_grad)
+        ctx.save_for_backward(dq, dk, ds, db)
+        ctx.like = (q, k, scale, bias)
+        ctx.st = st
+        return r.sum() - sc * a.sum() - bc * p.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, c):
+        dq, dk, ds, db = ctx.saved_tensors
+        q, k, scale, bias = ctx.like
+        st = ctx.st
+        cs = c.detach().reshape(1).to(st.dev, torch.float64)
+        every = [torch.empty_like(cs) for _ in range(st.world)]
+        dist.all_gather(every, cs, group=st.group)
+        if len({float(x) for x in every}) > 1:
+            raise RuntimeError(
+                "ring_siglip_loss(passes=3): the upstream gradient of the loss differs between "
+                f"ranks ({[float(x) for x in every]}); the 3-pass schedule computes the keys' "
+                "gradient in the forward, for one common upstream gradient. Use passes=4 to "
+                "weight the ranks' losses differently")
+        c = c.reshape(())
+        need = ctx.needs_input_grad
+        return ((dq * c).to(q.dtype) if need[0] else None,
+                (dk * c).to(k.dtype) if (need[1] and dk is not None) else None,
+                (ds * c).to(scale.dtype).reshape(scale.shape) if need[2] else None,
+                (db * c).to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
+
+
+def ring_siglip_loss(query, key, *, group=None, logit_scale=SIGLIP_SCALE,
+                     logit_bias=SIGLIP_BIAS, positive_index=None, labels=None, key_labels=None,
+                     reduction="mean", backend="auto", passes=None, overlap=True, **options):
+    """`siglip_loss` over the global batch (the ranks' shards concatenated) by a ring of
+    point-to-point transfers. Positives: the diagonal within each rank by default, a
+    GLOBAL `positive_index`, or labels compared across ranks. No row statistic is merged:
+    the blocks' partial sums add. With the 3-pass schedule (passes=None or 3, for
+    "mean"/"sum" with a gradient) each block's dk travels home with it in the forward and
+    backward sends nothing but one scalar; with passes=4 the blocks go round again in
+    backward. Gradient contract as `ring_info_nce`: rank r returns P * (its rows' loss
+    sum) / N_global for "mean" (so the mean over ranks is the global loss), its share of
+    the sum for "sum", its rows for "none"; under DDP a step equals a single-process step
+    on the global batch, scale and bias included. Collective, backward too.
+    """
+    world = _process_group_size(group)
+    kw = dict(logit_scale=logit_scale, logit_bias=logit_bias, positive_index=positive_index,
+              labels=labels, key_labels=key_labels, reduction=reduction)
+    if world is None or world == 1:
+        return siglip_loss(query, key, backend=backend, passes=passes, **kw, **options)
+    grad = torch.is_grad_enabled()
+    wants = grad and any(torch.is_tensor(x) and x.requires_grad
+                         for x in (query, key, logit_scale, logit_bias))
+    opts = []
+
+    def check():        # the options too: a bad one on any rank raises on every rank
+        opts.append(siglip_options(backend, passes, options))
+        return check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
+                            logit_bias, reduction, global_index=True)
+    st = _agree("ring_siglip_loss", query, group, world, check, allow_self=False,
+                wants_grad=wants)
+    p, opts = st.p, opts[0]
+    q, k = p.query.contiguous(), p.key.contiguous()
+    n, d = q.shape
+    be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, loss="siglip"),
+                         opts)
+    acc = p.out_dtype
+    as_tensor = lambda x: x if torch.is_tensor(x) else torch.tensor(x, dtype=acc,
+                                                                    device=q.device)
+    scale_t, bias_t = as_tensor(p.scale), as_tensor(p.bias)
+    spec = engine.Spec(be, opts, False, False)
+    targets = Targets(n, d, st.m_global, p.labels,
+                      p.positive_index if p.labels is None else None)
+    kl = p.key_labels.contiguous() if p.labels is not None else None
+    blocks = RingBlocks(st, spec, targets, kl, overlap, d, q.dtype)
+    run = dict(spec=spec, targets=targets, blocks=blocks, st=st)
+    # every rank takes the same schedule (reduction and any_grad are agreed)
+    if (passes or 3) == 3 and p.reduction != "none" and st.any_grad:
+        total = _RingSigLIPFused.apply(q, k, scale_t, bias_t, run)
+    else:
+        r, _, a, npos = _RingSigLIPStats.apply(q, k, scale_t, bias_t, run)
+        rows = r - p.scale * a - p.bias * npos
+        if p.reduction == "none":
+            return rows
+        total = rows.sum()
+    return total if p.reduction == "sum" else total * (world / st.n_global)
+
+
 # ----------------------------------------------------------------------------- gather
 
 class _AllGather(torch.autograd.Function):
@@ -590,3 +742,35 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
         col = (info_nce(p.key, q_all, labels=col_lab, key_labels=q_lab, **common),
                torch.isin(col_lab, q_lab))
     return _finish(st, (row, row_ok), col, p.reduction)
+
+
+def gather_siglip_loss(query, key, *, group=None, logit_scale=SIGLIP_SCALE,
+                       logit_bias=SIGLIP_BIAS, positive_index=None, labels=None,
+                       key_labels=None, reduction="mean", backend="auto", passes=None,
+                       **options):
+    """`siglip_loss` over the global batch by an all-gather (with gradient) of the keys:
+    local queries against all keys, memory O(global batch * D); for comparison with
+    `ring_siglip_loss`, whose semantics and gradient contract it shares."""
+    world = _process_group_size(group)
+    kw = dict(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend, passes=passes)
+    if world is None or world == 1:
+        return siglip_loss(query, key, positive_index=positive_index, labels=labels,
+                           key_labels=key_labels, reduction=reduction, **kw, **options)
+
+    def check():
+        siglip_options(backend, passes, options)
+        return check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
+                            logit_bias, reduction, global_index=True)
+    st = _agree("gather_siglip_loss", query, group, world, check, allow_self=False)
+    p = st.p
+    k_all = _AllGather.apply(p.key, st, st.sizes_m)
+    local = "none" if p.reduction == "none" else "sum"
+    if p.labels is not None:
+        out = siglip_loss(p.query, k_all, labels=p.labels,
+                          key_labels=_gather_rows(p.key_labels, st, st.sizes_m),
+                          reduction=local, **kw, **options)
+    else:
+        out = siglip_loss(p.query, k_all, positive_index=p.positive_index, reduction=local,
+                          **kw, **options)
+    return out * (world / st.n_global) if p.reduction == "mean" else out
+

@@ -9,7 +9,10 @@
     side_losses / reduce        the per-row losses and the reduction
 
 Where the key blocks come from is a `Blocks` object: `LocalBlocks` (one block: the keys)
-here, the ring's transport in distributed.py. The autograd node around forward and
+here, the ring's transport in distributed.py. `blocks.forward(k)` visits the blocks and
+brings their column statistics home; `blocks.backward(k, col_pack, need_dk)` visits them
+with their column pack and brings each block's `dk` home (the sigmoid loss's 3-pass
+forward uses it too: its dk is known in the forward). The autograd node around forward and
 backward is a custom op for the local loss (ops.py) and an autograd.Function for the
 ring; both call these two functions.
 """
@@ -100,16 +103,71 @@ def block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq,
                               need_dq=need_dq, need_dk=need_dk, need_ds=need_ds, options=opt)
     dq, dk = be.lse_backward(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c,
                              need_dq=need_dq, need_dk=need_dk, options=opt)
+    return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b, g_ac, g_bc)
+
+
+def _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b=None, g_ac=None, g_bc=None):
+    """A block's gradients from the backend's raw dS k and dS^T q: the scale's share
+    sum_ij dS_ij <q_i, k_j>, the scale applied, and the target terms added."""
     ds = None
     if need_ds:
         rows, grads = (q, dq) if dq is not None else (kb, dk)
         ds = targets.rowdots(rows, grads, grads.dtype).sum()
-    s = scale.to(lse_r.dtype)
+    s = scale.to((dq if dq is not None else dk).dtype) if (dq is not None or dk is not None) \
+        else None
     for g in (dq, dk):
         if g is not None:
             g.mul_(s)
-    targets.add_grads(blk, q, kb, g_a, g_b, g_ac, g_bc, dq, dk)
+    if dq is not None or dk is not None:
+        targets.add_grads(blk, q, kb, g_a, g_b, g_ac, g_bc, dq, dk)
     return dq, dk, ds
+
+
+# ---- the sigmoid loss (SigLIP): sum_ij softplus(z_ij) - sum_{ij positive} z_ij
+
+def siglip_forward(spec, q, k, scale, bias, targets, blocks, need_dq, need_dk):
+    """Row statistics (R, T, A, P) of the local queries over every key block:
+    R_i = sum_j softplus(z_ij), T_i = sum_j sigmoid(z_ij) from the backend, and the
+    targets' A_i (sum of positive <q_i, k_j>) and P_i (count). With need_dq or need_dk
+    (the 3-pass schedule) also the gradients of the total loss sum_i (R_i - s A_i - b P_i)
+    for an upstream gradient of 1, computed in the same pass: (dq, dk, ds, db), dk brought
+    home by `blocks`; else None."""
+    acc = acc_dtype(q.dtype)
+    r, t, a, p = (torch.zeros(q.shape[0], dtype=acc, device=q.device) for _ in range(4))
+    grads = need_dq or need_dk
+    ones = torch.ones(q.shape[0], dtype=acc, device=q.device) if grads else None
+    minus_s = -scale.to(acc) * ones if grads else None      # d total / d A
+
+    def block(blk, kb):
+        r_b, t_b, dq_b, dk_b = spec.backend.siglip_tiles(
+            q, kb, scale, bias, None, True, need_dq, need_dk, options=spec.options)
+        (a_b, p_b, _), _ = targets.stats(blk, q, kb, acc)
+        for x, y in ((r, r_b), (t, t_b), (a, a_b), (p, p_b)):
+            x += y
+        if not grads:
+            return None, None, None
+        dq_b, dk_b, ds_b = _finish(q, kb, blk, scale, targets, dq_b, dk_b, True, minus_s)
+        return dq_b, dk_b, ds_b
+
+    if not grads:
+        for blk, kb in blocks.forward(k):
+            block(blk, kb)
+        return (r, t, a, p), None
+    dq, dk, ds = _accumulate(spec, blocks.backward(k, None, need_dk), block, blocks)
+    ds = ds - a.sum()              # sum_ij (sigmoid(z_ij) - [pos_ij]) <q_i, k_j>
+    db = t.sum() - p.sum()
+    return (r, t, a, p), (dq, dk, ds, db)
+
+
+def siglip_backward(spec, q, k, scale, bias, targets, blocks, g_r, g_a, need_dq, need_dk,
+                    need_ds):
+    """(dq, dk, ds) of sum_i (g_r[i] R_i + g_a[i] A_i) (the 4-pass schedule); the bias's
+    gradient needs no pass: sum_i g_r[i] T_i."""
+    def grads(blk, kb):
+        _, _, dq, dk = spec.backend.siglip_tiles(q, kb, scale, bias, g_r, False, need_dq,
+                                                 need_dk, options=spec.options)
+        return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a)
+    return _accumulate(spec, blocks.backward(k, None, need_dk), grads, blocks)
 
 
 def backward(spec, q, k, scale, targets, blocks, lse_r, g_r, g_a, g_b, col_pack, need_dq,
@@ -118,17 +176,25 @@ def backward(spec, q, k, scale, targets, blocks, lse_r, g_r, g_a, g_b, col_pack,
     local keys (None under self-contrast: folded into dq) and the scale. col_pack is
     (lse_c, g_c, g_ac, g_bc) of the local keys (lse_c, g_c None without spec.cols), or
     None unless symmetric."""
+    def grads(blk, kb):
+        return block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq,
+                           need_dk, need_ds)
+    return _accumulate(spec, blocks.backward(k, col_pack, need_dk), grads, blocks)
+
+
+def _accumulate(spec, visits, grads, blocks):
+    """Sum grads(blk, kb) = (dq, dk, ds) over the visited blocks: dq and ds here, each
+    block's dk sent home by `blocks` (blocks.dk_home)."""
     dq = ds = None
-    for blk, kb in blocks.backward(k, col_pack, need_dk):
-        dq_b, dk_b, ds_b = block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a,
-                                       g_b, need_dq, need_dk, need_ds)
+    for blk, kb in visits:
+        dq_b, dk_b, ds_b = grads(blk, kb)
         if dq_b is not None:
             dq = dq_b if dq is None else dq.add_(dq_b)
         if ds_b is not None:
             ds = ds_b if ds is None else ds + ds_b
         blk.dk = dk_b
     dk = blocks.dk_home
-    if spec.self_contrast:
+    if spec.self_contrast and dk is not None:
         # the keys are the queries: their gradient as keys belongs to q
         if dk is not None:
             dq = dk if dq is None else dq.add_(dk)

@@ -47,6 +47,14 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
     return (dq if need_dq else None), (dk if need_dk else None)
 
 
+def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+    r, t, dq, dk = torch.ops.contrastive_kernels.siglip_tiles(
+        q, k, float(scale), float(bias), q.new_empty(0, dtype=_acc(q.dtype)) if g_r is None
+        else g_r, sums, need_dq, need_dk, options.deterministic, options.precision == "tf32")
+    return ((r, t) if sums else (None, None)) + ((dq if need_dq else None),
+                                                 (dk if need_dk else None))
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -63,6 +71,16 @@ def register_fakes():
                   deterministic=False, tf32=False, poison=False):
         acc = _acc(q.dtype)
         return (q.new_empty(q.shape[0] if need_dq else 0, q.shape[1], dtype=acc),
+                q.new_empty(k.shape[0] if need_dk else 0, k.shape[1], dtype=acc))
+
+
+    @torch.library.register_fake("contrastive_kernels::siglip_tiles")
+    def _siglip(q, k, scale, bias, g_r, sums, need_dq, need_dk, deterministic=False, tf32=False,
+                poison=False):
+        acc = _acc(q.dtype)
+        n = q.shape[0] if sums else 0
+        return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
+                q.new_empty(q.shape[0] if need_dq else 0, q.shape[1], dtype=acc),
                 q.new_empty(k.shape[0] if need_dk else 0, k.shape[1], dtype=acc))
 
 

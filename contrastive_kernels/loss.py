@@ -11,7 +11,7 @@ import torch
 
 from . import engine, ops
 from .options import make_options
-from .problem import check_inputs
+from .problem import SIGLIP_BIAS, SIGLIP_SCALE, check_inputs, check_siglip
 
 
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
@@ -55,3 +55,62 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
         lse_c = stats[0] if p.self_contrast else stats[4]
         col = engine.side_losses(lse_c, *stats[5:], p.scale, p.bias, eps, q.shape[0] - sub)
     return engine.reduce(rows, col, p.reduction)
+
+
+def siglip_loss(query, key, *, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
+                positive_index=None, labels=None, key_labels=None, reduction="mean",
+                backend="auto", passes=None, **options):
+    """Fused sigmoid contrastive loss (SigLIP): -sum_ij log sigmoid(y_ij z_ij) with
+    z_ij = logit_scale <q_i, k_j> + logit_bias, y_ij = +1 on positive pairs and -1
+    elsewhere, never holding the N x M logits. See README.md and docs/DESIGN.md.
+
+    logit_scale is the exponentiated scale (as open_clip passes it) and logit_bias the
+    bias, each a float or a 0-dim tensor that gets its gradient. Positives: the diagonal
+    by default (M >= N; extra keys are negatives), `positive_index`, or every same-label
+    pair (`labels`, `key_labels`). reduction: "mean" divides by N (as open_clip and
+    big_vision do), "sum", or "none": the per-query row sums, shape (N,).
+
+    passes: 3 computes the gradients in the forward pass (one GEMM pass fewer, and holds
+    float32 dq and dk between forward and backward); 4 recomputes the tiles in backward
+    and holds nothing; None picks 3 for "mean"/"sum" when a gradient is needed (measured
+    faster, docs/DESIGN.md) and 4 otherwise ("none" always takes 4).
+    Kernel options: deterministic, precision (see contrastive_kernels.options).
+    """
+    p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
+                     logit_bias, reduction)
+    opts = siglip_options(backend, passes, options)
+    q, k = p.query, p.key
+    acc = p.out_dtype
+    as_tensor = lambda x: x if torch.is_tensor(x) else torch.tensor(x, dtype=acc,
+                                                                    device=q.device)
+    scale_t, bias_t = as_tensor(p.scale), as_tensor(p.bias)
+    grad = torch.is_grad_enabled()
+    need_q, need_k = grad and q.requires_grad, grad and k.requires_grad
+    need_s = grad and torch.is_tensor(p.scale) and p.scale.requires_grad
+    args = (q, k, scale_t, bias_t, p.positive_index, p.labels, p.key_labels)
+    if (passes or 3) == 3 and p.reduction != "none" and (need_q or need_k or need_s):
+        out = ops.siglip_fused(*args, p.index_given, backend, *opts.as_args(), need_q, need_k,
+                               need_s)
+        total = out[0].reshape(())
+        return total if p.reduction == "sum" else total / q.shape[0]
+    r, _, a, npos = ops.siglip_stats(*args, p.index_given, backend, *opts.as_args())
+    rows = r - p.scale * a - p.bias * npos
+    if p.reduction == "none":
+        return rows
+    return rows.sum() if p.reduction == "sum" else rows.sum() / q.shape[0]
+
+
+def siglip_options(backend, passes, options):
+    """The kernel options of a sigmoid-loss call (errors name the argument)."""
+    opts = make_options(**options)
+    if opts.low_memory:
+        raise ValueError("low_memory=True is an info_nce option; for siglip_loss use passes=4, "
+                         "which holds nothing between forward and backward")
+    if opts.algorithm == "blocked":
+        raise ValueError("algorithm='blocked' is an info_nce option (siglip_loss has the fused "
+                         "kernels only)")
+    if isinstance(passes, bool) or passes not in (None, 3, 4):
+        raise ValueError(f"passes must be None, 3 or 4, got {passes!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return opts

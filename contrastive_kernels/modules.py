@@ -2,7 +2,7 @@
 import torch
 
 from . import distributed
-from .loss import info_nce
+from .loss import info_nce, siglip_loss
 from .options import make_options
 from .problem import DEFAULT_TEMPERATURE
 
@@ -51,3 +51,43 @@ class FusedInfoNCE(torch.nn.Module):
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}, distributed={self.distributed!r}{opts}")
+
+
+class FusedSigLIPLoss(torch.nn.Module):
+    """Drop-in sigmoid loss module with open_clip's call shape:
+
+        FusedSigLIPLoss()(image_features, text_features, logit_scale, logit_bias)
+
+    equals open_clip's SigLipLoss()(...) (the exponentiated logit_scale, the diagonal as
+    positives, the sum over pairs divided by N) without the N x N logits; logit_bias=None
+    means no bias, as there. distributed: None (local loss) or "ring" (the global batch
+    over torch.distributed: contrastive_kernels.distributed.ring_siglip_loss). passes and
+    the kernel options (deterministic=, precision=) are passed to every call.
+    """
+
+    def __init__(self, backend="auto", distributed=None, group=None, passes=None,
+                 reduction="mean", **options):
+        super().__init__()
+        if distributed not in (None, "ring"):
+            raise ValueError(f"distributed must be None or 'ring', got {distributed!r}")
+        make_options(**options)
+        self.backend, self.distributed, self.group = backend, distributed, group
+        self.passes, self.reduction, self.options = passes, reduction, dict(options)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, *,
+                positive_index=None, labels=None, key_labels=None, output_dict=False):
+        kwargs = dict(logit_scale=logit_scale, logit_bias=0.0 if logit_bias is None else logit_bias,
+                      positive_index=positive_index, labels=labels, key_labels=key_labels,
+                      reduction=self.reduction, backend=self.backend, passes=self.passes,
+                      **self.options)
+        if self.distributed is None:
+            loss = siglip_loss(image_features, text_features, **kwargs)
+        else:
+            loss = distributed.ring_siglip_loss(image_features, text_features, group=self.group,
+                                                **kwargs)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self):
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (f"backend={self.backend!r}, distributed={self.distributed!r}, "
+                f"passes={self.passes!r}, reduction={self.reduction!r}{opts}")

@@ -175,3 +175,180 @@ info_nce_stats.register_autograd(_backward, setup_context=_setup_context)
 # itself instead of the opaque op.
 BODIES = {torch.ops.contrastive_kernels.info_nce_stats.default: stats_impl,
           torch.ops.contrastive_kernels.info_nce_grads.default: grads_impl}
+
+
+# ---- the sigmoid loss (SigLIP)
+#
+#   contrastive_kernels::siglip_stats   4-pass forward: row statistics [R, T, A, P]
+#   contrastive_kernels::siglip_grads   4-pass backward: the gradients of q, k and the scale
+#   contrastive_kernels::siglip_fused   3-pass: the total loss and, in the same pass, its
+#                                       gradients for an upstream gradient of 1
+# (engine.siglip_forward / siglip_backward; docs/DESIGN.md, "The sigmoid loss").
+
+def _siglip_setup(query, key, positive_index, labels, key_labels, backend, options):
+    n, d = query.shape
+    be = REGISTRY.select(backend, Call(query.device, query.dtype, n, key.shape[0], d,
+                                       loss="siglip"), options)
+    spec = engine.Spec(be, options, False, False)
+    targets = Targets(n, d, key.shape[0], labels, positive_index)
+    return spec, targets, engine.LocalBlocks(targets, key_labels, False)
+
+
+def _check_siglip(query, key, scale, bias, positive_index, check_index):
+    check_values(positive_index if check_index else None, key.shape[0], 0, False, scale, bias)
+
+
+def siglip_stats_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
+                      positive_index: Optional[Tensor], labels: Optional[Tensor],
+                      key_labels: Optional[Tensor], check_index: bool, backend: str,
+                      deterministic: bool, precision: str, low_memory: bool, algorithm: str,
+                      workspace: int) -> List[Tensor]:
+    """[R, T, A, P] of the rows (engine.siglip_forward)."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    _check_siglip(query, key, scale, bias, positive_index, check_index)
+    spec, targets, blocks = _siglip_setup(query, key, positive_index, labels, key_labels,
+                                          backend, options)
+    with torch.no_grad(), _exact(query):
+        stats, _ = engine.siglip_forward(spec, query.detach(), key.detach(),
+                                         _scale(scale, query), _scale(bias, query), targets,
+                                         blocks, False, False)
+    return list(stats)
+
+
+siglip_stats = torch.library.custom_op("contrastive_kernels::siglip_stats",
+                                       mutates_args=())(siglip_stats_impl)
+
+
+@siglip_stats.register_fake
+def _(query, key, scale, bias, positive_index, labels, key_labels, check_index, backend,
+      deterministic, precision, low_memory, algorithm, workspace):
+    acc = engine.acc_dtype(query.dtype)
+    return [query.new_empty(query.shape[0], dtype=acc) for _ in range(4)]
+
+
+def siglip_grads_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
+                      positive_index: Optional[Tensor], labels: Optional[Tensor],
+                      key_labels: Optional[Tensor], g_r: Tensor, g_a: Tensor, backend: str,
+                      deterministic: bool, precision: str, low_memory: bool, algorithm: str,
+                      workspace: int, need_q: bool, need_k: bool,
+                      need_s: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, ds) of sum_i (g_r[i] R_i + g_a[i] A_i); one not needed is empty (ds: 0)."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    spec, targets, blocks = _siglip_setup(query, key, positive_index, labels, key_labels,
+                                          backend, options)
+    need_dq = need_q or (need_s and not need_k)
+    with torch.no_grad(), _exact(query):
+        dq, dk, ds = engine.siglip_backward(
+            spec, query.detach(), key.detach(), _scale(scale, query), _scale(bias, query),
+            targets, blocks, g_r, g_a, need_dq, need_k, need_s)
+    return _outputs(query, key, scale, dq, dk, ds, need_q, need_k, need_s)
+
+
+def _outputs(query, key, scale, dq, dk, ds, need_q, need_k, need_s):
+    dq_out = dq.to(query.dtype) if (need_q and dq is not None) else query.new_empty(0)
+    dq = None
+    dk_out = dk.to(key.dtype) if (need_k and dk is not None) else query.new_empty(0)
+    ds_out = (ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None)
+              else torch.zeros_like(scale))
+    return dq_out, dk_out, ds_out
+
+
+siglip_grads = torch.library.custom_op("contrastive_kernels::siglip_grads",
+                                       mutates_args=())(siglip_grads_impl)
+
+
+@siglip_grads.register_fake
+def _(query, key, scale, bias, positive_index, labels, key_labels, g_r, g_a, backend,
+      deterministic, precision, low_memory, algorithm, workspace, need_q, need_k, need_s):
+    dq = torch.empty_like(query) if need_q else query.new_empty(0)
+    dk = torch.empty_like(key) if need_k else query.new_empty(0)
+    return dq, dk, torch.empty_like(scale)
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    query, key, scale, bias, positive_index, labels, key_labels, _check, backend, *opts = inputs
+    ctx.save_for_backward(query, key, scale, bias, positive_index, labels, key_labels,
+                          output[1])
+    ctx.config = (backend, *opts)
+
+
+def _siglip_backward(ctx, grads):
+    query, key, scale, bias, positive_index, labels, key_labels, t = ctx.saved_tensors
+    # gradients of [R, T, A, P]: T and P come with no gradient (T is the bias's
+    # derivative of R, P a count)
+    g_r, g_a = (torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
+                for g in (grads[0], grads[2]))
+    need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+    dq = dk = ds = None
+    if need_q or need_k or need_s:
+        dq, dk, ds = siglip_grads(query, key, scale, bias, positive_index, labels, key_labels,
+                                  g_r, g_a, *ctx.config, need_q, need_k, need_s)
+    db = (g_r * t).sum().to(bias.dtype).reshape(bias.shape) if need_b else None
+    return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
+            db) + (None,) * 10
+
+
+siglip_stats.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)
+
+
+def siglip_fused_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
+                      positive_index: Optional[Tensor], labels: Optional[Tensor],
+                      key_labels: Optional[Tensor], check_index: bool, backend: str,
+                      deterministic: bool, precision: str, low_memory: bool, algorithm: str,
+                      workspace: int, need_q: bool, need_k: bool,
+                      need_s: bool) -> List[Tensor]:
+    """[total loss (1,), dq, dk, ds (1,), db (1,)]: the loss summed over rows and its
+    gradients for an upstream gradient of 1 (dq/dk in the accumulation dtype; empty when
+    not needed)."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    _check_siglip(query, key, scale, bias, positive_index, check_index)
+    spec, targets, blocks = _siglip_setup(query, key, positive_index, labels, key_labels,
+                                          backend, options)
+    need_dq = need_q or (need_s and not need_k)
+    s, b = _scale(scale, query), _scale(bias, query)
+    with torch.no_grad(), _exact(query):
+        (r, t, a, p), (dq, dk, ds, db) = engine.siglip_forward(
+            spec, query.detach(), key.detach(), s, b, targets, blocks, need_dq, need_k)
+        total = (r.sum() - s * a.sum() - b * p.sum()).reshape(1)
+    empty = query.new_empty(0, dtype=total.dtype)
+    return [total, dq if need_q else empty, dk if need_k else empty, ds.reshape(1),
+            db.reshape(1)]
+
+
+siglip_fused = torch.library.custom_op("contrastive_kernels::siglip_fused",
+                                       mutates_args=())(siglip_fused_impl)
+
+
+@siglip_fused.register_fake
+def _(query, key, scale, bias, positive_index, labels, key_labels, check_index, backend,
+      deterministic, precision, low_memory, algorithm, workspace, need_q, need_k, need_s):
+    acc = engine.acc_dtype(query.dtype)
+    one = lambda: query.new_empty(1, dtype=acc)
+    dq = query.new_empty(query.shape if need_q else (0,), dtype=acc)
+    dk = query.new_empty(key.shape if need_k else (0,), dtype=acc)
+    return [one(), dq, dk, one(), one()]
+
+
+def _fused_setup_context(ctx, inputs, output):
+    query, key, scale, bias = inputs[:4]
+    ctx.save_for_backward(output[1], output[2], output[3], output[4])
+    ctx.like = (query.dtype, key.dtype, scale.dtype, scale.shape, bias.dtype, bias.shape)
+
+
+def _fused_backward(ctx, grads):
+    dq, dk, ds, db = ctx.saved_tensors
+    qt, kt, st, ss, bt, bs = ctx.like
+    c = grads[0]
+    need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+    if c is None:
+        c = torch.zeros_like(ds)
+    return ((dq * c).to(qt) if need_q else None, (dk * c).to(kt) if need_k else None,
+            (ds * c).to(st).reshape(ss) if need_s else None,
+            (db * c).to(bt).reshape(bs) if need_b else None) + (None,) * 13
+
+
+siglip_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+BODIES.update({torch.ops.contrastive_kernels.siglip_stats.default: siglip_stats_impl,
+               torch.ops.contrastive_kernels.siglip_grads.default: siglip_grads_impl,
+               torch.ops.contrastive_kernels.siglip_fused.default: siglip_fused_impl})

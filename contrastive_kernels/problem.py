@@ -179,6 +179,24 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                    index_given=given_index)
 
 
+SIGLIP_SCALE = 10.0       # SigLIP's initialisation: t' = log 10, s = exp(t') = 10
+SIGLIP_BIAS = -10.0
+
+
+def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, logit_bias,
+                 reduction, global_index=False) -> Problem:
+    """The Problem of a sigmoid-loss call: the InfoNCE checks with a required key, a
+    required (exponentiated) logit_scale and a logit_bias."""
+    if key is None:
+        raise TypeError("siglip_loss needs key (the second tower's embeddings), got None")
+    if logit_scale is None:
+        raise TypeError("logit_scale must be a float or a 0-dim tensor, got None")
+    if logit_bias is None:
+        raise TypeError("logit_bias must be a float or a 0-dim tensor, got None")
+    return check_inputs(query, key, positive_index, labels, key_labels, None, logit_scale,
+                        logit_bias, False, 0.0, reduction, global_index=global_index)
+
+
 def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias,
                  scale_name="logit_scale", where=""):
     """The checks that read data: positive_index within [0, n_keys) and (self-contrast)

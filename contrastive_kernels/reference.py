@@ -6,7 +6,7 @@ no code with the fused path except argument checking.
 """
 import torch
 
-from .problem import check_inputs, check_values
+from .problem import check_inputs, check_siglip, check_values
 
 
 def _row_losses(logits, valid, pos, smoothing):
@@ -72,3 +72,29 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     if p.reduction == "sum":
         return sum(l.sum() for l in losses).to(p.out_dtype)
     return sum(l.sum() / ok.sum().clamp_min(1) for l, ok in zip(losses, oks)).to(p.out_dtype)
+
+
+def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_index=None,
+                labels=None, key_labels=None, reduction="mean", backend="auto"):
+    """Same signature and semantics as `contrastive_kernels.siglip_loss`: the sigmoid
+    loss -sum_ij log sigmoid(y_ij z_ij), z = s <q_i, k_j> + b, y = +1 on positives and
+    -1 elsewhere, materialized in float64; use it only as an oracle."""
+    p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
+                     logit_bias, reduction)
+    check_values(p.positive_index if p.index_given else None, p.n_keys, 0, False,
+                 p.scale, p.bias, p.scale_name)
+    f64 = lambda x: x.to(torch.float64) if torch.is_tensor(x) else x
+    q, k = f64(p.query), f64(p.key)
+    z = f64(p.scale) * (q @ k.T) + f64(p.bias)
+    n, m = z.shape
+    if p.labels is not None:
+        pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
+    else:
+        pos = torch.zeros(n, m, dtype=torch.bool, device=z.device)
+        pos[torch.arange(n, device=z.device), p.positive_index] = True
+    y = pos.to(z.dtype) * 2 - 1
+    rows = -torch.nn.functional.logsigmoid(y * z).sum(1)
+    if p.reduction == "none":
+        return rows.to(p.out_dtype)
+    total = rows.sum()
+    return (total if p.reduction == "sum" else total / n).to(p.out_dtype)

@@ -45,6 +45,7 @@ class Block:
         self._pi = pi
         self._whole = whole        # the block holds every key (the local loss)
         self._rid = self._cid = self._pairs = None
+        self.cols = self.col_pack = self.dk = None   # what the engine hands the transport
 
     @property
     def pairs(self):

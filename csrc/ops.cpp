@@ -15,4 +15,10 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   m.def("lse_backward(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, Tensor lse_c, "
         "Tensor g_r, Tensor g_c, bool need_dq=True, bool need_dk=True, bool deterministic=False, "
         "bool tf32=False, bool poison=False) -> (Tensor, Tensor)");
+  // The sigmoid loss, z = scale * q k^T + bias: r[i] = sum_j softplus(z_ij) and
+  // t[i] = sum_j sigmoid(z_ij) (empty unless sums); dq_raw = dS k, dk_raw = dS^T q with
+  // dS_ij = g_r[i] sigmoid(z_ij) (g_r empty: 1), empty unless needed.
+  m.def("siglip_tiles(Tensor q, Tensor k, float scale, float bias, Tensor g_r, bool sums, "
+        "bool need_dq, bool need_dk, bool deterministic=False, bool tf32=False, "
+        "bool poison=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -24,8 +24,8 @@ def c_ops():
     """The C++ ops (empty without the extension)."""
     if not extension.loaded():
         return set()
-    return {torch.ops.contrastive_kernels.lse_forward.default,
-            torch.ops.contrastive_kernels.lse_backward.default}
+    ns = torch.ops.contrastive_kernels
+    return {ns.lse_forward.default, ns.lse_backward.default, ns.siglip_tiles.default}
 
 
 class SeeThrough(TorchDispatchMode):

@@ -22,7 +22,9 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
                      "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
-    methods = ["naive"] + bench.cpu_backends() + ["gemm"]
+    be = bench.cpu_backends()
+    methods = (["naive"] + be + ["siglip-naive"] + [f"siglip-{b}" for b in be]
+               + [f"siglip-{b}-4p" for b in be if b == "cpu"] + ["gemm"])
     data, rows = _rows(tmp_path / "sweep.json")
     assert [(r["n"], r["method"]) for r in data["results"]] == [
         (n, m) for n in (256, 512) for m in methods]
@@ -30,6 +32,7 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
         assert r["status"] == "ok", r
         assert r["time_s"] > 0 and r["peak_rss"] >= r["rss_inputs"] > 0
     assert rows[(512, "naive")]["ratio_naive"] == 1.0
+    assert rows[(512, "siglip-naive")]["ratio_naive"] == 1.0     # against its own naive loss
     assert abs(rows[(512, "gemm")]["ratio_floor"] - 0.25) < 1e-12
     assert data["machine"]["torch"] and data["machine"]["threads"] >= 1
     assert (tmp_path / "sweep.png").stat().st_size > 0
@@ -87,6 +90,21 @@ def test_target_lines():
     # the cpu backend missing: every target fails, saying why
     lines = bench.check_targets([r for r in rows if r["method"] != "cpu"], "not built")
     assert len(lines) == 3 and all(line.startswith("FAIL") and "not built" in line for line in lines)
+
+
+def test_siglip_target_lines():
+    def row(method, n, d, **kw):
+        return dict(method=method, n=n, d=d, status="ok", note="", **kw)
+    rows = [row("naive", 8192, 256, time_s=2.0), row("gemm", 8192, 256, time_s=0.3),
+            row("cpu", 8192, 256, time_s=1.0), row("siglip-naive", 8192, 256, time_s=3.0),
+            row("siglip-cpu", 8192, 256, time_s=2.7),   # 0.9 x naive: FAIL; 2.25 x 4 t_gemm
+            row("cpu", 32768, 128, above_inputs=300 << 20),
+            row("siglip-cpu", 32768, 128, above_inputs=2 << 30)]
+    lines = bench.check_targets(rows)
+    assert [line.split()[0] for line in lines] == ["PASS", "PASS", "FAIL", "FAIL", "PASS",
+                                                   "FAIL"], lines
+    assert all(line.split()[1] == "siglip-cpu" for line in lines[2:4] + lines[5:])
+    assert "(ratio 0.90)" in lines[2]
 
 
 def _bench_gpu():
@@ -166,3 +184,23 @@ def test_gpu_bench_main_runs_on_cpu(tmp_path, capsys):
     assert all(r["ms"] and r["loss"] is not None for r in data["rows"]), text
     assert all(c["ok"] for c in data["checks"].values()) and "naive" in data["checks"]
     assert "targets at N=64" in text and "WRONG" not in text and "LOSS" not in text
+
+
+def test_gpu_bench_siglip_runs_on_cpu(tmp_path, capsys):
+    """--loss siglip: the sigmoid-loss rows, checked against the float32 naive SigLIP."""
+    B = _bench_gpu()
+    out = tmp_path / "gpu.json"
+    try:
+        rc = B.main(["--device", "cpu", "--dtype", "float32", "--sizes", "48,64", "--dim", "24",
+                     "--json", str(out), "--loss", "siglip"])
+    finally:
+        B.LOSS = "clip"
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads(out.read_text())
+    assert data["loss"] == "siglip" and data["flops_per_step"] == "6*N^2*D"
+    methods = {r["method"] for r in data["rows"]}
+    assert {"naive", "torch", "cpu"} <= methods, methods
+    assert all(c["ok"] for c in data["checks"].values()), data["checks"]
+    assert "sigmoid loss" in text and ">= 1.3x siglip_kernel" in text
+

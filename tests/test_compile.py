@@ -25,7 +25,9 @@ class Model(torch.nn.Module):
             self.enc.weight.copy_(torch.randn(D, D_IN, generator=g))
             self.enc.bias.copy_(torch.randn(D, generator=g))
         self.log_scale = torch.nn.Parameter(torch.tensor(2.3))
+        self.bias = torch.nn.Parameter(torch.tensor(-3.0))
         self.clip = ck.FusedInfoNCE(symmetric=True, label_smoothing=0.1)
+        self.siglip = ck.FusedSigLIPLoss()
 
     def embed(self, x):
         return F.normalize(self.enc(x), dim=-1)
@@ -54,7 +56,19 @@ def ntxent(m, x, y):
                        label_smoothing=0.05)
 
 
-CASES = [clip, hard_negatives, supcon, ntxent]
+def siglip(m, x, y):
+    """The sigmoid loss with a learnable scale and bias: the 3-pass schedule."""
+    return m.siglip(m.embed(x), m.embed(y), m.log_scale.exp(), m.bias)
+
+
+def siglip_4pass(m, x, y):
+    q, k = m.embed(x), m.embed(y)
+    labels = torch.arange(q.shape[0], device=q.device) % 5
+    return ck.siglip_loss(q, k, logit_scale=m.log_scale.exp(), logit_bias=m.bias,
+                          labels=labels, passes=4)
+
+
+CASES = [clip, hard_negatives, supcon, ntxent, siglip, siglip_4pass]
 
 
 def _data():
@@ -78,7 +92,7 @@ def test_fullgraph_matches_eager(case, backend):
     torch._dynamo.reset()
     x, y = _data()
     m = Model()
-    params = [m.enc.weight, m.enc.bias, m.log_scale]
+    params = [m.enc.weight, m.enc.bias, m.log_scale, m.bias]
     eager = case(m, x, y)
     g_eager = torch.autograd.grad(eager, params, allow_unused=True)
     step = torch.compile(lambda x, y: case(m, x, y), fullgraph=True, backend=backend)

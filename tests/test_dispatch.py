@@ -61,6 +61,28 @@ def test_no_backend_fits_lists_every_reason():
         reg.select("auto", CALL, make_options(algorithm="blocked"))
 
 
+def test_minimum_compute_capability_is_declared(monkeypatch):
+    from contrastive_kernels.backends import base
+    old = Fake("old", (torch.bfloat16, torch.float32))
+    old.device_types, old.min_capability = ("cuda",), {torch.bfloat16: (8, 0)}
+    reg = Registry([old, Fake("slow", (torch.bfloat16,))], order={"cuda": ("old", "slow")},
+                   default_order=("slow",), fallback="slow")
+    reg.by_name["slow"].device_types = ("cuda",)
+    bf16 = Call(torch.device("cuda", 0), torch.bfloat16, 8, 8, 4)
+    monkeypatch.setattr(base, "capability", lambda device: (7, 5))
+    assert reg.explain(bf16, make_options())["old"] == [
+        "bfloat16 needs compute capability 8.0 or newer"]
+    f32 = Call(bf16.device, torch.float32, 8, 8, 4)
+    assert reg.explain(f32, make_options())["old"] == []
+    with pytest.warns(RuntimeWarning, match="needs compute capability 8.0"):
+        assert reg.select("auto", bf16, make_options()).name == "slow"
+    monkeypatch.setattr(base, "capability", lambda device: (9, 0))
+    assert reg.select("auto", bf16, make_options()).name == "old"
+    # the real GPU backends declare it
+    assert backends.get("cuda").min_capability[torch.bfloat16] == (8, 0)
+    assert backends.get("triton").min_capability[torch.bfloat16] == (8, 0)
+
+
 def test_real_backends_declare_and_refuse():
     dev = torch.device(DEVICE)
     q = torch.randn(6, 4, device=dev)

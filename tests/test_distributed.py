@@ -295,20 +295,21 @@ class _forbidden:
         return False
 
 
-def _worker(rank, world, init_file):
+def _worker(rank, world, init_file, cases=None):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        _cases(world, rank)
+        (cases or _cases)(world, rank)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init")), nprocs=world,
-                             join=False, start_method="spawn")
+def spawn(world, tmp_path, cases=None):
+    """Run cases(world, rank) on `world` gloo processes; fail after SPAWN_TIMEOUT_S."""
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init"), cases),
+                             nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -325,7 +326,7 @@ def _spawn(world, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_global_batch(world, tmp_path):
-    _spawn(world, tmp_path)
+    spawn(world, tmp_path)
 
 
 # ----------------------------------------------------------------------------- fallbacks

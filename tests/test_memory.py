@@ -42,6 +42,29 @@ def test_fused_peak_rss_far_below_n_squared(backend):
 
 
 @pytest.mark.cpu_only
+@pytest.mark.parametrize("method", ["siglip-cpu", "siglip-cpu-4p", "siglip-torch"])
+def test_siglip_peak_rss_far_below_n_squared(method):
+    """The sigmoid loss, both pass schedules: forward + backward at N = 32768, D = 128."""
+    backend = method.split("-")[1]
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"backend {backend!r} is not available on CPU")
+    n = 32768
+    res = bench.measure(method, n, D, repeats=1, timeout=600)
+    assert res["status"] == "ok", res["note"]
+    above = res["above_inputs"]
+    assert above < n_squared_bytes(n) / 4, (f"{method}: peak RSS {above / MiB:.0f} MiB above "
+                                            f"the inputs at N={n}, D={D}")
+
+
+@pytest.mark.cpu_only
+def test_naive_siglip_exceeds_n_squared_in_same_harness():
+    n = 4096
+    res = bench.measure("siglip-naive", n, D, repeats=1, timeout=300)
+    assert res["status"] == "ok", res["note"]
+    assert res["above_inputs"] > n_squared_bytes(n), res["above_inputs"] / MiB
+
+
+@pytest.mark.cpu_only
 def test_naive_loss_exceeds_n_squared_in_same_harness():
     # The harness must be able to fail: the materializing loss holds several N x N buffers.
     n = 4096

@@ -2,7 +2,8 @@
 
     python -m contrastive_kernels.triton_kernels.aot [--arch 90] [--json]
 
-Compiles lse_fwd_kernel, lse_bwd_kernel and lse_grad_kernel (and the blocked algorithm's
+Compiles lse_fwd_kernel, lse_bwd_kernel (its SIGLIP mode too) and lse_grad_kernel (and
+the blocked algorithm's
 block_stats_kernel and block_ds_kernel) for each dtype and the flags
 the backend launches (self-mask, column statistics, the dq/dk kernels of the
 deterministic mode, the atomic kernel, the low-memory launches, ONE_D on/off; see
@@ -31,6 +32,10 @@ _RCA = [(1, 0, 1), (1, 1, 1), (1, 0, 0), (1, 1, 0), (0, 1, 0)]
 # lse_grad_kernel launches (SELF_MASK = SYM, HAS_R, HAS_C, HAS_EPS, DS_ON): the dq launch
 # with and without column statistics, the dk launch, and the self-contrast launch.
 _GRAD = [(0, 1, 1, 0, 1), (0, 1, 0, 1, 0), (0, 0, 1, 1, 1), (1, 1, 1, 1, 1)]
+
+
+# SIGLIP launches of lse_bwd_kernel: (HAS_R, HAS_C, ATOMIC_DK, SUMS, GRAD).
+_SIGLIP = [(0, 0, 1, 1, 1), (1, 0, 1, 0, 1), (0, 0, 0, 1, 0), (0, 1, 0, 0, 1)]
 
 
 def variants(dtypes, full=False):
@@ -64,6 +69,14 @@ def variants(dtypes, full=False):
                 if dt in ("fp16", "bf16") and not full and i == 3:
                     f["TILE_BARRIER"] = True   # an autotuning option (D in chunks)
                 out.append(("bwd", dt, f))
+        # The sigmoid loss's launches of lse_bwd_kernel (SIGLIP): the 3-pass forward
+        # (sums, atomic dk), the 4-pass backward (g as row weights, atomic dk), the 4-pass
+        # forward (sums only) and the deterministic dk launch (g as column weights).
+        sig = _SIGLIP if full or dt in ("fp16", "bf16") else _SIGLIP[:2]
+        for i, (r, c, a, sums, grad_) in enumerate(sig):
+            out.append(("bwd", dt, dict(SELF_MASK=False, HAS_R=bool(r), HAS_C=bool(c),
+                                        ATOMIC_DK=bool(a), ONE_D=i % 2 == 0, SIGLIP=True,
+                                        SUMS=bool(sums), GRAD=bool(grad_))))
         grad = _GRAD if full or dt in ("fp16", "bf16") else _GRAD[2:]
         for i, (sm, r, c, e, ds) in enumerate(grad):
             for one_d in (ones if full or dt in ("fp16", "bf16") else (i % 2 == 0,)):
@@ -130,11 +143,14 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
         cfg = dict(config or P["BWD"])
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "GNORM": f"*{acc_s}",
                "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}", "G_C": f"*{acc_s}",
-               "DQ": f"*{acc_s}", "DK": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32",
+               "DQ": f"*{acc_s}", "DK": f"*{acc_s}", "BIAS": f"*{acc_s}", "R_OUT": f"*{acc_s}",
+               "T_OUT": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32",
                "stride_q": "i32", "stride_k": "i32", "SIZE_KEY": "i32"}
         const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
                      BLOCK_N=cfg["BLOCK_N"])
-        const.setdefault("TILE_BARRIER", False)    # ASTSource does not fill in defaults
+        for name, default in (("TILE_BARRIER", False), ("SIGLIP", False), ("SUMS", False),
+                              ("GRAD", True)):
+            const.setdefault(name, default)    # ASTSource does not fill in defaults
     for name in const:
         sig[name] = "constexpr"
     # The hints the runtime JIT adds for aligned tensors and sizes (16-byte-aligned

@@ -17,6 +17,8 @@ over the embedding dim in BLOCK_D chunks):
                    (for a given config) the same result on every run. Every entry of LSE_R and PART_C is
                    written.
   lse_bwd_kernel   recomputes S, forms dS = g_r exp(S - lse_r) + g_c exp(S - lse_c)
+                   (SIGLIP: the sigmoid loss's dS = g_r g_c sigmoid(S + bias), and with
+                   SUMS each row's sums of softplus and sigmoid, the 3-pass forward)
                    (either term optional: HAS_R, HAS_C), and accumulates DQ = dS @ k
                    for its own rows (no atomics). With ATOMIC_DK it also adds
                    dS^T @ q into DK with tl.atomic_add (DK must be zeroed): 3 backward GEMM
@@ -280,13 +282,30 @@ def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE
             tl.debug_barrier()
 
 
+@triton.jit
+def _softplus_sigmoid(z):
+    """softplus(z) = max(z, 0) + log1p(exp(-|z|)) and sigmoid(z) from one exp of -|z|
+    (no overflow at any z; 0 and 0 at z = -inf; NaN for NaN)."""
+    e = tl.exp(-tl.abs(z))
+    inv = 1.0 / (1.0 + e)
+    # log1p(e): its series where 1 + e would round e away
+    lp = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+    return tl.maximum(z, 0.0) + lp, tl.where(z >= 0, inv, e * inv)
+
+
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
-def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
-                   stride_q, stride_k, SIZE_KEY,
+def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_OUT, T_OUT,
+                   N, M, D, stride_q, stride_k, SIZE_KEY,
                    SELF_MASK: tl.constexpr, HAS_R: tl.constexpr, HAS_C: tl.constexpr,
                    ATOMIC_DK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TILE_BARRIER: tl.constexpr = False):
+                   BLOCK_N: tl.constexpr, TILE_BARRIER: tl.constexpr = False,
+                   SIGLIP: tl.constexpr = False, SUMS: tl.constexpr = False,
+                   GRAD: tl.constexpr = True):
+    # SIGLIP: the sigmoid loss's tiles, z = S + bias: dS = g_r[i] g_c[j] sigmoid(z) (each
+    # factor only if HAS_R / HAS_C; LSE_R and LSE_C are not read) and, with SUMS, each
+    # row's sum of softplus(z) and of sigmoid(z) into R_OUT and T_OUT. GRAD=False: the
+    # sums alone (no DQ, no DK).
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -295,8 +314,16 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
     gnorm = tl.load(GNORM)
     in_ty = Q.dtype.element_ty
     if HAS_R:
-        lr, gr = _stats(LSE_R, G_R, offs_m, row_ok)
+        if SIGLIP:
+            gr = tl.load(G_R + offs_m, mask=row_ok, other=0.0)
+        else:
+            lr, gr = _stats(LSE_R, G_R, offs_m, row_ok)
         gr = gr * gnorm
+    bias = 0.0
+    r_acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    t_acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    if SIGLIP:
+        bias = tl.load(BIAS)
     q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
     dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     if ONE_D:
@@ -313,12 +340,27 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
         s, k_one, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
                               q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
         ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        if HAS_R:
-            ds += gr[:, None] * tl.exp(s - lr[:, None])
-        if HAS_C:
-            ds += _ds_cols(s, LSE_C, G_C, offs_n, col_ok, gnorm)
+        if SIGLIP:
+            sp, sg = _softplus_sigmoid(s + bias)
+            if SUMS:
+                r_acc += tl.sum(sp, 1)
+                t_acc += tl.sum(sg, 1)
+            ds = sg
+            if HAS_R:
+                ds = ds * gr[:, None]
+            if HAS_C:
+                ds = ds * (tl.load(G_C + offs_n, mask=col_ok, other=0.0) * gnorm)[None, :]
+            if not HAS_R and not HAS_C:
+                ds = ds * gnorm
+        else:
+            if HAS_R:
+                ds += gr[:, None] * tl.exp(s - lr[:, None])
+            if HAS_C:
+                ds += _ds_cols(s, LSE_C, G_C, offs_n, col_ok, gnorm)
         ds_in = ds.to(in_ty)
-        if ONE_D:
+        if not GRAD:
+            pass
+        elif ONE_D:
             dm = offs_d < D
             dq_acc = tl.dot(ds_in, k_one, dq_acc, input_precision=PREC, out_dtype=ACC)
             if ATOMIC_DK:
@@ -349,9 +391,12 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, N, M, D,
                     dk = tl.dot(tl.trans(ds_in), qt, input_precision=PREC, out_dtype=ACC)
                     tl.atomic_add(DK + offs_n[:, None] * D + dd[None, :], dk,
                                   mask=col_ok[:, None] & dm[None, :], sem="relaxed")
-    if ONE_D:
+    if ONE_D and GRAD:
         tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], dq_acc,
                  mask=row_ok[:, None] & (offs_d < D)[None, :])
+    if SUMS:
+        tl.store(R_OUT + offs_m, r_acc, mask=row_ok)
+        tl.store(T_OUT + offs_m, t_acc, mask=row_ok)
 
 
 @triton.jit
@@ -549,7 +594,8 @@ def block_ds_kernel(S, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, M, str
 
 
 _FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D"]
-_BWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "HAS_R", "HAS_C", "ATOMIC_DK", "ONE_D", "PREC", "BLOCK_D"]
+_BWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "HAS_R", "HAS_C", "ATOMIC_DK", "ONE_D", "PREC", "BLOCK_D",
+            "SIGLIP", "SUMS", "GRAD"]
 
 lse_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY)(lse_fwd_kernel)
 lse_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY, reset_to_zero=["DK"],

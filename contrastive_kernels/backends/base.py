@@ -25,7 +25,18 @@ inputs and float32 otherwise. A backend that declares the feature "low_memory" a
         ds = sum_ij dS_ij <q_i, k_j>. Under self_mask (k is q) dq is the whole gradient of
         q and dk is None.
 
-What a backend supports is declared, not probed: its device types, dtypes and features,
+A backend that declares the feature "siglip" also has the sigmoid loss's tile pass
+
+    siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
+            -> (r (N,) or None, t (N,) or None, dq_raw, dk_raw)
+        z_ij = scale * <q_i, k_j> + bias
+        r[i] = sum_j softplus(z_ij), t[i] = sum_j sigmoid(z_ij)   (only if sums)
+        dS_ij = g_r[i] * sigmoid(z_ij)      (g_r None: 1, the 3-pass forward)
+        dq_raw = dS @ k, dk_raw = dS.T @ q  (no scale applied; None when not needed)
+    `bias` is a one-element tensor like `scale`.
+
+What a backend supports is declared, not probed: its device types, dtypes, the minimum
+compute capability per dtype on CUDA, and features,
 and `reasons(call, options)`, which lists why it cannot serve one call (empty: it can).
 `select` picks the first backend in the device's preference order with no reasons.
 """
@@ -35,8 +46,9 @@ import warnings
 import torch
 
 # Features a call may need beyond the InfoNCE core (every backend has that: rows and
-# columns, self-masking, any target), from its options.
-FEATURES = ("low_memory", "blocked", "tf32")
+# columns, self-masking, any target): a loss other than InfoNCE, or an option.
+FEATURES = ("siglip", "low_memory", "blocked", "tf32")
+LOSSES = ("info_nce", "siglip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +61,23 @@ class Call:
     d: int
     self_contrast: bool = False
     symmetric: bool = False
+    loss: str = "info_nce"
 
 
-def needed_features(options):
-    """The features `options` ask for ("tf32" is a permission, never required)."""
-    out = []
+def needed_features(options, loss="info_nce"):
+    """The features a call of `loss` with `options` needs ("tf32" is a permission, never
+    required)."""
+    out = [] if loss == "info_nce" else [loss]
     if options.low_memory:
         out.append("low_memory")
     if options.algorithm == "blocked":
         out.append("blocked")
     return out
+
+
+def capability(device):
+    """(major, minor) of a CUDA device."""
+    return torch.cuda.get_device_capability(device)
 
 
 class Backend:
@@ -67,6 +86,7 @@ class Backend:
     device_types = ()          # torch device types it runs on (empty: any)
     dtypes = ()                # input dtypes
     features = frozenset()     # of FEATURES
+    min_capability = {}        # dtype -> (major, minor): the oldest CUDA GPU it runs on
 
     def runs_on(self, device):
         return not self.device_types or torch.device(device).type in self.device_types
@@ -89,9 +109,12 @@ class Backend:
         out = []
         if call.dtype not in self.dtypes:
             out.append(f"does not support {str(call.dtype).replace('torch.', '')}")
-        out += [f"does not support {f}=True" if f == "low_memory" else
-                f"does not have the {f} algorithm"
-                for f in needed_features(options) if f not in self.features]
+        need = self.min_capability.get(call.dtype)
+        if need and call.device.type == "cuda" and capability(call.device) < need:
+            out.append(f"{str(call.dtype).replace('torch.', '')} needs compute capability "
+                       f"{need[0]}.{need[1]} or newer")
+        out += [_missing(f) for f in needed_features(options, call.loss)
+                if f not in self.features]
         return out + self.call_reasons(call, options)
 
     def lse_forward(self, q, k, scale, self_mask, cols, options):
@@ -100,6 +123,17 @@ class Backend:
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                      options):
         raise NotImplementedError
+
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+        raise NotImplementedError
+
+
+def _missing(feature):
+    if feature in LOSSES:
+        return f"does not implement the {feature} loss"
+    if feature == "low_memory":
+        return "does not support low_memory=True"
+    return f"does not have the {feature} algorithm"
 
 
 class Registry:
@@ -167,5 +201,5 @@ class Registry:
 
 
 def _describe(call):
-    return (f"{str(call.dtype).replace('torch.', '')} on {call.device}, "
+    return (f"{call.loss}, {str(call.dtype).replace('torch.', '')} on {call.device}, "
             f"N={call.n}, M={call.m}, D={call.d}")

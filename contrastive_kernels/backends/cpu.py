@@ -9,6 +9,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_types = ("cpu",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    features = frozenset({"siglip"})
 
     def unavailable_reason(self, device):
         if not extension.loaded():
@@ -24,6 +25,9 @@ class CpuBackend(Backend):
                      options):
         return extension.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq,
                                  need_dk, options)
+
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+        return extension.siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
 
 
 BACKEND = CpuBackend()

@@ -106,6 +106,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    min_capability = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}   # wmma fragments
 
     def unavailable_reason(self, device):
         if _has_cuda_kernels():
@@ -114,14 +115,6 @@ class CudaBackend(Backend):
             return (f"torch {torch.__version__} is a CPU-only build, which cannot build or run "
                     f"the CUDA kernels; {BUILD_HOWTO}")
         return _jit_build()
-
-    def call_reasons(self, call, options):
-        # wmma fragments: fp16 needs sm70, bf16 sm80.
-        need = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}.get(call.dtype)
-        if need and torch.cuda.get_device_capability(call.device) < need:
-            return [f"{str(call.dtype).replace('torch.', '')} needs compute capability "
-                    f"{need[0]}.{need[1]} or newer"]
-        return []
 
     def lse_forward(self, q, k, scale, self_mask, cols, options):
         return extension.lse_forward(q, k, scale, self_mask, cols, options)

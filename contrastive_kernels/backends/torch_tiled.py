@@ -32,6 +32,7 @@ class TorchBackend(Backend):
     name = "torch"
     device_types = ()      # any
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    features = frozenset({"siglip"})
     tile = TILE
 
     def lse_forward(self, q, k, scale, self_mask, cols, options):
@@ -72,6 +73,34 @@ class TorchBackend(Backend):
                 if need_dk:
                     dk[j0:j0 + tile] += ds.T @ qb
         return dq, dk
+
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+        acc, tile = _acc(q.dtype), self.tile
+        n, m, d = q.shape[0], k.shape[0], q.shape[1]
+        zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=q.device)
+        r, t = (zeros(n), zeros(n)) if sums else (None, None)
+        dq = zeros(n, d) if need_dq else None
+        dk = zeros(m, d) if need_dk else None
+        for j0 in range(0, m, tile):
+            kb = k[j0:j0 + tile].to(acc)
+            for i0 in range(0, n, tile):
+                qb = q[i0:i0 + tile].to(acc)
+                z = (qb @ kb.T).mul_(scale).add_(bias)    # scale, bias: 1-element tensors
+                if sums:
+                    # softplus(z) = max(z, 0) + log1p(exp(-|z|)), exact at any |z|
+                    r[i0:i0 + tile] += (z.clamp_min(0) + z.abs().neg_().exp_().log1p_()).sum(1)
+                if not (sums or need_dq or need_dk):
+                    continue
+                z = z.sigmoid_()
+                if sums:
+                    t[i0:i0 + tile] += z.sum(1)
+                if g_r is not None:
+                    z.mul_(g_r[i0:i0 + tile, None])
+                if need_dq:
+                    dq[i0:i0 + tile] += z @ kb
+                if need_dk:
+                    dk[j0:j0 + tile] += z.T @ qb
+        return r, t, dq, dk
 
 
 BACKEND = TorchBackend()

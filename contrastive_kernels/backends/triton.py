@@ -104,8 +104,6 @@ def call_reasons(call, options):
         if call.device.type == "cpu":
             return ["does not support bfloat16 on CPU (the Triton interpreter's bfloat16 "
                     "tl.dot is wrong)"]
-        if torch.cuda.get_device_capability(call.device)[0] < 8:
-            return ["bfloat16 needs compute capability 8.0 or newer"]
     return []
 
 
@@ -335,7 +333,8 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
         dummy = lse_r
         args = (a, b, L.scale_t, gnorm, lse_a if has_a else dummy, g_a if has_a else dummy,
                 lse_b if has_b else dummy, g_b if has_b else dummy, da, db if atomic else da,
-                na, nb_, L.d, a.stride(0), b.stride(0), _size_key(na, nb_))
+                dummy, dummy, dummy, na, nb_, L.d, a.stride(0), b.stride(0),
+                _size_key(na, nb_))
         kw = dict(meta, HAS_R=has_a, HAS_C=has_b, ATOMIC_DK=atomic)
         if L.tuned:
             L.K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
@@ -362,6 +361,61 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
                 dk = _out((L.m, L.d), acc, dev)
                 launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
     return tuple(None if g is None else g.mul_(gmax) for g in (dq, dk))
+
+
+def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+    """The sigmoid loss's tiles (contract: backends/base.py) by lse_bwd_kernel's SIGLIP
+    mode: the row sums and dq over row blocks, dk by atomics or (deterministic) by the
+    same kernel on S^T with g as column weights."""
+    L = _setup(q, k, scale, options)
+    acc, dev, triton = L.acc, L.dev, L.triton
+    bias_t = bias.detach().reshape(1).to(acc)
+    has_g = g_r is not None
+    if has_g:
+        g_r = g_r.to(acc).contiguous()
+        gmax = g_r.abs().amax()
+        gmax = torch.where(gmax == 0, torch.ones_like(gmax), gmax)
+    else:
+        gmax = torch.ones((), dtype=acc, device=dev)
+    gnorm = (1.0 / gmax).reshape(1)
+    meta = dict(SELF_MASK=False, ONE_D=L.one_d, PREC=L.prec, ACC=L.acc_tl, BLOCK_D=L.block_d,
+                SIGLIP=True)
+    r = _out((L.n,), acc, dev) if sums else None
+    t = _out((L.n,), acc, dev) if sums else None
+
+    def launch(a, b, g_a, g_b, da, db, atomic, with_sums, grad):
+        na, nb_ = a.shape[0], b.shape[0]
+        dummy = gnorm
+        args = (a, b, L.scale_t, gnorm, dummy, dummy if g_a is None else g_a, dummy,
+                dummy if g_b is None else g_b, dummy if da is None else da,
+                (db if atomic else da) if da is not None else dummy, bias_t,
+                r if with_sums else dummy, t if with_sums else dummy, na, nb_, L.d,
+                a.stride(0), b.stride(0), _size_key(na, nb_))
+        kw = dict(meta, HAS_R=g_a is not None, HAS_C=g_b is not None, ATOMIC_DK=atomic,
+                  SUMS=with_sums, GRAD=grad)
+        if L.tuned:
+            L.K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
+        else:
+            cfg = L.P["BWD"]
+            L.K.lse_bwd_kernel[(triton.cdiv(na, cfg["BLOCK_M"]),)](*args, **kw, **cfg)
+
+    q, k = L.q, L.k
+    dq = dk = None
+    g = g_r if has_g else None
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        if need_dq and need_dk and not options.deterministic:
+            dq = _out((L.n, L.d), acc, dev)
+            dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
+            launch(q, k, g, None, dq, dk, True, sums, True)
+        else:
+            if need_dq or sums:
+                dq = _out((L.n, L.d), acc, dev) if need_dq else None
+                launch(q, k, g, None, dq, None, False, sums, need_dq)
+            if need_dk:
+                dk = _out((L.m, L.d), acc, dev)
+                launch(k, q, None, g, dk, None, False, False, True)
+    dq, dk = (None if x is None else x.mul_(gmax) for x in (dq, dk))
+    return r, t, dq, dk
 
 
 def grad_programs(n_blocks, device):
@@ -460,7 +514,8 @@ class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda", "cpu")
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    features = frozenset({"low_memory", "blocked", "tf32"})
+    features = frozenset({"siglip", "low_memory", "blocked", "tf32"})
+    min_capability = {torch.bfloat16: (8, 0)}
 
     def unavailable_reason(self, device):
         return unavailable_reason(device)
@@ -475,6 +530,9 @@ class TritonBackend(Backend):
                      options):
         return lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                             options)
+
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+        return siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
 
     def input_grads(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, weights, need_dq,
                     need_dk, need_ds, options):

@@ -7,6 +7,9 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always inlined: the CPU kernel's vectorized loops need these inside them
+#define CK_HD inline __attribute__((always_inline))
 #else
 #define CK_HD inline
 #endif
@@ -79,6 +82,25 @@ struct Exp {
 template <typename T, typename E = Exp>
 CK_HD T tile_grad(T s, T lse_r, T g_r, T lse_c, T g_c, E exp_fn = E()) {
   return g_r * exp_fn(s - lse_r) + g_c * exp_fn(s - lse_c);
+}
+
+// log(1 + x); a backend may pass a faster one (the CPU kernel's polynomial).
+struct Log1p {
+  template <typename T>
+  CK_HD T operator()(T x) const { return log1p(x); }
+};
+
+// The sigmoid loss (SigLIP) at one logit z = scale * <q_i, k_j> + bias, from one exp of
+// -|z| (never overflows): softplus(z) = max(z, 0) + log1p(exp(-|z|)), the loss of a
+// negative pair and, minus z, of a positive one; and sigmoid(z), its derivative. NaN in,
+// NaN out.
+template <typename T, typename E = Exp, typename L = Log1p>
+CK_HD void softplus_sigmoid(T z, T& softplus, T& sigmoid, E exp_fn = E(), L log1p_fn = L()) {
+  const T e = exp_fn(z < T(0) ? z : -z);
+  const T inv = T(1) / (T(1) + e);
+  softplus = (z > T(0) ? z : T(0)) + log1p_fn(e);
+  sigmoid = z >= T(0) ? inv : e * inv;
+  if (z != z) softplus = sigmoid = z;
 }
 
 // The diagonal of the full matrix is excluded under self-contrast.

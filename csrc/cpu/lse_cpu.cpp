@@ -1,4 +1,5 @@
-// Fused CPU kernel for the row/column log-sum-exp of S = scale * q k^T and its gradient.
+// Fused CPU kernels: the row/column log-sum-exp of S = scale * q k^T and its gradient, and
+// the sigmoid loss's row sums and gradient (siglip_tiles).
 // Algorithm: docs/DESIGN.md, sections 3 and 4. Per-element math: common/tile_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -27,9 +28,16 @@ constexpr int64_t kPartialBudget = int64_t(1) << 30;  // bytes for per-stripe dk
 #define CK_MULTIVERSION
 #endif
 
+#if defined(__GNUC__)
+#define CK_INLINE inline __attribute__((always_inline))
+#else
+#define CK_INLINE inline
+#endif
+
 // exp(x) for x <= 0 (the argument is a logit minus its running max): 0 below -87,
-// NaN for NaN (a NaN logit must reach the log-sum-exp, not count as masked).
-inline float exp_poly(float x) {
+// NaN for NaN (a NaN logit must reach the log-sum-exp, not count as masked). Always
+// inlined: a call inside a loop stops its vectorization.
+CK_INLINE float exp_poly(float x) {
   const float lo = -87.0f;
   const bool nan = x != x;
   const bool zero = x < lo;  // also -inf
@@ -51,8 +59,8 @@ inline float exp_poly(float x) {
 }
 
 struct FastExp {
-  float operator()(float x) const { return exp_poly(x); }
-  double operator()(double x) const { return std::exp(x); }
+  CK_INLINE float operator()(float x) const { return exp_poly(x); }
+  CK_INLINE double operator()(double x) const { return std::exp(x); }
 };
 
 // ---- tile passes; x is a rows x cols tile of logits (row-major, leading dim cols)
@@ -156,6 +164,85 @@ void grad_tile<double>(double* x, int64_t rows, int64_t cols, const double* lse_
                             : g_r[i] * std::exp(x[i * cols + j] - lse_r[i]);
 }
 
+// log(1 + x) for 0 <= x <= 1: 2 atanh(u) with u = x / (2 + x) <= 1/3, its series to u^13
+// (truncation < 2e-8 relative); vectorizes, unlike std::log1p. NaN for NaN.
+CK_INLINE float log1p_poly(float x) {
+  const float u = x / (2.0f + x);
+  const float u2 = u * u;
+  float p = 1.0f / 13.0f;
+  p = p * u2 + 1.0f / 11.0f;
+  p = p * u2 + 1.0f / 9.0f;
+  p = p * u2 + 1.0f / 7.0f;
+  p = p * u2 + 1.0f / 5.0f;
+  p = p * u2 + 1.0f / 3.0f;
+  p = p * u2 + 1.0f;
+  return 2.0f * u * p;
+}
+
+struct FastLog1p {
+  CK_INLINE float operator()(float x) const { return log1p_poly(x); }
+  CK_INLINE double operator()(double x) const { return std::log1p(x); }
+};
+
+// The sigmoid loss's pass over a tile of s <q_i, k_j>: z = x + bias; with sums, adds
+// sum_j softplus(z_ij) to r[i] and sum_j sigmoid(z_ij) to t[i]; with grad, x_ij <-
+// g[i] sigmoid(z_ij) (g == nullptr: 1).
+template <typename T>
+void siglip_tile(T* x, int64_t rows, int64_t cols, T bias, const T* g, bool grad, T* r, T* t);
+
+template <>
+CK_MULTIVERSION void siglip_tile<float>(float* x, int64_t rows, int64_t cols, float bias,
+                                        const float* g, bool grad, float* r, float* t) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* xi = x + i * cols;
+    const float gi = g ? g[i] : 1.0f;
+    float sp_sum = 0.0f, sg_sum = 0.0f;
+    if (r && grad) {
+#pragma omp simd reduction(+ : sp_sum, sg_sum)
+      for (int64_t j = 0; j < cols; ++j) {
+        float sp, sg;
+        ck::softplus_sigmoid(xi[j] + bias, sp, sg, FastExp(), FastLog1p());
+        sp_sum += sp;
+        sg_sum += sg;
+        xi[j] = gi * sg;
+      }
+      r[i] += sp_sum;
+      t[i] += sg_sum;
+    } else if (r) {
+#pragma omp simd reduction(+ : sp_sum, sg_sum)
+      for (int64_t j = 0; j < cols; ++j) {
+        float sp, sg;
+        ck::softplus_sigmoid(xi[j] + bias, sp, sg, FastExp(), FastLog1p());
+        sp_sum += sp;
+        sg_sum += sg;
+      }
+      r[i] += sp_sum;
+      t[i] += sg_sum;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        float sp, sg;
+        ck::softplus_sigmoid(xi[j] + bias, sp, sg, FastExp(), FastLog1p());
+        xi[j] = gi * sg;
+      }
+    }
+  }
+}
+
+template <>
+void siglip_tile<double>(double* x, int64_t rows, int64_t cols, double bias, const double* g,
+                         bool grad, double* r, double* t) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const double gi = g ? g[i] : 1.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      double sp, sg;
+      ck::softplus_sigmoid(x[i * cols + j] + bias, sp, sg);
+      if (r) { r[i] += sp; t[i] += sg; }
+      if (grad) x[i * cols + j] = gi * sg;
+    }
+  }
+}
+
 // ---- shared set-up
 
 struct Tile {
@@ -198,6 +285,30 @@ at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts, bool
   if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
+
+// dq and dk accumulators of a backward pass over row stripes: dk has one partial per
+// stripe (the stripe count capped so that they stay under kPartialBudget), summed at the
+// end. A gradient not needed is neither allocated nor computed (returned empty).
+struct GradAccumulators {
+  Stripes st;
+  at::Tensor dq;
+  std::vector<at::Tensor> dk_parts;  // separate tensors: the added ones are freed on return
+  GradAccumulators(const at::Tensor& qa, int64_t m, bool need_dq, bool need_dk)
+      : st(qa.size(0), stripes(qa, m, need_dk)) {
+    const int64_t n = qa.size(0), d = qa.size(1);
+    dq = at::zeros({need_dq ? n : 0, d}, qa.options());
+    for (int64_t s = 0; s < st.count; ++s) dk_parts.push_back(at::zeros({need_dk ? m : 0, d}, qa.options()));
+  }
+  static int64_t stripes(const at::Tensor& qa, int64_t m, bool need_dk) {
+    const int64_t bytes = m * qa.size(1) * static_cast<int64_t>(qa.element_size());
+    return !need_dk ? at::get_num_threads() :
+        std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(bytes, 1)));
+  }
+  at::Tensor dk() {
+    for (int64_t s = 1; s < st.count; ++s) dk_parts[0].add_(dk_parts[s]);
+    return dk_parts[0];
+  }
+};
 
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -313,25 +424,17 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   const at::Tensor lc = cols ? safe(lse_c.detach()) : at::Tensor();
   const at::Tensor gc = cols ? g_c.detach().to(acc).contiguous() : at::Tensor();
 
-  // A gradient not needed is neither allocated nor computed (returned empty).
-  at::Tensor dq = at::zeros({need_dq ? n : 0, d}, qa.options());
-  // dk: one partial per stripe, summed at the end; bounded by kPartialBudget.
-  const int64_t bytes = m * d * static_cast<int64_t>(at::elementSize(acc));
-  const int64_t want = !need_dk ? at::get_num_threads() :
-      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(bytes, 1)));
-  const Stripes st(n, want);
-  // Separate tensors, so that the ones summed into the first are freed on return.
-  std::vector<at::Tensor> dk_parts;
-  for (int64_t s = 0; s < st.count; ++s) dk_parts.push_back(at::zeros({need_dk ? m : 0, d}, qa.options()));
-
-  if (!need_dq && !need_dk) return {dq, dk_parts[0]};
+  GradAccumulators acc_g(qa, m, need_dq, need_dk);
+  const Stripes& st = acc_g.st;
+  at::Tensor& dq = acc_g.dq;
+  if (!need_dq && !need_dk) return {dq, acc_g.dk()};
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
       Tile tile{new_buffer({kRows * kCols}, qa.options(), poison)};
       for (int64_t s = s0; s < s1; ++s) {
-        at::Tensor dk = dk_parts[s];
+        at::Tensor dk = acc_g.dk_parts[s];
         for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
           const int64_t ni = std::min(kRows, n - i0);
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
@@ -346,8 +449,55 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
       }
     });
   });
-  for (int64_t s = 1; s < st.count; ++s) dk_parts[0].add_(dk_parts[s]);
-  return {dq, dk_parts[0]};
+  return {dq, acc_g.dk()};
+}
+
+// The sigmoid loss's tiles (contract: contrastive_kernels/backends/base.py, siglip_tiles).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cpu(
+    const at::Tensor& q, const at::Tensor& k, double scale, double bias, const at::Tensor& g_r,
+    bool sums, bool need_dq, bool need_dk, bool /*deterministic: always*/, bool /*tf32*/,
+    bool poison) {
+  check_inputs(q, k, false);
+  const auto acc = acc_type(q);
+  const int64_t n = q.size(0), m = k.size(0);
+  const bool given = g_r.numel() > 0;
+  TORCH_CHECK(!given || g_r.numel() == n, "g_r must be empty or have N entries");
+  // detach: parallel workers do not inherit the caller's no-grad mode.
+  const at::Tensor qa = q.detach().to(acc).contiguous();
+  const at::Tensor ka = k.detach().to(acc).contiguous();
+  const at::Tensor gr = given ? g_r.detach().to(acc).contiguous() : at::Tensor();
+  // r and t: each stripe owns its rows and sets them before adding.
+  at::Tensor r = new_buffer({sums ? n : 0}, qa.options(), poison);
+  at::Tensor t = new_buffer({sums ? n : 0}, qa.options(), poison);
+  GradAccumulators acc_g(qa, m, need_dq, need_dk);
+  const Stripes& st = acc_g.st;
+  const bool grad = need_dq || need_dk;
+  if (!sums && !grad) return {r, t, acc_g.dq, acc_g.dk()};
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "siglip_tiles_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, st.count, 1, [&](int64_t s0, int64_t s1) {
+      Tile tile{new_buffer({kRows * kCols}, qa.options(), poison)};
+      for (int64_t s = s0; s < s1; ++s) {
+        at::Tensor dk = acc_g.dk_parts[s];
+        for (int64_t i0 = st.begin(s); i0 < st.end(s); i0 += kRows) {
+          const int64_t ni = std::min(kRows, n - i0);
+          T* rp = sums ? r.data_ptr<T>() + i0 : nullptr;
+          T* tp = sums ? t.data_ptr<T>() + i0 : nullptr;
+          if (sums) std::fill(rp, rp + ni, T(0)), std::fill(tp, tp + ni, T(0));
+          for (int64_t j0 = 0; j0 < m; j0 += kCols) {
+            const int64_t nj = std::min(kCols, m - j0);
+            at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, false);
+            siglip_tile<T>(x.data_ptr<T>(), ni, nj, static_cast<T>(bias),
+                           given ? gr.data_ptr<T>() + i0 : nullptr, grad, rp, tp);
+            if (need_dq) acc_g.dq.narrow(0, i0, ni).addmm_(x, ka.narrow(0, j0, nj));
+            if (need_dk) dk.narrow(0, j0, nj).addmm_(x.t(), qa.narrow(0, i0, ni));
+          }
+        }
+      }
+    });
+  });
+  return {r, t, acc_g.dq, acc_g.dk()};
 }
 
 }  // namespace
@@ -355,4 +505,5 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("lse_forward", &lse_forward_cpu);
   m.impl("lse_backward", &lse_backward_cpu);
+  m.impl("siglip_tiles", &siglip_tiles_cpu);
 }
