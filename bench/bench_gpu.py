@@ -102,8 +102,6 @@ def ck_step(backend, **options):
 
 
 def siglip_kernel_step():
-    import math
-
     from siglip_kernel import fused_siglip_loss  # siglip-kernel, optional
 
     def loss(q, k):

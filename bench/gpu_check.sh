@@ -7,7 +7,8 @@
 # A rerun can skip phases: CK_GPU_SKIP_BUILD=1 uses a contrastive_kernels/_C*.so already
 # in place (say, from the first run), CK_GPU_TESTS overrides the pytest selection
 # (default: tests; "none" skips them), CK_GPU_BENCH_ARGS is added to bench_gpu.py's
-# arguments (e.g. "--sizes 32768,65536"; "none" skips the benchmark).
+# arguments (e.g. "--sizes 32768,65536", or "--loss siglip" for the sigmoid loss's table;
+# "none" skips the benchmark).
 # Uses the python on PATH (or $PYTHON); torch, triton, nvcc, ninja and pytest must be
 # installed there. Everything runs within CK_GPU_CHECK_SECONDS (default 560): each phase
 # gets its cap or what is left, less what the later phases need. Results go to $OUT (or

@@ -212,3 +212,43 @@ def test_cuda_fully_masked_row_gives_zero_grad():
     gq, gk = cuda_backend.lse_backward(q, q, sc, True, r, c, torch.ones_like(r), torch.ones_like(c),
                                        True, True, opts)
     assert torch.equal(gq, torch.zeros_like(gq)) and torch.equal(gk, torch.zeros_like(gk))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["atomic", "deterministic", "tf32"])
+@pytest.mark.parametrize("want", ["sums", "sums+dq+dk", "dq", "dk", "g+dq+dk"])
+def test_cuda_siglip_tiles_match_reference(dtype, mode, want):
+    """The backward kernel's SigLIP mode, every launch the backend makes, against the
+    torch backend in float64."""
+    if mode == "tf32" and dtype != torch.float32:
+        pytest.skip("TF32 applies to float32 only")
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    opts = make_options(deterministic=mode == "deterministic",
+                        precision="tf32" if mode == "tf32" else "ieee")
+    n, m, d = 77, 130, 45
+    gen = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1).to(dtype)
+    g = torch.rand(n, generator=gen, dtype=torch.float64) if want.startswith("g") else None
+    sums, need_dq, need_dk = "sums" in want, "dq" in want, "dk" in want
+    tt = backends.get("torch")
+    s64, b64 = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    ref = tt.siglip_tiles(q.double(), k.double(), s64, b64, g, True, True, True, make_options())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sc, bc = (torch.tensor(v, dtype=acc, device="cuda") for v in (10.0, -10.0))
+    got = cuda_backend.siglip_tiles(q.cuda(), k.cuda(), sc, bc,
+                                    None if g is None else g.to(acc).cuda(), sums, need_dq,
+                                    need_dk, opts)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    if mode == "tf32":
+        tol = 2e-2
+    for name, a, e, wanted in zip(("r", "t", "dq", "dk"), got, ref,
+                                  (sums, sums, need_dq, need_dk)):
+        if wanted:
+            assert a.dtype == acc
+            _close(a, e, tol, name)
+        else:
+            assert a is None, name

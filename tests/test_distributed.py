@@ -307,8 +307,24 @@ def _worker(rank, world, init_file, cases=None):
 
 
 def spawn(world, tmp_path, cases=None):
-    """Run cases(world, rank) on `world` gloo processes; fail after SPAWN_TIMEOUT_S."""
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init"), cases),
+    """Run cases(world, rank) on `world` gloo processes; fail after SPAWN_TIMEOUT_S.
+
+    A process killed by a signal (not a failed check, which exits with status 1) is run
+    once more: under load, gloo has aborted a process with "terminate called without an
+    active exception" about once in 50 runs (seen with 2 and 3 processes, not
+    reproducible alone). A second abort, or any failed check, fails the test."""
+    try:
+        _spawn_once(world, tmp_path / "pg_init", cases)
+    except mp.ProcessExitedException as e:
+        if e.signal_name is None:
+            raise
+        print(f"world size {world}: process {e.error_index} died by {e.signal_name}; "
+              f"running once more")
+        _spawn_once(world, tmp_path / "pg_init_again", cases)
+
+
+def _spawn_once(world, init_file, cases):
+    ctx = mp.start_processes(_worker, args=(world, str(init_file), cases),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import contrastive_kernels as ck
 from contrastive_kernels import distributed as ckd
 from test_distributed import (SIZES_M, SIZES_N, _allreduce, _close,
-                              _expect_value_error_everywhere, _forbidden, _offsets, spawn)
+                              _expect_value_error_everywhere, _offsets, spawn)
 
 pytestmark = pytest.mark.cpu_only
 

@@ -107,6 +107,7 @@ class CudaBackend(Backend):
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     min_capability = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}   # wmma fragments
+    features = frozenset({"siglip"})
 
     def unavailable_reason(self, device):
         if _has_cuda_kernels():
@@ -118,6 +119,10 @@ class CudaBackend(Backend):
 
     def lse_forward(self, q, k, scale, self_mask, cols, options):
         return extension.lse_forward(q, k, scale, self_mask, cols, options)
+
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+        # (a JIT-built module registers its CUDA kernel under the same op)
+        return extension.siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                      options):

@@ -177,6 +177,52 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
   return {dq, dk};
 }
 
+// The sigmoid loss's tiles (contract: contrastive_kernels/backends/base.py, siglip_tiles):
+// the backward kernel's SigLIP mode. Rows: the sums, dq, and dk by atomics unless
+// deterministic; then dk comes from the same pass on S^T with g as column weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, double scale, double bias,
+    const at::Tensor& g_r_in, bool sums, bool need_dq, bool need_dk, bool deterministic,
+    bool tf32, bool poison) {
+  const Call c(q_in, k_in, false, tf32);
+  const int64_t n = c.n, m = c.m, d = c.d;
+  const at::Tensor &q = c.q, &k = c.k;
+  const auto opts = q.options().dtype(c.acc);
+  const bool given = g_r_in.numel() > 0;
+  const at::Tensor g_r = given ? stat(g_r_in, n, c.acc, q, "g_r") : at::Tensor();
+  const at::Tensor b = at::full({1}, bias, opts);
+  at::Tensor r = at::empty({sums ? n : 0}, opts);
+  at::Tensor t = at::empty({sums ? n : 0}, opts);
+  if (poison) {  // the test suite sets it: an unwritten entry stays NaN
+    r.fill_(std::numeric_limits<double>::quiet_NaN());
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  at::Tensor dq = at::zeros({need_dq ? n : 0, d}, opts);
+  at::Tensor dk = at::zeros({need_dk ? m : 0, d}, opts);
+  if (n == 0 || m == 0 || d == 0 || !(sums || need_dq || need_dk)) return {r, t, dq, dk};
+  const void* g = given ? g_r.data_ptr() : nullptr;
+  LseBackwardArgs rows{q.data_ptr(), k.data_ptr(), n, m, d, scale, false, nullptr, g, nullptr,
+                       nullptr, need_dq ? dq.data_ptr() : nullptr, nullptr};
+  rows.bias = b.data_ptr();
+  if (sums) {
+    rows.r_out = r.data_ptr();
+    rows.t_out = t.data_ptr();
+  }
+  if (need_dq && need_dk && !deterministic) {
+    rows.dk = dk.data_ptr();
+    c.backward(rows, "siglip_tiles");
+    return {r, t, dq, dk};
+  }
+  if (need_dq || sums) c.backward(rows, "siglip_tiles (rows)");
+  if (need_dk) {
+    LseBackwardArgs cols{k.data_ptr(), q.data_ptr(), m, n, d, scale, false, nullptr, nullptr,
+                         nullptr, g, dk.data_ptr(), nullptr};
+    cols.bias = b.data_ptr();
+    c.backward(cols, "siglip_tiles (columns)");
+  }
+  return {r, t, dq, dk};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace ck
@@ -184,4 +230,5 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
 TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
   m.impl("lse_forward", &ck::cuda::lse_forward_cuda);
   m.impl("lse_backward", &ck::cuda::lse_backward_cuda);
+  m.impl("siglip_tiles", &ck::cuda::siglip_tiles_cuda);
 }

@@ -96,6 +96,7 @@ struct alignas(128) Smem {
   alignas(128) Acc out[kSepP ? 1 : Tr::BM * Tr::LDO];
   Acc row_a[Tr::BM], row_b[Tr::BM];  // forward: running (max, sum); backward: (lse, g)
   Acc col_a[Tr::BN], col_b[Tr::BN];  // backward: (lse_c, g_c) of the current column block
+  Acc row_sp[Tr::BM], row_sg[Tr::BM];  // SigLIP: the rows' sums of softplus and sigmoid
   unsigned int amax_bits;            // max |dS| of the tile (fp16 scaling)
 };
 
@@ -443,7 +444,10 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
                     const typename Traits<T, M>::Acc* __restrict__ lse_c,
                     const typename Traits<T, M>::Acc* __restrict__ g_c,
                     typename Traits<T, M>::Acc* __restrict__ dq,
-                    typename Traits<T, M>::Acc* __restrict__ dk) {
+                    typename Traits<T, M>::Acc* __restrict__ dk,
+                    const typename Traits<T, M>::Acc* __restrict__ bias,
+                    typename Traits<T, M>::Acc* __restrict__ r_out,
+                    typename Traits<T, M>::Acc* __restrict__ t_out) {
   using Tr = Traits<T, M>;
   using Acc = typename Tr::Acc;
   using Eng = Engine<T, M>;
@@ -453,12 +457,17 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
   const long long i0 = static_cast<long long>(blockIdx.x) * BM;
   const int tid = threadIdx.x;
   const Acc inf = -neg_inf<Acc>();
-  // An absent term has g = 0 and lse = +inf, so it contributes exactly 0.
+  // An absent term has g = 0 and lse = +inf, so it contributes exactly 0. The sigmoid
+  // loss (bias != nullptr) multiplies its g's: an absent one is 1.
+  const bool siglip = bias != nullptr;
+  const Acc b = siglip ? *bias : Acc(0);
+  const Acc absent = siglip ? Acc(1) : Acc(0);
   for (int r = tid; r < BM; r += kThreads) {
     const long long i = i0 + r;
     const bool has = i < n && g_r != nullptr;
-    sm.row_a[r] = has ? backward_lse(lse_r[i]) : inf;
-    sm.row_b[r] = has ? g_r[i] : Acc(0);
+    sm.row_a[r] = has && !siglip ? backward_lse(lse_r[i]) : inf;
+    sm.row_b[r] = has ? g_r[i] : absent;
+    sm.row_sp[r] = sm.row_sg[r] = Acc(0);
   }
   Acc* out = kSepP ? reinterpret_cast<Acc*>(sm.s) : sm.out;
   const long long tiles = (m + BN - 1) / BN;
@@ -467,8 +476,8 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
     for (int c = tid; c < BN; c += kThreads) {
       const long long j = j0 + c;
       const bool has = j < m && g_c != nullptr;
-      sm.col_a[c] = has ? backward_lse(lse_c[j]) : inf;
-      sm.col_b[c] = has ? g_c[j] : Acc(0);
+      sm.col_a[c] = has && !siglip ? backward_lse(lse_c[j]) : inf;
+      sm.col_b[c] = has ? g_c[j] : absent;
     }
     if (tid == 0) sm.amax_bits = 0u;
     compute_s_tile(sm, q, k, n, m, d, i0, j0);  // its barriers publish col_*, amax_bits
@@ -478,9 +487,20 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
       const int r = idx / BN, c = idx % BN;
       const long long i = i0 + r, j = j0 + c;
       Acc g = Acc(0);
-      if (i < n && j < m && !excluded(self_mask, i, j))
-        g = tile_grad<Acc>(scale * sm.s[r * LDS + c], sm.row_a[r], sm.row_b[r], sm.col_a[c],
-                           sm.col_b[c]);
+      if (i < n && j < m && !excluded(self_mask, i, j)) {
+        if (siglip) {
+          Acc sp, sg;
+          softplus_sigmoid<Acc>(scale * sm.s[r * LDS + c] + b, sp, sg);
+          if (r_out != nullptr) {
+            atomicAdd(&sm.row_sp[r], sp);
+            atomicAdd(&sm.row_sg[r], sg);
+          }
+          g = sm.row_b[r] * sm.col_b[c] * sg;
+        } else {
+          g = tile_grad<Acc>(scale * sm.s[r * LDS + c], sm.row_a[r], sm.row_b[r], sm.col_a[c],
+                             sm.col_b[c]);
+        }
+      }
       sm.s[r * LDS + c] = g;
       any |= (g != Acc(0));
       if (Tr::kScaleDS) amax = fmaxf(amax, fabsf(static_cast<float>(g)));
@@ -490,7 +510,8 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
       for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
       if ((tid & 31) == 0) atomicMax(&sm.amax_bits, __float_as_uint(amax));  // amax >= 0
     }
-    if (!__syncthreads_or(any)) continue;  // the whole tile is zero: nothing to add
+    // the whole tile is zero, or only the sums are wanted: nothing to add
+    if (!__syncthreads_or(any) || dq == nullptr) continue;
     Acc inv = Acc(1);
     if constexpr (kSepP) {
       float mul = 1.f;
@@ -533,6 +554,15 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
         }
       }
       __syncthreads();
+    }
+  }
+  if (r_out != nullptr) {
+    __syncthreads();
+    for (int r = tid; r < BM; r += kThreads) {
+      if (i0 + r < n) {
+        r_out[i0 + r] = sm.row_sp[r];
+        t_out[i0 + r] = sm.row_sg[r];
+      }
     }
   }
 }

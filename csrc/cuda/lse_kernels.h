@@ -27,7 +27,7 @@ struct LseForwardArgs {
   unsigned long long* colstat;     // (m,) or nullptr
 };
 
-// Row-block pass of the backward, recomputing S:
+// Row-block pass of the backward, recomputing S (and the sigmoid loss's pass, below):
 //   dS_ij = g_r[i] exp(S_ij - lse_r[i]) + g_c[j] exp(S_ij - lse_c[j])   (0 if excluded)
 //   dq[i] += sum_j dS_ij k_j                (each block owns its rows: no atomics)
 //   dk[j] += sum_i dS_ij q_i                (only if dk != nullptr: float/double atomics)
@@ -44,8 +44,14 @@ struct LseBackwardArgs {
   const void* g_r;    // (n,) Acc or nullptr
   const void* lse_c;  // (m,) Acc or nullptr
   const void* g_c;    // (m,) Acc or nullptr
-  void* dq;           // (n, d) Acc
+  void* dq;           // (n, d) Acc; nullptr: no gradient (the sums alone)
   void* dk;           // (m, d) Acc or nullptr
+  // The sigmoid loss (SigLIP) when bias != nullptr: z = S + bias, and
+  //   dS_ij = g_r[i] g_c[j] sigmoid(z_ij)   (an absent g is 1; lse_r/lse_c are not read)
+  // with, when r_out != nullptr, r_out[i] = sum_j softplus(z_ij), t_out[i] = sum_j sigmoid(z_ij).
+  const void* bias = nullptr;  // (1,) Acc, device
+  void* r_out = nullptr;       // (n,) Acc or nullptr
+  void* t_out = nullptr;       // (n,) Acc or nullptr
 };
 
 // tf32: fp32 inputs use TF32 tensor cores (wmma m16n16k8) instead of the SIMT path.
