@@ -7,11 +7,14 @@ target terms, linear in q and in k (targets.Targets). Both come out of one custo
 torch ops (engine.side_losses, engine.reduce), so torch.compile traces the whole call.
 The backend is chosen inside the op (backends.REGISTRY.select), per call.
 """
+import math
+
 import torch
 
 from . import engine, ops
 from .options import make_options
-from .problem import SIGLIP_BIAS, SIGLIP_SCALE, check_inputs, check_siglip
+from .problem import (SIGLIP_BIAS, SIGLIP_SCALE, check_alignment, check_inputs, check_siglip,
+                      check_uniformity)
 
 
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
@@ -114,3 +117,36 @@ def siglip_options(backend, passes, options):
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     return opts
+
+
+
+def uniformity_loss(x, t=2.0, *, backend="auto", **options):
+    """Wang & Isola's uniformity, log mean_{i != j} exp(-t ||x_i - x_j||^2) over the
+    L2-normalized rows of x, without the N x N distances. On unit vectors
+    ||x_i - x_j||^2 = 2 - 2 <x_i, x_j>, so it is -2t + log sum_i exp(L_i) - log(N (N - 1))
+    with L_i the self-masked row log-sum-exp of 2t <x_i, x_j>: the fused kernel's row
+    statistic, with its gradient. t: a float > 0 or a 0-dim tensor (gets a gradient).
+    Kernel options and `backend` as for info_nce."""
+    x, t = check_uniformity(x, t)
+    opts = make_options(**options)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    xn = torch.nn.functional.normalize(x, dim=1)
+    n = x.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t_t = t if torch.is_tensor(t) else torch.tensor(t, dtype=acc, device=x.device)
+    # any valid positive will do: only the log-sum-exps are used
+    other = (torch.arange(n, device=x.device) + 1) % n
+    stats = ops.info_nce_stats(xn, None, 2 * t_t, None, other, None, None, "2t", False, 0.0,
+                               False, backend, *opts.as_args())
+    return torch.logsumexp(stats[0], 0) - 2 * t_t - math.log(n * (n - 1))
+
+
+def alignment_loss(x, y, alpha=2.0):
+    """Wang & Isola's alignment, mean_i ||x_i - y_i||^alpha over the L2-normalized rows
+    of x and y (positive pairs). O(N D): plain torch ops."""
+    x, y, alpha = check_alignment(x, y, alpha)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    yn = torch.nn.functional.normalize(y, dim=1)
+    d = (xn - yn).float() if xn.dtype in (torch.float16, torch.bfloat16) else xn - yn
+    return d.norm(dim=1).pow(alpha).mean()

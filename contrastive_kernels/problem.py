@@ -197,6 +197,31 @@ def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, lo
                         logit_bias, False, 0.0, reduction, global_index=global_index)
 
 
+def check_uniformity(x, t):
+    """(x, t) of uniformity_loss: x (N, D) with N >= 2, t a float > 0 or a 0-dim tensor."""
+    _check_matrix("x", x)
+    if x.shape[0] < 2:
+        raise ValueError(f"x must have at least 2 rows (pairs i != j), got shape {tuple(x.shape)}")
+    return x, _check_scalar("t", t, x.device, positive=True)
+
+
+def check_alignment(x, y, alpha):
+    """(x, y, alpha) of alignment_loss: two (N, D) matrices of one dtype and device."""
+    _check_matrix("x", x)
+    _check_matrix("y", y)
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+    return x, y, float(alpha)
+
+
 def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias,
                  scale_name="logit_scale", where=""):
     """The checks that read data: positive_index within [0, n_keys) and (self-contrast)

@@ -4,9 +4,11 @@ Builds the full N x M logit matrix, the full target distribution and the
 masked log-softmax, exactly as the loss is defined in docs/DESIGN.md. It shares
 no code with the fused path except argument checking.
 """
+import math
+
 import torch
 
-from .problem import check_inputs, check_siglip, check_values
+from .problem import check_alignment, check_inputs, check_siglip, check_uniformity, check_values
 
 
 def _row_losses(logits, valid, pos, smoothing):
@@ -98,3 +100,24 @@ def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_inde
         return rows.to(p.out_dtype)
     total = rows.sum()
     return (total if p.reduction == "sum" else total / n).to(p.out_dtype)
+
+
+def uniformity_loss(x, t=2.0, backend="auto"):
+    """log mean_{i != j} exp(-t ||x_i - x_j||^2) of the normalized rows, from the full
+    matrix of squared distances in float64; an oracle."""
+    x, t = check_uniformity(x, t)
+    xn = torch.nn.functional.normalize(x.to(torch.float64), dim=1)
+    sq = torch.cdist(xn, xn).pow(2)
+    off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    t64 = t.to(torch.float64) if torch.is_tensor(t) else t
+    out = torch.logsumexp(-t64 * sq[off], 0) - math.log(int(off.sum()))
+    return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def alignment_loss(x, y, alpha=2.0):
+    """mean_i ||x_i - y_i||^alpha of the normalized rows, in float64; an oracle."""
+    x, y, alpha = check_alignment(x, y, alpha)
+    xn = torch.nn.functional.normalize(x.to(torch.float64), dim=1)
+    yn = torch.nn.functional.normalize(y.to(torch.float64), dim=1)
+    out = (xn - yn).norm(dim=1).pow(alpha).mean()
+    return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
