@@ -24,6 +24,10 @@ take longer than --budget-s, are skipped with the estimate, before they run.
 Cases (--case):
   sweep    (default) N = --min-n .. --max-n (powers of two), D = --d (256)
   memory   N = 32768, D = 128: the fused loss stays far below one N x N matrix
+  variants the InfoNCE variants on the cpu backend (cpu:margin, cpu:dcl, cpu:temp, each
+           symmetric CLIP with the variant), timed side by side with plain cpu and gemm at
+           N = 8192, D = 256 (2048 with --quick): their cost relative to plain InfoNCE;
+           also run after the default sweep
   targets  (also --targets) the acceptance checks, printed as PASS/FAIL lines:
            N = 8192, D = 256: t_cpu <= 0.85 t_naive and t_cpu <= 1.25 * 4 t_gemm;
            N = 32768, D = 128: cpu peak above inputs <= 1 GiB; the same three for
@@ -54,6 +58,12 @@ PRIOR_GEMMS = {"gemm": 1.0, "naive": 10.0, "cpu": 6.0, "torch": 14.0, "siglip-na
                "siglip-cpu": 5.0, "siglip-cpu-4p": 6.0, "siglip-torch": 14.0,
                "siglip-torch-4p": 16.0}
 TARGET_N, TARGET_D = 8192, 256
+# The InfoNCE variants (--case variants): the info_nce keyword arguments of each, given N.
+VARIANTS = {
+    "margin": lambda n: dict(margin=0.2),                      # AM-softmax
+    "dcl": lambda n: dict(decoupled=True),                     # decoupled
+    "temp": lambda n: dict(temperature=torch.full((n,), 0.07, requires_grad=True)),
+}
 MEMORY_N, MEMORY_D = 32768, 128
 TARGET_VS_NAIVE, TARGET_VS_FLOOR, TARGET_MEM = 0.85, 1.25, 1 * GiB
 
@@ -98,6 +108,16 @@ def _step_fn(method, n, d):
         def step(q, k):
             ck.siglip_loss(q, k, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
                            backend=backend, passes=passes).backward()
+        return step
+
+    if ":" in method:           # a variant on a backend
+        backend, variant = method.split(":")
+        kw = VARIANTS[variant](n)
+        if "temperature" not in kw:
+            kw["logit_scale"] = SCALE
+
+        def step(q, k):
+            ck.info_nce(q, k, symmetric=True, backend=backend, **kw).backward()
         return step
 
     def step(q, k):
@@ -286,7 +306,7 @@ def estimate_time(method, n, d, results, gemm_flops):
             t_gemm = r["time_s"] * (n / r["n"]) ** 2
     if method == "gemm":
         return t_gemm
-    ratio = PRIOR_GEMMS.get(method, 14.0)
+    ratio = PRIOR_GEMMS.get(method.split(":")[0], 14.0)    # a variant: its backend's
     done = [r for r in results if r["method"] == method and r["d"] == d and r["n"] < n
             and r["status"] == "ok" and r.get("ratio_gemm")]
     if done:
@@ -388,6 +408,25 @@ def format_table(rows):
         ratios = "".join(f"{x:>9.2f}" if x is not None else f"{'-':>9}"
                          for x in (r.get("ratio_floor"), r.get("ratio_naive")))
         lines.append(pre + f"{r['time_s']:>10.4f}{ratios}{r['peak_rss'] / MiB:>14.0f}"
+                     f"{r['above_inputs'] / MiB:>18.1f}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def format_variants(rows):
+    """The variants' table: time, against plain cpu, against 4 t_gemm, memory."""
+    plain = next((r for r in rows if r["method"] == "cpu" and r["status"] == "ok"), None)
+    head = (f"{'method':<14}{'time (s)':>10}{'t/plain':>9}{'t/4gemm':>9}"
+            f"{'above inputs MiB':>18}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["method"] == "gemm":
+            continue
+        if r["status"] != "ok":
+            lines.append(f"{r['method']:<14} {r['note']}")
+            continue
+        rel = f"{r['time_s'] / plain['time_s']:>9.2f}" if plain else f"{'-':>9}"
+        floor = f"{r['ratio_floor']:>9.2f}" if r.get("ratio_floor") else f"{'-':>9}"
+        lines.append(f"{r['method']:<14}{r['time_s']:>10.4f}{rel}{floor}"
                      f"{r['above_inputs'] / MiB:>18.1f}  {r.get('note', '')}")
     return "\n".join(lines)
 
@@ -514,7 +553,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m contrastive_kernels.bench",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", choices=["sweep", "memory", "targets"], default="sweep")
+    p.add_argument("--case", choices=["sweep", "memory", "targets", "variants"],
+                   default="sweep")
     p.add_argument("--targets", action="store_true", help="same as --case targets")
     p.add_argument("--quick", action="store_true", help="N in {1024, 2048, 4096}, 3 repeats")
     p.add_argument("--min-n", type=int, default=1024)
@@ -526,7 +566,8 @@ def parse_args(argv):
                         "are run when all of them would")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of naive,gemm,<backends> (default: all)")
+                   help="comma-separated subset of naive,gemm,<backends>, siglip-*, and the "
+                        "variants cpu:margin,cpu:dcl,cpu:temp (default: all)")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--mem-available-gib", type=float, default=None,
                    help="pretend this much memory is available (for tests)")
@@ -596,21 +637,41 @@ def main(argv=None, avail_fn=None):
         sizes = [(TARGET_N, TARGET_D), (MEMORY_N, MEMORY_D)]
         methods = [m for m in methods
                    if m in ("naive", "cpu", "siglip-naive", "siglip-cpu", "siglip-cpu-4p", "gemm")]
+    # the variants at the target size (in a sweep: at most its largest N, at its D)
+    vsize = (2048 if opts.quick else TARGET_N, TARGET_D)
+    if opts.case == "sweep":
+        vsize = (min(vsize[0], opts.max_n), opts.d)
+    vmethods = ["cpu"] + [f"cpu:{v}" for v in VARIANTS] + ["gemm"]
+    if opts.methods:
+        vmethods = [m for m in vmethods if m in opts.methods.split(",")]
+    if "cpu" not in backends or not any(":" in m for m in vmethods):
+        vmethods = []
     t0 = time.perf_counter()
-    if opts.case == "targets":
+    if opts.case == "variants":
+        rows = []
+    elif opts.case == "targets":
         # the memory target needs no gemm row
         rows = run_sizes(sizes[:1], methods, opts, gemm_flops, avail_fn)
         rows += run_sizes(sizes[1:], methods, opts, gemm_flops, avail_fn, gemm=False)
     else:
         rows = run_sizes(sizes, methods, opts, gemm_flops, avail_fn)
-    elapsed = time.perf_counter() - t0
 
     log("")
     log("symmetric CLIP loss and sigmoid loss (siglip-*), forward + backward, fp32, M = N; "
         "time = median; t/4gemm = t / (4 t_gemm), the fused loss's floor; t/naive against "
         "the same loss materialized")
     log(format_table(rows))
-    targets = check_targets(rows, cpu_reason)
+    variant_rows = []
+    if opts.case in ("sweep", "variants") and vmethods:
+        log("")
+        log(f"InfoNCE variants on the cpu backend (symmetric CLIP, fwd + bwd, fp32), side by "
+            f"side with plain cpu at N={vsize[0]}, D={vsize[1]}")
+        variant_rows = run_sizes([vsize], vmethods, opts, gemm_flops, avail_fn)
+        log(format_variants(variant_rows))
+    elif opts.case == "variants":
+        log(f"no variants: backend 'cpu' unavailable ({cpu_reason})")
+    targets = check_targets(rows, cpu_reason) if opts.case != "variants" else []
+    elapsed = time.perf_counter() - t0
     if targets:
         log("")
         log("acceptance targets:")
@@ -623,6 +684,7 @@ def main(argv=None, avail_fn=None):
     with open(json_path, "w") as f:
         json.dump(dict(case=opts.case, machine=info, demo=demo, options=vars(opts),
                        backends=backends, cpu_unavailable=cpu_reason, results=rows,
+                       variants=variant_rows,
                        targets=targets, elapsed_s=elapsed), f, indent=1)
     log(f"wrote {json_path}")
     if opts.case == "sweep" and len({r["n"] for r in rows}) > 1:

@@ -74,7 +74,8 @@ import torch.distributed as dist
 
 from . import engine
 from .backends import REGISTRY, Call
-from .loss import info_nce, siglip_loss, siglip_options
+from .loss import (check_variant_options, info_nce, op_inputs, positive_shift, siglip_loss,
+                   siglip_options)
 from .options import make_options
 from .problem import (FLOAT_DTYPES, REDUCTIONS, SIGLIP_BIAS, SIGLIP_SCALE, check_inputs,
                       check_siglip, check_values)
@@ -163,11 +164,21 @@ def _raise_together(err, group, world, cdev, what):
 
 
 def _setup(what, query, key, group, world, positive_index, labels, key_labels, temperature,
-           logit_scale, logit_bias, symmetric, label_smoothing, reduction, allow_self=True):
-    def check():
-        return check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                            logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                            global_index=True)
+           logit_scale, logit_bias, symmetric, label_smoothing, reduction, margin=0.0,
+           decoupled=False, allow_self=True, options=None):
+    def check():        # the options too: a bad one on any rank raises on every rank
+        p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
+                         logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+                         global_index=True, margin=margin, decoupled=decoupled)
+        if options is not None:
+            check_variant_options(p, options)
+        if p.per_row and p.symmetric and (what.startswith("gather") or p.margin):
+            # a column's target needs its positive rows' scales, held by other ranks
+            raise ValueError(f"{what}: a per-query temperature with symmetric=True is not "
+                             f"supported{' with a margin' if p.margin else ''} here; use "
+                             f"{'ring_info_nce' if what.startswith('gather') else 'margin=0'}"
+                             f" or symmetric=False")
+        return p
     return _agree(what, query, group, world, check, allow_self)
 
 
@@ -185,13 +196,14 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
         err, p = e, None
     cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
     if p is None:
-        row = [0] * 11
+        row = [0] * 13
     else:
         n, d = p.query.shape
         keys = p.query if p.self_contrast else p.key
+        margin_bits = torch.tensor([p.margin], dtype=torch.float64).view(torch.int64).item()
         row = [1, n, p.n_keys, d, FLOAT_DTYPES.index(p.query.dtype), int(p.self_contrast),
                mode, int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad),
-               int(wants_grad)]
+               int(wants_grad), margin_bits, int(p.decoupled)]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -205,12 +217,14 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
     # 2. global checks: every rank sees the same table and raises the same error.
     names = {3: "embedding dim", 4: "dtype", 5: "key=None (self-contrast)",
              6: "the kind of positives (default / positive_index / labels)",
-             7: "symmetric", 8: "reduction"}
+             7: "symmetric", 8: "reduction", 11: "margin", 12: "decoupled"}
     for col, name in names.items():
         vals = [t[col] for t in table]
         if len(set(vals)) > 1:
             if col == 4:
                 vals = [FLOAT_DTYPES[v] for v in vals]
+            if col == 11:
+                vals = torch.tensor(vals, dtype=torch.int64).view(torch.float64).tolist()
             raise ValueError(f"{what}: {name} must be the same on every rank, got {vals} "
                              f"(by rank)")
     sizes_n = [t[1] for t in table]
@@ -301,7 +315,7 @@ class RingBlocks:
 
     def _block(self, t, kb, lab):
         owner = (self.st.rank - t) % self.st.world
-        return self.targets.block(kb.shape[0], self.spec.self_contrast and t == 0, lab,
+        return self.targets.block(kb.shape[0], self.spec.self_mask and t == 0, lab,
                                   self.st.offs_m[owner])
 
     def _next_block(self, t, cur_k, cur_lab, sends, recvs, counter):
@@ -419,11 +433,12 @@ class _RingStats(torch.autograd.Function):
     and column statistics of the local keys against ALL queries (empty unless symmetric)."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, run):
+    def forward(ctx, q, k, scale, shift, run):
         spec, targets = run["spec"], run["targets"]
         blocks = run["blocks"]
         sc = scale.detach().to(engine.acc_dtype(q.dtype)).reshape(())
-        rows, col = engine.forward(spec, q.detach(), k.detach(), sc, targets, blocks)
+        delta = None if shift is None else shift.detach().to(sc.dtype).contiguous()
+        rows, col = engine.forward(spec, q.detach(), k.detach(), sc, targets, blocks, delta)
         acc = rows[0].dtype
         zeros = lambda n: torch.zeros(n, dtype=acc, device=q.device)
         lse, a, p, b = rows
@@ -433,7 +448,7 @@ class _RingStats(torch.autograd.Function):
         else:
             out += [rows[0].new_empty(0) if col[0] is None else col[0], col[1], col[2],
                     zeros(k.shape[0]) if col[3] is None else col[3]]
-        ctx.save_for_backward(q, k, scale, out[0], out[4], out[5])
+        ctx.save_for_backward(q, k, scale, shift, out[0], out[4], out[5])
         ctx.run = run
         ctx.mark_non_differentiable(out[2], out[6])
         return tuple(out)
@@ -441,7 +456,7 @@ class _RingStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_r, g_a, _g_p, g_b, g_c, g_ac, _g_pc, g_bc):
-        q, k, scale, lse_r, lse_c, a_c = ctx.saved_tensors
+        q, k, scale, shift, lse_r, lse_c, a_c = ctx.saved_tensors
         run = ctx.run
         spec, targets, st = run["spec"], run["targets"], run["st"]
 
@@ -461,19 +476,22 @@ class _RingStats(torch.autograd.Function):
         need_dq = ctx.needs_input_grad[0] or need_s
         sc = scale.detach().to(lse_r.dtype).reshape(())
         blocks = run["blocks"]
-        dq, dk, ds = engine.backward(spec, q.detach(), k.detach(), sc, targets, blocks, lse_r,
-                                     g_r, g_a, g_b if targets.eps else None, col_pack, need_dq,
-                                     need_dk, need_s)
+        need_sh = ctx.needs_input_grad[3]
+        delta = None if shift is None else shift.detach().to(sc.dtype).contiguous()
+        dq, dk, ds, dsh = engine.backward(spec, q.detach(), k.detach(), sc, targets, blocks,
+                                          lse_r, g_r, g_a, g_b if targets.eps else None,
+                                          col_pack, need_dq, need_dk, need_s, delta, need_sh)
         dq = dq.to(q.dtype) if (ctx.needs_input_grad[0] and dq is not None) else None
         dk = dk.to(k.dtype) if (ctx.needs_input_grad[1] and dk is not None) else None
         ds = ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None) else None
-        return dq, dk, ds, None
+        dsh = dsh.to(shift.dtype) if (need_sh and dsh is not None) else None
+        return dq, dk, ds, dsh, None
 
 
 def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                   key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
-                  symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto",
-                  overlap=True, **options):
+                  symmetric=False, label_smoothing=0.0, reduction="mean", margin=0.0,
+                  decoupled=False, backend="auto", overlap=True, **options):
     """`info_nce` over the global batch by a ring of point-to-point transfers.
 
     Same keyword arguments as `contrastive_kernels.info_nce` (kernel options included),
@@ -484,37 +502,44 @@ def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=No
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
-                  symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction)
+                  symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction,
+                  margin=margin, decoupled=decoupled)
     world = _process_group_size(group)
     if world is None or world == 1:
         return info_nce(query, key, backend=backend, **kwargs, **options)
     opts = make_options(**options)
-    st = _setup("ring_info_nce", query, key, group, world, **kwargs)
+    st = _setup("ring_info_nce", query, key, group, world, **kwargs, options=opts)
     p = st.p
-    q = p.query.contiguous()
-    k = q if p.self_contrast else p.key.contiguous()
+    # a per-query scale is folded into the queries (loss.op_inputs); under key=None the
+    # keys are then the unscaled queries, the own block's diagonal masked
+    q, k, scale_t, side_scale = op_inputs(p)
+    q = q.contiguous()
+    k = q if k is None else k.contiguous()
+    masked = p.per_row and p.self_contrast
+    self_c = p.self_contrast and not masked
     n, d = q.shape
-    be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, p.self_contrast,
-                                       p.symmetric), opts)
+    be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, self_c,
+                                       p.symmetric, extra=("shift",) if p.shifted else ()),
+                         opts)
     kl = None
     if p.labels is not None:
         kl = (p.labels if p.self_contrast else p.key_labels).contiguous()
-    acc = p.out_dtype
-    scale_t = p.scale if torch.is_tensor(p.scale) else torch.tensor(p.scale, dtype=acc,
-                                                                    device=q.device)
-    spec = engine.Spec(be, opts, p.self_contrast, p.symmetric and not p.self_contrast)
+    spec = engine.Spec(be, opts, self_c, p.symmetric and not self_c, masked)
     targets = Targets(n, d, st.m_global, p.labels,
                       p.positive_index if p.labels is None else None, p.label_smoothing,
                       p.symmetric)
     blocks = RingBlocks(st, spec, targets, kl, overlap, d, q.dtype)
     run = dict(spec=spec, targets=targets, blocks=blocks, st=st)
-    stats = _RingStats.apply(q, k, scale_t, run)
+    margin_t, shift = positive_shift(p, p.scale if p.per_row else scale_t)
+    stats = _RingStats.apply(q, k, scale_t, shift, run)
     eps, sub = p.label_smoothing, (1 if p.self_contrast else 0)
-    rows = engine.side_losses(*stats[:4], p.scale, p.bias, eps, st.m_global - sub)
+    var = dict(margin=margin_t, decoupled=p.decoupled)
+    rows = engine.side_losses(*stats[:4], side_scale, p.bias, eps, st.m_global - sub, **var)
     col = None
     if p.symmetric:
-        lse_c = stats[0] if p.self_contrast else stats[4]
-        col = engine.side_losses(lse_c, *stats[5:], p.scale, p.bias, eps, st.n_global - sub)
+        lse_c = stats[0] if self_c else stats[4]
+        col = engine.side_losses(lse_c, *stats[5:], side_scale, p.bias, eps,
+                                 st.n_global - sub, **var)
     return _finish(st, rows, col, p.reduction)
 
 
@@ -699,8 +724,8 @@ def _gather_rows(x, st, sizes):
 
 def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                     key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
-                    symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto",
-                    **options):
+                    symmetric=False, label_smoothing=0.0, reduction="mean", margin=0.0,
+                    decoupled=False, backend="auto", **options):
     """`info_nce` over the global batch by an all-gather (with gradient) of the keys.
 
     Local queries against all keys (and, if symmetric, local keys against all queries),
@@ -710,24 +735,26 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
-                  symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction)
+                  symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction,
+                  margin=margin, decoupled=decoupled)
     world = _process_group_size(group)
     if world is None or world == 1:
         return info_nce(query, key, backend=backend, **kwargs, **options)
-    make_options(**options)
-    st = _setup("gather_info_nce", query, key, group, world, allow_self=False, **kwargs)
+    opts = make_options(**options)
+    st = _setup("gather_info_nce", query, key, group, world, allow_self=False, **kwargs,
+                options=opts)
     p = st.p
     common = dict(temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
                   symmetric=False, label_smoothing=label_smoothing, reduction="none",
-                  backend=backend, **options)
+                  margin=margin, decoupled=decoupled, backend=backend, **options)
     k_all = _AllGather.apply(p.key, st, st.sizes_m)
     if p.labels is not None:
         kl_all = _gather_rows(p.key_labels, st, st.sizes_m)
         row = info_nce(p.query, k_all, labels=p.labels, key_labels=kl_all, **common)
-        row_ok = torch.isin(p.labels, kl_all)
+        row_ok = _has_loss(p.labels, kl_all, decoupled)
     else:
         row = info_nce(p.query, k_all, positive_index=p.positive_index, **common)
-        row_ok = torch.ones_like(row, dtype=torch.bool)
+        row_ok = torch.full_like(row, not decoupled or st.m_global > 1, dtype=torch.bool)
     col = None
     if p.symmetric:
         q_all = _AllGather.apply(p.query, st, st.sizes_n)
@@ -740,8 +767,17 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
             col_lab = torch.arange(st.sizes_m[st.rank], device=dev) + st.offs_m[st.rank]
             q_lab = _gather_rows(p.positive_index, st, st.sizes_n)
         col = (info_nce(p.key, q_all, labels=col_lab, key_labels=q_lab, **common),
-               torch.isin(col_lab, q_lab))
+               _has_loss(col_lab, q_lab, decoupled))
     return _finish(st, (row, row_ok), col, p.reduction)
+
+
+def _has_loss(labels, other, decoupled):
+    """Rows (by label) with a positive among `other`, and (decoupled) a negative too."""
+    vals, counts = torch.unique(other, return_counts=True)
+    at = torch.searchsorted(vals, labels).clamp_max(vals.numel() - 1)
+    same = torch.where(vals[at] == labels, counts[at], torch.zeros_like(counts[at]))
+    ok = same > 0
+    return ok & (same < other.numel()) if decoupled else ok
 
 
 def gather_siglip_loss(query, key, *, group=None, logit_scale=SIGLIP_SCALE,

@@ -30,6 +30,13 @@ class Spec:
     cols: bool               # column log-sum-exps from the backend (symmetric, and not
                              # self-contrast: there they are the rows'); the column target
                              # statistics come with every symmetric loss (Targets.cols)
+    masked: bool = False     # the keys are given but are the queries' own rows: the
+                             # diagonal is masked (per-query temperature under key=None)
+
+    @property
+    def self_mask(self):
+        """Whether the block of the queries' own keys has its diagonal masked."""
+        return self.self_contrast or self.masked
 
 
 def acc_dtype(dtype):
@@ -58,18 +65,21 @@ class LocalBlocks:
         self.dk_home = blk.dk
 
 
-def forward(spec, q, k, scale, targets, blocks):
+def forward(spec, q, k, scale, targets, blocks, delta=None):
     """Row statistics (lse, A, P, B) of the local queries over every key block, and the
     column statistics (lse, A, P, B) of the local keys (None unless symmetric; their lse
-    None without spec.cols). B is None without label smoothing."""
+    None without spec.cols). B is None without label smoothing. delta (N,): the positive
+    shift of each query row inside the log-sum-exps (margin, decoupled), or None."""
     acc = acc_dtype(q.dtype)
     n = q.shape[0]
     lse = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
     a, p = (torch.zeros(n, dtype=acc, device=q.device) for _ in range(2))
     b = torch.zeros(n, dtype=acc, device=q.device) if targets.eps else None
     for blk, kb in blocks.forward(k):
+        shift = blk.shift(delta)
+        kw = {} if shift is None else dict(shift=shift)
         lse_b, lse_cb = spec.backend.lse_forward(q, kb, scale, blk.self_mask, spec.cols,
-                                                 options=spec.options)
+                                                 options=spec.options, **kw)
         (a_b, p_b, b_b), (ac_b, pc_b, bc_b) = targets.stats(blk, q, kb, acc)
         torch.logaddexp(lse, lse_b, out=lse)
         a += a_b
@@ -87,9 +97,11 @@ def merge_cols(x, y):
 
 
 def block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq, need_dk,
-                need_ds):
-    """(dq, dk, ds) of one block: dq's and kb's gradient contributions (float32/64, or the
-    input dtype with low_memory) and its share of sum_ij dS_ij <q_i, k_j> (the scale)."""
+                need_ds, delta=None, need_dshift=False):
+    """(dq, dk, ds, dshift) of one block: dq's and kb's gradient contributions (float32/64,
+    or the input dtype with low_memory), its share of sum_ij dS_ij <q_i, k_j> (the scale)
+    and, with the shift delta, its share of the gradient of delta (None unless
+    need_dshift)."""
     be, opt = spec.backend, spec.options
     lse_c = g_c = g_ac = g_bc = None
     if blk.col_pack is not None:
@@ -100,10 +112,19 @@ def block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq,
         def w():
             return targets.weights(blk, g_a, g_b, g_ac, g_bc)
         return be.input_grads(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c, w,
-                              need_dq=need_dq, need_dk=need_dk, need_ds=need_ds, options=opt)
-    dq, dk = be.lse_backward(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c,
-                             need_dq=need_dq, need_dk=need_dk, options=opt)
-    return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b, g_ac, g_bc)
+                              need_dq=need_dq, need_dk=need_dk, need_ds=need_ds,
+                              options=opt) + (None,)
+    shift = blk.shift(delta)
+    dshift = None
+    if shift is None:
+        dq, dk = be.lse_backward(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c,
+                                 need_dq=need_dq, need_dk=need_dk, options=opt)
+    else:
+        dq, dk, dshift = be.lse_backward(q, kb, scale, blk.self_mask, lse_r, lse_c, g_r, g_c,
+                                         need_dq=need_dq, need_dk=need_dk, options=opt,
+                                         shift=shift, need_dshift=need_dshift)
+    return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b, g_ac,
+                   g_bc) + (dshift,)
 
 
 def _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b=None, g_ac=None, g_bc=None):
@@ -153,7 +174,7 @@ def siglip_forward(spec, q, k, scale, bias, targets, blocks, need_dq, need_dk):
         for blk, kb in blocks.forward(k):
             block(blk, kb)
         return (r, t, a, p), None
-    dq, dk, ds = _accumulate(spec, blocks.backward(k, None, need_dk), block, blocks)
+    dq, dk, ds, _ = _accumulate(spec, blocks.backward(k, None, need_dk), block, blocks)
     ds = ds - a.sum()              # sum_ij (sigmoid(z_ij) - [pos_ij]) <q_i, k_j>
     db = t.sum() - p.sum()
     return (r, t, a, p), (dq, dk, ds, db)
@@ -167,31 +188,33 @@ def siglip_backward(spec, q, k, scale, bias, targets, blocks, g_r, g_a, need_dq,
         _, _, dq, dk = spec.backend.siglip_tiles(q, kb, scale, bias, g_r, False, need_dq,
                                                  need_dk, options=spec.options)
         return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a)
-    return _accumulate(spec, blocks.backward(k, None, need_dk), grads, blocks)
+    return _accumulate(spec, blocks.backward(k, None, need_dk), grads, blocks)[:3]
 
 
 def backward(spec, q, k, scale, targets, blocks, lse_r, g_r, g_a, g_b, col_pack, need_dq,
-             need_dk, need_ds):
-    """(dq, dk, ds): the gradients of the statistics' consumers with respect to q, the
-    local keys (None under self-contrast: folded into dq) and the scale. col_pack is
-    (lse_c, g_c, g_ac, g_bc) of the local keys (lse_c, g_c None without spec.cols), or
-    None unless symmetric."""
+             need_dk, need_ds, delta=None, need_dshift=False):
+    """(dq, dk, ds, dshift): the gradients of the statistics' consumers with respect to q,
+    the local keys (None under self-contrast: folded into dq), the scale and the shift
+    delta (None unless need_dshift). col_pack is (lse_c, g_c, g_ac, g_bc) of the local
+    keys (lse_c, g_c None without spec.cols), or None unless symmetric."""
     def grads(blk, kb):
         return block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq,
-                           need_dk, need_ds)
+                           need_dk, need_ds, delta, need_dshift)
     return _accumulate(spec, blocks.backward(k, col_pack, need_dk), grads, blocks)
 
 
 def _accumulate(spec, visits, grads, blocks):
-    """Sum grads(blk, kb) = (dq, dk, ds) over the visited blocks: dq and ds here, each
-    block's dk sent home by `blocks` (blocks.dk_home)."""
-    dq = ds = None
+    """Sum grads(blk, kb) = (dq, dk, ds[, dshift]) over the visited blocks: dq, ds and
+    dshift here, each block's dk sent home by `blocks` (blocks.dk_home)."""
+    dq = ds = dsh = None
     for blk, kb in visits:
-        dq_b, dk_b, ds_b = grads(blk, kb)
+        dq_b, dk_b, ds_b, *more = grads(blk, kb)
         if dq_b is not None:
             dq = dq_b if dq is None else dq.add_(dq_b)
         if ds_b is not None:
             ds = ds_b if ds is None else ds + ds_b
+        if more and more[0] is not None:
+            dsh = more[0] if dsh is None else dsh.add_(more[0])
         blk.dk = dk_b
     dk = blocks.dk_home
     if spec.self_contrast and dk is not None:
@@ -199,18 +222,25 @@ def _accumulate(spec, visits, grads, blocks):
         if dk is not None:
             dq = dk if dq is None else dq.add_(dk)
         dk = None
-    return dq, dk, ds
+    return dq, dk, ds, dsh
 
 
-def side_losses(lse, a, p, b, scale, bias, eps, nvalid):
-    """The loss of each row (or column) from its statistics: (LSE + b) - (s t + b) with
-    t = (1 - eps) A / P + eps B / nvalid, 0 where P = 0; and the mask P > 0. The bias
-    cancels but keeps its (zero) gradient."""
+def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=False):
+    """The loss of each row (or column) from its statistics: (LSE + b) - (target + b) with
+    target = s ((1 - eps) A / P + eps B / nvalid), 0 where P = 0; and the mask P > 0 (and,
+    decoupled, a non-empty log-sum-exp). margin: the shift of a positive logit (-s m),
+    which the target's positive terms carry, or None. The bias cancels but keeps its
+    (zero) gradient."""
     ok = p > 0
+    if decoupled:
+        ok = ok & (lse != float("-inf"))    # a row with no negative has no loss
     t = (1 - eps) * a / p.clamp_min(1)
     if eps:
         t = t + eps * b / max(nvalid, 1)
-    return torch.where(ok, (lse + bias) - (scale * t + bias), torch.zeros_like(lse)), ok
+    target = scale * t
+    if margin is not None:
+        target = target + margin * ((1 - eps) + (eps / max(nvalid, 1)) * p)
+    return torch.where(ok, (lse + bias) - (target + bias), torch.zeros_like(lse)), ok
 
 
 def reduce(rows, cols, reduction, counts=None):

@@ -14,12 +14,13 @@ import torch
 from . import engine, ops
 from .options import make_options
 from .problem import (SIGLIP_BIAS, SIGLIP_SCALE, check_alignment, check_inputs, check_siglip,
-                      check_uniformity)
+                      check_uniformity, check_values)
 
 
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
-             label_smoothing=0.0, reduction="mean", backend="auto", **options):
+             label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
+             backend="auto", **options):
     """Fused InfoNCE / CLIP / NT-Xent / SupCon loss. See README.md and docs/DESIGN.md.
 
     Same values and gradients as the materializing `contrastive_kernels.reference.info_nce`,
@@ -34,30 +35,105 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     `backend` is "auto" (the fastest that can serve this call) or a name from
     `available_backends()`; one that cannot serve the call raises a ValueError with
     its reasons.
+
+    Variants (docs/DESIGN.md): margin m subtracts m from every positive's cosine,
+    S_ij = s (<q_i, k_j> - m [j positive]) + b, in the log-sum-exp and the target
+    (AM-softmax); decoupled=True leaves the positives out of the log-sum-exp (DCL), and
+    a row with no negative then has no loss.
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                     logit_scale, logit_bias, symmetric, label_smoothing, reduction)
+                     logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+                     margin=margin, decoupled=decoupled)
     opts = make_options(**options)
+    check_variant_options(p, opts)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    q = p.query
-    acc = p.out_dtype
-    scale_t = p.scale if torch.is_tensor(p.scale) else torch.tensor(p.scale, dtype=acc,
-                                                                    device=q.device)
+    q_op, k_op, scale_t, side_scale = op_inputs(p)
     bias_t = p.bias if torch.is_tensor(p.bias) else None
-    stats = ops.info_nce_stats(q, p.key, scale_t, bias_t, p.positive_index, p.labels,
+    margin_t, shift = positive_shift(p, p.scale if p.per_row else scale_t)
+    stats = ops.info_nce_stats(q_op, k_op, scale_t, bias_t, shift, p.positive_index, p.labels,
                                p.key_labels, p.scale_name, p.index_given, p.label_smoothing,
-                               p.symmetric, backend, *opts.as_args())
+                               p.symmetric, p.per_row and p.self_contrast, backend,
+                               *opts.as_args())
     eps = p.label_smoothing
     sub = 1 if p.self_contrast else 0
-    rows = engine.side_losses(*stats[:4], p.scale, p.bias, eps, p.n_keys - sub)
+    rows = engine.side_losses(*stats[:4], side_scale, p.bias, eps, p.n_keys - sub,
+                              margin=margin_t, decoupled=p.decoupled)
     col = None
     if p.symmetric:
         # Self-contrast: S is symmetric and so is its mask, so the columns' log-sum-exps
-        # are the rows' (their targets may differ: a positive_index need not be symmetric).
-        lse_c = stats[0] if p.self_contrast else stats[4]
-        col = engine.side_losses(lse_c, *stats[5:], p.scale, p.bias, eps, q.shape[0] - sub)
+        # are the rows' (their targets may differ: a positive_index need not be symmetric);
+        # not with a per-query scale (the op then gets the keys and computes them).
+        lse_c = stats[0] if (p.self_contrast and not p.per_row) else stats[4]
+        col = engine.side_losses(lse_c, *stats[5:], side_scale, p.bias, eps,
+                                 p.query.shape[0] - sub, margin=column_margin(p, margin_t),
+                                 decoupled=p.decoupled)
     return engine.reduce(rows, col, p.reduction)
+
+
+def op_inputs(p):
+    """(queries, keys, scale, the side losses' scale) of the fused op. A per-query scale
+    s (N,) is folded into the queries, q_i s_i, so that the kernels see S = (s q) k^T at
+    scale 1 and autograd carries the gradients to q and s; under key=None the keys are
+    then the unscaled queries, diagonal masked (the op's `masked`)."""
+    q = p.query
+    if not p.per_row:
+        scale_t = p.scale if torch.is_tensor(p.scale) else torch.tensor(
+            p.scale, dtype=p.out_dtype, device=q.device)
+        return q, p.key, scale_t, p.scale
+    check_values(None, 0, 0, False, p.scale, None, p.scale_name)
+    q_op = q * p.scale.to(q.dtype)[:, None]
+    k_op = q if p.self_contrast else p.key
+    return q_op, k_op, torch.ones((), dtype=p.out_dtype, device=q.device), 1.0
+
+
+def column_margin(p, margin):
+    """The margin of each column's target: the mean of its positive rows' margins (the
+    rows' own one for a scalar scale)."""
+    if margin is None or not p.per_row:
+        return margin
+    n, m = p.query.shape[0], p.n_keys
+    ones = torch.ones_like(margin)
+    if p.labels is not None:
+        _, inv = torch.unique(torch.cat([p.labels, p.key_labels]), return_inverse=True)
+        c = int(inv.max()) + 1
+        total = margin.new_zeros(c).index_add(0, inv[:n], margin)[inv[n:]]
+        count = margin.new_zeros(c).index_add(0, inv[:n], ones)[inv[n:]]
+        if p.self_contrast:         # key j is query j: not its own positive
+            total, count = total - margin, count - 1
+    else:
+        total = margin.new_zeros(m).index_add(0, p.positive_index, margin)
+        count = margin.new_zeros(m).index_add(0, p.positive_index, ones)
+    return total / count.clamp_min(1)
+
+
+def positive_shift(p, scale_t):
+    """(margin, shift) of a call: the shift of a positive logit in the targets (-s m, a
+    tensor with the scale's gradient, (N,) for a per-query scale; None without a margin)
+    and the per-row shift inside the log-sum-exps ((N,): -s m, or -inf when decoupled;
+    None for neither)."""
+    n = p.query.shape[0]
+    margin = -p.margin * scale_t if p.margin else None
+    if p.decoupled:
+        shift = torch.full((n,), float("-inf"), dtype=scale_t.dtype, device=scale_t.device)
+    elif margin is not None:
+        shift = margin.expand(n).contiguous()
+    else:
+        shift = None
+    return margin, shift
+
+
+def check_variant_options(p, opts):
+    """The kernel options a variant cannot take (ValueError before any kernel)."""
+    if not p.shifted:
+        return
+    what = "decoupled=True" if p.decoupled else "margin"
+    if opts.low_memory:
+        raise ValueError(f"{what} does not support low_memory=True (the low-memory backward "
+                         f"kernels have no positive shift)")
+    if opts.algorithm == "blocked":
+        raise ValueError(f"{what} does not support algorithm='blocked' (use 'auto' or "
+                         f"'fused')")
 
 
 def siglip_loss(query, key, *, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
@@ -137,8 +213,8 @@ def uniformity_loss(x, t=2.0, *, backend="auto", **options):
     t_t = t if torch.is_tensor(t) else torch.tensor(t, dtype=acc, device=x.device)
     # any valid positive will do: only the log-sum-exps are used
     other = (torch.arange(n, device=x.device) + 1) % n
-    stats = ops.info_nce_stats(xn, None, 2 * t_t, None, other, None, None, "2t", False, 0.0,
-                               False, backend, *opts.as_args())
+    stats = ops.info_nce_stats(xn, None, 2 * t_t, None, None, other, None, None, "2t", False,
+                               0.0, False, False, backend, *opts.as_args())
     return torch.logsumexp(stats[0], 0) - 2 * t_t - math.log(n * (n - 1))
 
 

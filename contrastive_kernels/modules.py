@@ -4,7 +4,7 @@ import torch
 from . import distributed
 from .loss import info_nce, siglip_loss
 from .options import make_options
-from .problem import DEFAULT_TEMPERATURE
+from .problem import DEFAULT_TEMPERATURE, check_variants
 
 
 class FusedInfoNCE(torch.nn.Module):
@@ -16,15 +16,17 @@ class FusedInfoNCE(torch.nn.Module):
     distributed: None (local loss), "ring" or "gather" (global batch over
     torch.distributed; see contrastive_kernels.distributed). Kernel options
     (deterministic=, precision=, low_memory=, algorithm=, workspace=) are passed to
-    every call.
+    every call. margin and decoupled: the variants of `info_nce`.
     """
 
     def __init__(self, temperature=DEFAULT_TEMPERATURE, symmetric=True, label_smoothing=0.0,
-                 reduction="mean", backend="auto", distributed=None, group=None, **options):
+                 reduction="mean", margin=0.0, decoupled=False, backend="auto",
+                 distributed=None, group=None, **options):
         super().__init__()
         if distributed not in (None, "ring", "gather"):
             raise ValueError(f"distributed must be None, 'ring' or 'gather', got {distributed!r}")
         make_options(**options)       # unknown or invalid options fail here, not at forward
+        self.margin, self.decoupled = check_variants(margin, decoupled)
         self.distributed = distributed
         self.group = group
         self.temperature = temperature
@@ -40,7 +42,8 @@ class FusedInfoNCE(torch.nn.Module):
                       temperature=self.temperature, logit_scale=logit_scale,
                       logit_bias=logit_bias, symmetric=self.symmetric,
                       label_smoothing=self.label_smoothing, reduction=self.reduction,
-                      backend=self.backend, **self.options)
+                      margin=self.margin, decoupled=self.decoupled, backend=self.backend,
+                      **self.options)
         if self.distributed is None:
             return info_nce(query, key, **kwargs)
         fn = distributed.ring_info_nce if self.distributed == "ring" else distributed.gather_info_nce
@@ -50,6 +53,7 @@ class FusedInfoNCE(torch.nn.Module):
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+                f"margin={self.margin}, decoupled={self.decoupled}, "
                 f"backend={self.backend!r}, distributed={self.distributed!r}{opts}")
 
 

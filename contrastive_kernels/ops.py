@@ -20,21 +20,26 @@ from .options import Options
 from .problem import check_values
 from .targets import Targets
 
-def _setup(query, key, positive_index, labels, key_labels, label_smoothing, symmetric, backend,
-           options):
+def _setup(query, key, positive_index, labels, key_labels, label_smoothing, symmetric, masked,
+           backend, options, shift=None):
     self_c = key is None
     k = query if self_c else key
     n, d = query.shape
     be = REGISTRY.select(backend, Call(query.device, query.dtype, n, k.shape[0], d, self_c,
-                                       symmetric), options)
-    spec = engine.Spec(be, options, self_c, symmetric and not self_c)
+                                       symmetric, extra=() if shift is None else ("shift",)),
+                         options)
+    spec = engine.Spec(be, options, self_c, symmetric and not self_c, masked and not self_c)
     targets = Targets(n, d, k.shape[0], labels, positive_index, label_smoothing, symmetric)
     kl = None if labels is None else (labels if self_c else key_labels)
-    return spec, k, targets, engine.LocalBlocks(targets, kl, self_c)
+    return spec, k, targets, engine.LocalBlocks(targets, kl, spec.self_mask)
 
 
 def _scale(scale, query):
     return scale.detach().to(engine.acc_dtype(query.dtype)).reshape(())
+
+
+def _delta(shift, query):
+    return None if shift is None else shift.detach().to(engine.acc_dtype(query.dtype)).contiguous()
 
 
 def _exact(x):
@@ -44,23 +49,28 @@ def _exact(x):
 
 
 def stats_impl(query: Tensor, key: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
-                   positive_index: Optional[Tensor], labels: Optional[Tensor],
+                   shift: Optional[Tensor], positive_index: Optional[Tensor],
+                   labels: Optional[Tensor],
                    key_labels: Optional[Tensor], scale_name: str, check_index: bool,
-                   label_smoothing: float, symmetric: bool, backend: str, deterministic: bool,
+                   label_smoothing: float, symmetric: bool, masked: bool, backend: str,
+                   deterministic: bool,
                    precision: str, low_memory: bool, algorithm: str,
                    workspace: int) -> List[Tensor]:
     """[lse, A, P, B] of the rows and [lse, A, P, B] of the columns: the column ones empty
     unless symmetric, the column lse also empty under self-contrast (it is the rows');
-    B is zeros without label smoothing."""
+    B is zeros without label smoothing. shift (N,): each row's positive shift inside the
+    log-sum-exps (margin, decoupled; engine.forward), or None. masked: the keys are the
+    queries' own rows (given: the queries are scaled copies), the diagonal is masked."""
     options = Options(deterministic, precision, low_memory, algorithm, workspace)
     n_keys = query.shape[0] if key is None else key.shape[0]
-    check_values(positive_index if check_index else None, n_keys, 0, key is None, scale, bias,
-                 scale_name)
+    check_values(positive_index if check_index else None, n_keys, 0, key is None or masked,
+                 scale, bias, scale_name)
     spec, k, targets, blocks = _setup(query, key, positive_index, labels, key_labels,
-                                      label_smoothing, symmetric, backend, options)
+                                      label_smoothing, symmetric, masked, backend, options,
+                                      shift)
     with torch.no_grad(), _exact(query):
         rows, col = engine.forward(spec, query.detach(), k.detach(), _scale(scale, query),
-                                   targets, blocks)
+                                   targets, blocks, _delta(shift, query))
     acc = rows[0].dtype
     zeros = lambda n: torch.zeros(n, dtype=acc, device=query.device)
     lse, a, p, b = rows
@@ -78,9 +88,9 @@ info_nce_stats = torch.library.custom_op("contrastive_kernels::info_nce_stats",
 
 
 @info_nce_stats.register_fake
-def _(query, key, scale, bias, positive_index, labels, key_labels, scale_name, check_index,
-      label_smoothing, symmetric, backend, deterministic, precision, low_memory, algorithm,
-      workspace):
+def _(query, key, scale, bias, shift, positive_index, labels, key_labels, scale_name, check_index,
+      label_smoothing, symmetric, masked, backend, deterministic, precision, low_memory,
+      algorithm, workspace):
     acc = engine.acc_dtype(query.dtype)
     n = query.shape[0]
     m = (n if key is None else key.shape[0]) if symmetric else 0
@@ -89,18 +99,21 @@ def _(query, key, scale, bias, positive_index, labels, key_labels, scale_name, c
         [query.new_empty(m_lse, dtype=acc)] + [query.new_empty(m, dtype=acc) for _ in range(3)]
 
 
-def grads_impl(query: Tensor, key: Optional[Tensor], scale: Tensor,
+def grads_impl(query: Tensor, key: Optional[Tensor], scale: Tensor, shift: Optional[Tensor],
                    positive_index: Optional[Tensor], labels: Optional[Tensor],
                    key_labels: Optional[Tensor], stats: List[Tensor], grads: List[Tensor],
-                   label_smoothing: float, symmetric: bool, backend: str, deterministic: bool,
+                   label_smoothing: float, symmetric: bool, masked: bool, backend: str,
+                   deterministic: bool,
                    precision: str, low_memory: bool, algorithm: str, workspace: int,
-                   need_q: bool, need_k: bool, need_s: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, ds) in the dtypes of query, key and scale; a gradient not needed is empty
-    (ds: zero). stats = [lse_r, lse_c], grads = the gradients of [lse, A, B] of the rows
-    and of the columns."""
+                   need_q: bool, need_k: bool, need_s: bool,
+                   need_shift: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, ds, dshift) in the dtypes of query, key, scale and shift; a gradient not
+    needed is empty (ds: zero). stats = [lse_r, lse_c], grads = the gradients of [lse, A, B]
+    of the rows and of the columns."""
     options = Options(deterministic, precision, low_memory, algorithm, workspace)
     spec, k, targets, blocks = _setup(query, key, positive_index, labels, key_labels,
-                                      label_smoothing, symmetric, backend, options)
+                                      label_smoothing, symmetric, masked, backend, options,
+                                      shift)
     lse_r, lse_c = stats
     # (an empty gradient: none came; the first two are always given)
     g_r, g_a, g_b, g_c, g_ac, g_bc = (g if g.numel() or i < 2 else None
@@ -115,18 +128,15 @@ def grads_impl(query: Tensor, key: Optional[Tensor], scale: Tensor,
     # the scale's gradient reads dq (or dk); under self-contrast q is also the keys
     need_dq = need_q or (need_s and not need_k)
     need_dk = need_k or (self_c and need_q)
+    need_shift = need_shift and shift is not None
     with torch.no_grad(), _exact(query):
-        dq, dk, ds = engine.backward(
+        out = list(engine.backward(
             spec, query.detach(), k.detach(), _scale(scale, query), targets, blocks, lse_r, g_r,
             g_a, g_b, (lse_c, g_c, g_ac, g_bc) if symmetric else None, need_dq, need_dk,
-            need_s)
-    # One cast at a time, each float32 buffer dropped once cast.
-    dq_out = dq.to(query.dtype) if (need_q and dq is not None) else query.new_empty(0)
-    dq = None
-    dk_out = dk.to(k.dtype) if (need_k and dk is not None) else query.new_empty(0)
-    ds_out = (ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None)
-              else torch.zeros_like(scale))
-    return dq_out, dk_out, ds_out
+            need_s, _delta(shift, query), need_shift))
+    dsh = out.pop()
+    dsh_out = dsh.to(shift.dtype) if (need_shift and dsh is not None) else query.new_empty(0)
+    return _outputs(query, k, scale, out, need_q, need_k, need_s) + (dsh_out,)
 
 
 info_nce_grads = torch.library.custom_op("contrastive_kernels::info_nce_grads",
@@ -134,37 +144,40 @@ info_nce_grads = torch.library.custom_op("contrastive_kernels::info_nce_grads",
 
 
 @info_nce_grads.register_fake
-def _(query, key, scale, positive_index, labels, key_labels, stats, grads, label_smoothing,
-      symmetric, backend, deterministic, precision, low_memory, algorithm, workspace, need_q,
-      need_k, need_s):
+def _(query, key, scale, shift, positive_index, labels, key_labels, stats, grads, label_smoothing,
+      symmetric, masked, backend, deterministic, precision, low_memory, algorithm, workspace,
+      need_q, need_k, need_s, need_shift):
     dq = torch.empty_like(query) if need_q else query.new_empty(0)
     dk = torch.empty_like(key) if (need_k and key is not None) else query.new_empty(0)
-    return dq, dk, torch.empty_like(scale)
+    dsh = torch.empty_like(shift) if (need_shift and shift is not None) else query.new_empty(0)
+    return dq, dk, torch.empty_like(scale), dsh
 
 
 def _setup_context(ctx, inputs, output):
-    (query, key, scale, bias, positive_index, labels, key_labels, scale_name, check_index,
-     label_smoothing, symmetric, backend, *opts) = inputs
-    ctx.save_for_backward(query, key, scale, positive_index, labels, key_labels,
+    (query, key, scale, bias, shift, positive_index, labels, key_labels, scale_name, check_index,
+     label_smoothing, symmetric, masked, backend, *opts) = inputs
+    ctx.save_for_backward(query, key, scale, shift, positive_index, labels, key_labels,
                           output[0], output[4], output[5])
-    ctx.config = (label_smoothing, symmetric, backend, *opts)
+    ctx.config = (label_smoothing, symmetric, masked, backend, *opts)
 
 
 def _backward(ctx, grads):
-    query, key, scale, positive_index, labels, key_labels, lse_r, lse_c, a_c = ctx.saved_tensors
-    label_smoothing, symmetric, backend, *opts = ctx.config
+    (query, key, scale, shift, positive_index, labels, key_labels, lse_r, lse_c,
+     a_c) = ctx.saved_tensors
+    label_smoothing, symmetric, masked, backend, *opts = ctx.config
     like = [lse_r, lse_r, lse_r, lse_c, a_c, a_c]
     # gradients of [lse, A, B] of the rows and of the columns (P counts: none); one that
     # did not come is empty, but for the rows' lse and A
     picked = [grads[i] for i in (0, 1, 3, 4, 5, 7)]
     g = [(torch.zeros_like(x) if i < 2 else x.new_empty(0)) if gi is None else
          gi.to(x.dtype).contiguous() for i, (gi, x) in enumerate(zip(picked, like))]
-    need_q, need_k, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    dq, dk, ds = info_nce_grads(query, key, scale, positive_index, labels, key_labels,
-                                [lse_r, lse_c], g, label_smoothing, symmetric, backend, *opts,
-                                need_q, need_k and key is not None, need_s)
+    need_q, need_k, need_s, _, need_sh = ctx.needs_input_grad[:5]
+    dq, dk, ds, dsh = info_nce_grads(query, key, scale, shift, positive_index, labels,
+                                     key_labels, [lse_r, lse_c], g, label_smoothing, symmetric,
+                                     masked, backend, *opts, need_q,
+                                     need_k and key is not None, need_s, need_sh)
     return (dq if need_q else None, dk if (need_k and key is not None) else None,
-            ds if need_s else None) + (None,) * 14
+            ds if need_s else None, None, dsh if need_sh else None) + (None,) * 14
 
 
 info_nce_stats.register_autograd(_backward, setup_context=_setup_context)
@@ -238,15 +251,20 @@ def siglip_grads_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
                                           backend, options)
     need_dq = need_q or (need_s and not need_k)
     with torch.no_grad(), _exact(query):
-        dq, dk, ds = engine.siglip_backward(
+        out = list(engine.siglip_backward(
             spec, query.detach(), key.detach(), _scale(scale, query), _scale(bias, query),
-            targets, blocks, g_r, g_a, need_dq, need_k, need_s)
-    return _outputs(query, key, scale, dq, dk, ds, need_q, need_k, need_s)
+            targets, blocks, g_r, g_a, need_dq, need_k, need_s))
+    return _outputs(query, key, scale, out, need_q, need_k, need_s)
 
 
-def _outputs(query, key, scale, dq, dk, ds, need_q, need_k, need_s):
+def _outputs(query, key, scale, grads, need_q, need_k, need_s):
+    """(dq, dk, ds) of grads = [dq, dk, ds] (float32/64) in the dtypes of query, key and
+    scale. The list is emptied as it goes: one cast at a time, each float32 buffer dropped
+    once cast (the caller must hold no other reference)."""
+    dq = grads.pop(0)
     dq_out = dq.to(query.dtype) if (need_q and dq is not None) else query.new_empty(0)
-    dq = None
+    del dq
+    dk, ds = grads.pop(0), grads.pop(0)
     dk_out = dk.to(key.dtype) if (need_k and dk is not None) else query.new_empty(0)
     ds_out = (ds.to(scale.dtype).reshape(scale.shape) if (need_s and ds is not None)
               else torch.zeros_like(scale))

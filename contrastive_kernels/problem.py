@@ -34,6 +34,18 @@ class Problem:
     scale_name: str = "logit_scale"        # the argument the scale came from
     index_given: bool = False              # positive_index came from the caller (checked
                                            # by check_values; the defaults are in range)
+    margin: float = 0.0                    # additive margin m of the positive logits
+    decoupled: bool = False                # positives left out of the log-sum-exps (DCL)
+
+    @property
+    def per_row(self):
+        """Whether the scale is one per query row (per-query temperature)."""
+        return torch.is_tensor(self.scale) and self.scale.dim() == 1
+
+    @property
+    def shifted(self):
+        """Whether the kernels shift the positive logits (margin or decoupled)."""
+        return bool(self.margin) or self.decoupled
 
     @property
     def n_keys(self):
@@ -48,7 +60,7 @@ class Problem:
         return torch.float64 if self.query.dtype == torch.float64 else torch.float32
 
 
-def _check_matrix(name, x):
+def check_matrix(name, x):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -61,7 +73,7 @@ def _check_matrix(name, x):
         raise ValueError(f"{name} must have a non-zero embedding dim, got shape {tuple(x.shape)}")
 
 
-def _check_int_vector(name, x, length, length_name, device):
+def check_int_vector(name, x, length, length_name, device):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -92,6 +104,21 @@ def _check_scalar(name, x, device, positive):
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
 
 
+def check_scale(name, x, n, device):
+    """A scale or temperature: a scalar (_check_scalar), or a 1-D floating tensor of one
+    value per query row (N,) on the queries' device (per-query temperature)."""
+    if torch.is_tensor(x) and x.dim() == 1 and x.numel() != 1:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.shape[0] != n:
+            raise ValueError(f"{name} must be a float, a 0-dim tensor or a tensor of shape "
+                             f"({n},) (one per query row), got shape {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but query is on {device}")
+        return x
+    return _check_scalar(name, x, device, positive=True)
+
+
 def _check_value(name, value, positive):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -99,16 +126,28 @@ def _check_value(name, value, positive):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def check_variants(margin, decoupled):
+    """(margin, decoupled) of info_nce: a finite float and a bool."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"margin must be a float, got {type(margin).__name__}")
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be finite, got {margin}")
+    if not isinstance(decoupled, bool):
+        raise TypeError(f"decoupled must be a bool, got {type(decoupled).__name__}")
+    return float(margin), decoupled
+
+
 def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                  logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                 global_index=False) -> Problem:
+                 global_index=False, margin=0.0, decoupled=False) -> Problem:
     """The Problem of one call (module docstring). global_index: positive_index points
     into the keys of every rank (the ring checks the global sizes)."""
-    _check_matrix("query", query)
+    margin, decoupled = check_variants(margin, decoupled)
+    check_matrix("query", query)
     n, d = query.shape
     dev = query.device
     if key is not None:
-        _check_matrix("key", key)
+        check_matrix("key", key)
         if key.shape[1] != d:
             raise ValueError(f"key has embedding dim {key.shape[1]} but query has {d}")
         if key.device != dev:
@@ -128,11 +167,11 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
 
     scale_name = "logit_scale"
     if logit_scale is not None:
-        scale = _check_scalar("logit_scale", logit_scale, dev, positive=True)
+        scale = check_scale("logit_scale", logit_scale, n, dev)
     else:
         scale_name = "temperature"
         t = DEFAULT_TEMPERATURE if temperature is None else temperature
-        t = _check_scalar("temperature", t, dev, positive=True)
+        t = check_scale("temperature", t, n, dev)
         scale = 1.0 / t
     bias = 0.0 if logit_bias is None else _check_scalar("logit_bias", logit_bias, dev, positive=False)
 
@@ -143,7 +182,7 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
         raise ValueError("key_labels needs labels as well")
 
     if labels is not None:
-        labels = _check_int_vector("labels", labels, n, "query rows", dev)
+        labels = check_int_vector("labels", labels, n, "query rows", dev)
         if key is None:
             if key_labels is not None:
                 raise ValueError("key_labels must be None when key is None (the keys are the queries)")
@@ -154,7 +193,7 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                                  f"({m}) than query ({n})")
             key_labels = labels
         else:
-            key_labels = _check_int_vector("key_labels", key_labels, m, "key rows", dev)
+            key_labels = check_int_vector("key_labels", key_labels, m, "key rows", dev)
     else:
         if symmetric and key is not None and m != n and not (global_index and
                                                               positive_index is not None):
@@ -172,11 +211,17 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                                      f"rows, got query rows {n} and key rows {m}")
                 positive_index = torch.arange(n, device=dev)
         else:
-            positive_index = _check_int_vector("positive_index", positive_index, n, "query rows", dev)
+            positive_index = check_int_vector("positive_index", positive_index, n, "query rows", dev)
 
+    per_row = torch.is_tensor(scale) and scale.dim() == 1
+    if (margin or decoupled) and symmetric and key is None and given_index and not per_row:
+        # the columns reuse the rows' log-sum-exps, which needs a symmetric shifted S
+        raise ValueError("margin/decoupled with key=None and symmetric=True needs symmetric "
+                         "positives (labels or the default NT-Xent pairing), not a "
+                         "positive_index")
     return Problem(query, key, positive_index, labels, key_labels, scale, bias,
                    symmetric, float(label_smoothing), reduction, scale_name,
-                   index_given=given_index)
+                   index_given=given_index, margin=margin, decoupled=decoupled)
 
 
 SIGLIP_SCALE = 10.0       # SigLIP's initialisation: t' = log 10, s = exp(t') = 10
@@ -193,13 +238,17 @@ def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, lo
         raise TypeError("logit_scale must be a float or a 0-dim tensor, got None")
     if logit_bias is None:
         raise TypeError("logit_bias must be a float or a 0-dim tensor, got None")
-    return check_inputs(query, key, positive_index, labels, key_labels, None, logit_scale,
-                        logit_bias, False, 0.0, reduction, global_index=global_index)
+    p = check_inputs(query, key, positive_index, labels, key_labels, None, logit_scale,
+                     logit_bias, False, 0.0, reduction, global_index=global_index)
+    if p.per_row:
+        raise ValueError(f"logit_scale must be a float or a 0-dim tensor for siglip_loss, got "
+                         f"shape {tuple(logit_scale.shape)}")
+    return p
 
 
 def check_uniformity(x, t):
     """(x, t) of uniformity_loss: x (N, D) with N >= 2, t a float > 0 or a 0-dim tensor."""
-    _check_matrix("x", x)
+    check_matrix("x", x)
     if x.shape[0] < 2:
         raise ValueError(f"x must have at least 2 rows (pairs i != j), got shape {tuple(x.shape)}")
     return x, _check_scalar("t", t, x.device, positive=True)
@@ -207,8 +256,8 @@ def check_uniformity(x, t):
 
 def check_alignment(x, y, alpha):
     """(x, y, alpha) of alignment_loss: two (N, D) matrices of one dtype and device."""
-    _check_matrix("x", x)
-    _check_matrix("y", y)
+    check_matrix("x", x)
+    check_matrix("y", y)
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     if y.dtype != x.dtype:
@@ -240,7 +289,9 @@ def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias
                                  f"None{where}")
     for name, x, positive in ((scale_name, scale, True), ("logit_bias", bias, False)):
         if torch.is_tensor(x) and x.device.type == "cpu":
-            v = float(x.detach())
+            v = x.detach().double().reshape(-1)
             if name == "temperature":          # the scale is 1 / temperature
-                v = 1.0 / v if v else float("inf")
-            _check_value(name, v, positive)
+                v = torch.where(v != 0, 1.0 / v, torch.full_like(v, float("inf")))
+            # the worst value: a non-finite one, else the smallest
+            bad = v[~torch.isfinite(v)]
+            _check_value(name, float(bad[0] if bad.numel() else v.min()), positive)

@@ -11,18 +11,24 @@ import torch
 from .problem import check_alignment, check_inputs, check_siglip, check_uniformity, check_values
 
 
-def _row_losses(logits, valid, pos, smoothing):
-    """Loss of each row of `logits` (R x C).
+def _row_losses(logits, valid, pos, smoothing, denom=None):
+    """Loss of each row of `logits` (R x C): -sum_j w_ij (logits_ij - LSE_i).
 
-    valid: bool R x C, entries that take part in the log-sum-exp.
+    valid: bool R x C, the row's keys (the targets' support).
     pos:   bool R x C, positives (a subset of valid).
-    Returns (loss R, has_positive R).
+    denom: bool R x C, the entries of the log-sum-exp (default: valid). A row whose
+           log-sum-exp is empty has no loss.
+    Returns (loss R, has_loss R).
     """
-    masked = logits.masked_fill(~valid, float("-inf"))
-    logp = torch.log_softmax(masked, dim=1)
+    denom = valid if denom is None else denom
+    some = denom.any(1, keepdim=True)
+    # (an empty row reads zeros: no loss, and no NaN from its gradient)
+    masked = torch.where(some, logits.masked_fill(~denom, float("-inf")), torch.zeros_like(logits))
+    lse = torch.logsumexp(masked, dim=1, keepdim=True)
+    logp = torch.where(valid, logits - lse, torch.full_like(logits, float("-inf")))
     npos = pos.sum(1)
     nvalid = valid.sum(1)
-    has_pos = npos > 0
+    has_pos = (npos > 0) & denom.any(1)
     w = pos.to(logits.dtype) / npos.clamp_min(1).unsqueeze(1)
     if smoothing:
         u = valid.to(logits.dtype) / nvalid.clamp_min(1).unsqueeze(1)
@@ -35,19 +41,24 @@ def _row_losses(logits, valid, pos, smoothing):
 
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
-             label_smoothing=0.0, reduction="mean", backend="auto"):
-    """Same signature and semantics as `contrastive_kernels.info_nce`.
+             label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
+             backend="auto", **options):
+    """Same signature and semantics as `contrastive_kernels.info_nce` (kernel options are
+    accepted and ignored).
 
     Materializes N x M logits in float64 (or the input dtype if that is
     float64); use it only as an oracle.
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                     logit_scale, logit_bias, symmetric, label_smoothing, reduction)
+                     logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+                     margin=margin, decoupled=decoupled)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, p.self_contrast,
                  p.scale, p.bias, p.scale_name)
     q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
     k = q if p.self_contrast else (p.key.to(torch.float64) if p.key.dtype != torch.float64 else p.key)
     scale = p.scale.to(torch.float64) if torch.is_tensor(p.scale) else p.scale
+    if p.per_row:                   # per-query temperature: row i's logits scale by s_i
+        scale = scale[:, None]
     bias = p.bias.to(torch.float64) if torch.is_tensor(p.bias) else p.bias
     logits = scale * (q @ k.T) + bias
     n, m = logits.shape
@@ -61,12 +72,16 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
         pos = torch.zeros(n, m, dtype=torch.bool, device=dev)
         pos[torch.arange(n, device=dev), p.positive_index] = True
     pos &= valid
+    # additive margin: every positive logit is s (<q, k> - m) + b
+    logits = logits - scale * p.margin * pos.to(logits.dtype)
+    # decoupled: the positives are left out of the log-sum-exp
+    denom = valid & ~pos if p.decoupled else valid
 
-    row, row_ok = _row_losses(logits, valid, pos, p.label_smoothing)
+    row, row_ok = _row_losses(logits, valid, pos, p.label_smoothing, denom)
     if not p.symmetric:
         losses, oks = [row], [row_ok]
     else:
-        col, col_ok = _row_losses(logits.T, valid.T, pos.T, p.label_smoothing)
+        col, col_ok = _row_losses(logits.T, valid.T, pos.T, p.label_smoothing, denom.T)
         losses, oks = [0.5 * row, 0.5 * col], [row_ok, col_ok]
 
     if p.reduction == "none":

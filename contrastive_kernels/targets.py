@@ -44,7 +44,7 @@ class Block:
         self.classes = 0
         self._pi = pi
         self._whole = whole        # the block holds every key (the local loss)
-        self._rid = self._cid = self._pairs = None
+        self._rid = self._cid = self._pairs = self._ids = None
         self.cols = self.col_pack = self.dk = None   # what the engine hands the transport
 
     @property
@@ -67,6 +67,16 @@ class Block:
                 self._rid = torch.where((pi >= off) & (pi < off + self.size), pi - off,
                                         torch.full_like(pi, -1))
         return self._rid
+
+    def shift(self, delta):
+        """The kernels' positive shift of this block, (rid, cid, delta) with int32 ids
+        (backends/base.py), or None without a delta."""
+        if delta is None:
+            return None
+        if self._ids is None:
+            self._ids = (self.rid.to(torch.int32).contiguous(),
+                         self.cid.to(torch.int32).contiguous())
+        return self._ids + (delta,)
 
     @property
     def cid(self):
@@ -150,7 +160,7 @@ class Targets:
             p_r = torch.bincount(b.cid, minlength=b.classes)[b.rid].to(acc)
             p_c = torch.bincount(b.rid, minlength=b.classes)[b.cid].to(acc) if cols else None
             if b.self_mask:  # a row's own label always matches: leave the diagonal out
-                own = self.rowdots(q, q, acc)
+                own = self.rowdots(q, kb, acc)
                 a_r, p_r = a_r - own, p_r - 1
                 if cols:
                     a_c, p_c = a_c - own, p_c - 1
@@ -168,7 +178,7 @@ class Targets:
             b_r = self._matvec(q, self._wsum(kb, None, acc), acc)
             b_c = self._matvec(kb, self._wsum(q, None, acc), acc) if cols else None
             if b.self_mask:
-                own = self.rowdots(q, q, acc)
+                own = self.rowdots(q, kb, acc)
                 b_r = b_r - own
                 if cols:
                     b_c = b_c - own

@@ -25,7 +25,8 @@ def c_ops():
     if not extension.loaded():
         return set()
     ns = torch.ops.contrastive_kernels
-    return {ns.lse_forward.default, ns.lse_backward.default, ns.siglip_tiles.default}
+    return {ns.lse_forward.default, ns.lse_backward.default, ns.siglip_tiles.default,
+            ns.lse_forward_shifted.default, ns.lse_backward_shifted.default}
 
 
 class SeeThrough(TorchDispatchMode):

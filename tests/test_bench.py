@@ -41,6 +41,14 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
     for n in (256, 512):
         for m in methods:
             assert [str(n), "32", m] in [t[:3] for t in table], (n, m)
+    # the variants' table, side by side with plain cpu at the sweep's largest N
+    if "cpu" in be:
+        variants = {r["method"]: r for r in data["variants"]}
+        assert sorted(variants) == ["cpu", "cpu:dcl", "cpu:margin", "cpu:temp", "gemm"]
+        assert all(r["status"] == "ok" and r["n"] == 512 for r in variants.values())
+        assert "InfoNCE variants on the cpu backend" in out
+        for m in ("cpu:margin", "cpu:dcl", "cpu:temp"):
+            assert any(t[:1] == [m] for t in table), m
 
 
 def test_memory_skip_estimates():

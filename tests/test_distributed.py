@@ -59,7 +59,7 @@ def _close(name, got, want, tol):
 def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, symmetric=True,
               labels=False, key_labels=False, global_pi=False, smoothing=0.0,
               reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0,
-              frozen=None, options=None):
+              frozen=None, options=None, variant=None, per_row=False):
     """One case: ring/gather loss on the shards vs ck.reference on the global batch.
     frozen: "keys" or "queries" need no gradient (a locked tower, a memory bank);
     "keys_rank0": only rank 0's keys (the others' dk still needs rank 0's share)."""
@@ -75,7 +75,8 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     Q = F.normalize(torch.randn(ng, D, generator=gen, dtype=torch.float64), dim=1).to(dtype)
     K = None if self_contrast else F.normalize(
         torch.randn(mg, D, generator=gen, dtype=torch.float64), dim=1).to(dtype)
-    kw = dict(symmetric=symmetric, label_smoothing=smoothing, reduction=reduction)
+    kw = dict(symmetric=symmetric, label_smoothing=smoothing, reduction=reduction,
+              **(variant or {}))   # margin, decoupled
     lab = klab = pi = None
     if labels:
         lab = torch.randint(0, 4, (ng,), generator=gen)
@@ -86,6 +87,9 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
             pi = (torch.arange(ng) + torch.randint(1, ng, (ng,), generator=gen)) % ng
         else:
             pi = torch.randint(0, mg, (ng,), generator=gen)  # repeats: some columns unmatched
+    # per_row: one logit scale per query row (per-query temperature)
+    S = (5.0 + 5.0 * torch.rand(ng, generator=gen, dtype=torch.float64)).to(dtype) \
+        if per_row else torch.tensor(7.0, dtype=dtype)
     on, om = _offsets(sizes_n), _offsets(sizes_m)
     rn = slice(on[rank], on[rank] + sizes_n[rank])
     rm = slice(om[rank], om[rank] + sizes_m[rank])
@@ -97,7 +101,7 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     q = leaf(Q[rn], frozen != "queries")
     k_frozen = frozen == "keys" or (frozen == "keys_rank0" and rank == 0)
     k = None if self_contrast else leaf(K[rm], not k_frozen)
-    scale, bias = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
+    scale, bias = leaf(S[rn] if per_row else S), leaf(torch.tensor(-2.0, dtype=dtype))
     loc = dict(kw, logit_scale=scale, logit_bias=bias, backend=backend, **(options or {}))
     if lab is not None:
         loc["labels"] = lab[rn]
@@ -113,7 +117,7 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
 
     # the reference on the concatenated global batch
     Qr, Kr = leaf(Q, frozen != "queries"), None if self_contrast else leaf(K, frozen != "keys")
-    sr, br = leaf(torch.tensor(7.0, dtype=dtype)), leaf(torch.tensor(-2.0, dtype=dtype))
+    sr, br = leaf(S), leaf(torch.tensor(-2.0, dtype=dtype))
     ref_kw = dict(kw, logit_scale=sr, logit_bias=br)
     if lab is not None:
         ref_kw["labels"] = lab
@@ -143,8 +147,11 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
         assert k.grad is None
     elif not self_contrast:
         _close("dk", k.grad, factor * Kr.grad[rm], tol)
-    _close("d logit_scale (sum of shares)", _allreduce(scale.grad), factor * sr.grad.reshape(1),
-           tol)
+    if per_row:
+        _close("d logit_scale (own rows)", scale.grad, factor * sr.grad[rn], tol)
+    else:
+        _close("d logit_scale (sum of shares)", _allreduce(scale.grad),
+               factor * sr.grad.reshape(1), tol)
     _close("d logit_bias (sum of shares)", _allreduce(bias.grad), factor * br.grad.reshape(1),
            tol)
 
@@ -251,6 +258,27 @@ def _cases(world, rank):
         R(self_contrast=True, symmetric=False, smoothing=0.1, **low)
         R(symmetric=False, uneven_m=True, global_pi=True, frozen="keys_rank0", **low)
     R(symmetric=True, labels=True, backend="triton", options=dict(deterministic=True))
+    # --- margin and decoupled (DCL), every backend that has them ---
+    R(symmetric=True, smoothing=0.1, variant=dict(margin=0.3))
+    R(symmetric=True, uneven_m=True, labels=True, key_labels=True, backend="cpu",
+      variant=dict(margin=0.2, decoupled=True), dtype=torch.float32)
+    R(self_contrast=True, symmetric=True, labels=True, variant=dict(decoupled=True))
+    R(self_contrast=True, symmetric=False, smoothing=0.1, variant=dict(margin=0.25))
+    R(symmetric=False, uneven_m=True, global_pi=True, backend="triton",
+      variant=dict(margin=0.25, decoupled=True))
+    R(symmetric=True, global_pi=True, frozen="keys_rank0", variant=dict(margin=0.1))
+    R(mode="gather", symmetric=True, labels=True, variant=dict(margin=0.1, decoupled=True))
+    R(mode="gather", symmetric=False, uneven_m=True, variant=dict(decoupled=True))
+    # --- per-query temperature (one logit scale per row) ---
+    R(symmetric=True, smoothing=0.1, per_row=True)
+    R(symmetric=False, uneven_m=True, labels=True, key_labels=True, per_row=True,
+      variant=dict(margin=0.2, decoupled=True), backend="cpu", dtype=torch.float32)
+    R(self_contrast=True, symmetric=True, labels=True, per_row=True,
+      variant=dict(decoupled=True))
+    R(self_contrast=True, symmetric=False, per_row=True, variant=dict(margin=0.2),
+      backend="triton")
+    R(mode="gather", symmetric=False, uneven_m=True, global_pi=True, per_row=True,
+      variant=dict(margin=0.3))
     # --- gather ---
     R(mode="gather", symmetric=True, smoothing=0.1)
     R(mode="gather", symmetric=True, labels=True, dtype=torch.float32, **low)
@@ -273,6 +301,18 @@ def _cases(world, rank):
     _expect_value_error_everywhere(
         lambda: ckd.ring_info_nce(q, q.clone(), temperature=tmp, backend="torch"),
         "temperature must be > 0")
+    _expect_value_error_everywhere(    # one rank's margin differs
+        lambda: ckd.ring_info_nce(q, q.clone(), margin=0.1 * (rank == 0), backend="torch"),
+        "margin must be the same")
+    low_rank = dict(low_memory=True) if rank == 1 else {}   # bad on one rank only
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_info_nce(q, q.clone(), decoupled=True, backend="torch", **low_rank),
+        "does not support low_memory")
+    scale_rows = torch.ones(4)
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_info_nce(q, q.clone(), logit_scale=scale_rows, symmetric=True,
+                                  margin=0.1, backend="torch"),
+        "not supported with a margin")
     dim = D if rank else D + 1          # embedding dims disagree
     _expect_value_error_everywhere(
         lambda: ckd.ring_info_nce(torch.randn(4, dim), torch.randn(4, dim), backend="torch"),

@@ -55,7 +55,7 @@ BAD = [
     ("temperature string", dict(temperature="0.1"), TypeError, r"temperature must be a float"),
     ("logit_scale 0", dict(logit_scale=0.0), ValueError, r"logit_scale must be > 0"),
     ("logit_scale inf tensor", dict(logit_scale=torch.tensor(math.inf)), ValueError, r"logit_scale must be finite"),
-    ("logit_scale vector", dict(logit_scale=torch.ones(2)), ValueError, r"logit_scale must be a float or a 0-dim tensor"),
+    ("logit_scale vector", dict(logit_scale=torch.ones(2)), ValueError, r"logit_scale must be a float, a 0-dim tensor or a tensor of shape"),
     ("logit_bias nan", dict(logit_bias=math.nan), ValueError, r"logit_bias must be finite"),
     ("symmetric M != N", dict(key=torch.randn(6, 3), symmetric=True), ValueError, r"symmetric=True needs as many keys as queries"),
     ("fewer keys than queries", dict(key=torch.randn(2, 3)), ValueError, r"needs key rows >= query rows"),

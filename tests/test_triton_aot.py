@@ -53,10 +53,14 @@ def test_every_variant_compiled(compiled):
         assert len(fwd) == 4, fwd
         bwd = {(r["flags"]["SELF_MASK"], r["flags"]["HAS_R"], r["flags"]["HAS_C"], r["flags"]["ATOMIC_DK"],
                 r["flags"].get("SIGLIP", False), r["flags"].get("SUMS", False),
-                r["flags"].get("GRAD", True))
+                r["flags"].get("GRAD", True), r["flags"].get("SHIFT", 0))
                for r in compiled if r["kind"] == "bwd" and r["dtype"] == dt}
-        assert len(bwd) == 10 + 4, bwd      # + the sigmoid loss's four launches
+        # + the sigmoid loss's four launches and the positive shift's three
+        assert len(bwd) == 10 + 4 + 3, bwd
         assert sum(1 for b in bwd if b[4]) == 4, bwd
+        assert {b[7] for b in bwd} == {0, 1, 2}, bwd
+        assert any(r["flags"].get("SHIFT") for r in compiled
+                   if r["kind"] == "fwd" and r["dtype"] == dt)
         grad = {tuple(r["flags"].values()) for r in compiled if r["kind"] == "grad" and r["dtype"] == dt}
         assert len(grad) == 8, grad
     for dt in ("fp16", "bf16", "fp32", "tf32", "fp64"):
@@ -97,7 +101,8 @@ def test_default_configs_do_not_spill(compiled):
     if any(r["spills"] is None for r in compiled):
         pytest.skip("ptxas -v did not run")
     half = [r for r in compiled if r["dtype"] in ("fp16", "bf16")]
-    assert len(half) == 2 * (4 + 14 + 8 + 4)    # + the blocked kernels (no spills either)
+    # fwd (+ shift), bwd (+ sigmoid, + shift), grad, and the blocked kernels (no spills either)
+    assert len(half) == 2 * (5 + 17 + 8 + 4)
     # The sigmoid loss's 3-pass launch with D in one chunk (256) also keeps two row sums
     # and both softplus and sigmoid: 108 B of spills (sm_90, triton 3.9), under 128 B.
     one_d_grad = lambda r: r["flags"].get("ONE_D") and (

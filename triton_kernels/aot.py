@@ -77,6 +77,17 @@ def variants(dtypes, full=False):
             out.append(("bwd", dt, dict(SELF_MASK=False, HAS_R=bool(r), HAS_C=bool(c),
                                         ATOMIC_DK=bool(a), ONE_D=i % 2 == 0, SIGLIP=True,
                                         SUMS=bool(sums), GRAD=bool(grad_))))
+        # the positive shift (margin, decoupled): the forward, the atomic and the
+        # deterministic dq launches with the shift's gradient, the dk launch on S^T
+        shifted = [("fwd", dict(SELF_MASK=False, COLS=True, ONE_D=True, SHIFT=1)),
+                   ("bwd", dict(SELF_MASK=False, HAS_R=True, HAS_C=True, ATOMIC_DK=True,
+                                ONE_D=False, SHIFT=1, DSHIFT_ON=True)),
+                   ("bwd", dict(SELF_MASK=True, HAS_R=True, HAS_C=False, ATOMIC_DK=False,
+                                ONE_D=True, SHIFT=1, DSHIFT_ON=True)),
+                   ("bwd", dict(SELF_MASK=False, HAS_R=True, HAS_C=True, ATOMIC_DK=False,
+                                ONE_D=False, SHIFT=2))]
+        out += [(kind, dt, f) for kind, f in
+                (shifted if full or dt in ("fp16", "bf16") else shifted[:2])]
         grad = _GRAD if full or dt in ("fp16", "bf16") else _GRAD[2:]
         for i, (sm, r, c, e, ds) in enumerate(grad):
             for one_d in (ones if full or dt in ("fp16", "bf16") else (i % 2 == 0,)):
@@ -122,10 +133,12 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
         fn = L.lse_fwd_kernel
         cfg = dict(config or P["FWD"])
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "LSE_R": f"*{acc_s}",
-               "PART_C": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32", "stride_q": "i32",
+               "PART_C": f"*{acc_s}", "RID": "*i32", "CID": "*i32", "DELTA": f"*{acc_s}",
+               "N": "i32", "M": "i32", "D": "i32", "stride_q": "i32",
                "stride_k": "i32", "SIZE_KEY": "i32"}
         const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_M=flags.get("BLOCK_M", P["FWD_BLOCK_M"]),
                      BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"])
+        const.setdefault("SHIFT", 0)
     elif kind == "grad":
         fn = L.lse_grad_kernel
         cfg = dict(config or P["GRAD" if flags["ONE_D"] else "GRAD_D"])
@@ -144,12 +157,13 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "SCALE": f"*{acc_s}", "GNORM": f"*{acc_s}",
                "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}", "G_C": f"*{acc_s}",
                "DQ": f"*{acc_s}", "DK": f"*{acc_s}", "BIAS": f"*{acc_s}", "R_OUT": f"*{acc_s}",
-               "T_OUT": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32",
+               "T_OUT": f"*{acc_s}", "RID": "*i32", "CID": "*i32", "DELTA": f"*{acc_s}",
+               "DSHIFT": f"*{acc_s}", "N": "i32", "M": "i32", "D": "i32",
                "stride_q": "i32", "stride_k": "i32", "SIZE_KEY": "i32"}
         const = dict(flags, PREC=prec, ACC=acc_tl, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
                      BLOCK_N=cfg["BLOCK_N"])
         for name, default in (("TILE_BARRIER", False), ("SIGLIP", False), ("SUMS", False),
-                              ("GRAD", True)):
+                              ("GRAD", True), ("SHIFT", 0), ("DSHIFT_ON", False)):
             const.setdefault(name, default)    # ASTSource does not fill in defaults
     for name in const:
         sig[name] = "constexpr"

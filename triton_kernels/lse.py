@@ -38,6 +38,11 @@ over the embedding dim in BLOCK_D chunks):
                    (j, i) terms, so one launch gives the whole gradient. DS_ON writes
                    each program's sum of dS_lse * q k^T (for the scale gradient) to DSC.
 
+SHIFT (lse_fwd_kernel, lse_bwd_kernel; the margin and decoupled variants): every tile
+adds DELTA[i] to its positives, RID[i] == CID[j] (int32 ids; DELTA = -inf leaves them
+out), by row, or (2) by column for the launch on S^T; DSHIFT_ON writes each row's
+sum of dS over its positives (the shift's gradient) to DSHIFT.
+
 The blocked algorithm (backends.triton.BLOCKED) leaves the GEMMs to cuBLAS and keeps two
 memory-bound kernels on an fp32 row block of S = q_b k^T (R x M, rows stride_s apart):
 
@@ -180,11 +185,13 @@ def _rows(X, offs, ok, dd, D, stride):
 
 @triton.jit
 def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
-            q_one, scale, SELF_MASK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
-            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr):
+            q_one, scale, RID, CID, DELTA, SELF_MASK: tl.constexpr, ONE_D: tl.constexpr,
+            PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SHIFT: tl.constexpr = 0):
     """scale * q[offs_m] k[offs_n]^T with invalid entries (out of range, diagonal) -inf,
-    (with ONE_D) the k tile it loaded, and the unscaled, unmasked q k^T."""
+    (with ONE_D) the k tile it loaded, the unscaled, unmasked q k^T, and the positives
+    (RID[i] == CID[j]; with SHIFT only). SHIFT (margin, decoupled) adds DELTA to the
+    positives, by row (1) or, for the launch on S^T, by column (2)."""
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     kt = tl.zeros((BLOCK_N, BLOCK_D), dtype=K.dtype.element_ty)
@@ -201,7 +208,16 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
     valid = row_ok[:, None] & col_ok[None, :]
     if SELF_MASK:
         valid = valid & (offs_m[:, None] != offs_n[None, :])
-    return tl.where(valid, s, float("-inf")), kt, acc
+    pos = valid
+    if SHIFT != 0:
+        rid = tl.load(RID + offs_m, mask=row_ok, other=-1)
+        cid = tl.load(CID + offs_n, mask=col_ok, other=-2)
+        pos = rid[:, None] == cid[None, :]
+        if SHIFT == 1:
+            s = tl.where(pos, s + tl.load(DELTA + offs_m, mask=row_ok, other=0.0)[:, None], s)
+        else:
+            s = tl.where(pos, s + tl.load(DELTA + offs_n, mask=col_ok, other=0.0)[None, :], s)
+    return tl.where(valid, s, float("-inf")), kt, acc, pos
 
 
 @triton.jit
@@ -235,10 +251,10 @@ def _logaddexp(a, b):
 
 
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
-def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE_KEY,
-                   SELF_MASK: tl.constexpr, COLS: tl.constexpr, ONE_D: tl.constexpr,
+def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, RID, CID, DELTA, N, M, D, stride_q, stride_k,
+                   SIZE_KEY, SELF_MASK: tl.constexpr, COLS: tl.constexpr, ONE_D: tl.constexpr,
                    PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SHIFT: tl.constexpr = 0):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     scale = tl.load(SCALE)
@@ -256,9 +272,9 @@ def lse_fwd_kernel(Q, K, SCALE, LSE_R, PART_C, N, M, D, stride_q, stride_k, SIZE
         for n0 in range(0, M, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = offs_n < M
-            s, k_one, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
-                                  stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M,
-                               BLOCK_N, BLOCK_D)
+            s, k_one, _, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
+                                     stride_k, q_one, scale, RID, CID, DELTA, SELF_MASK, ONE_D,
+                                     PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SHIFT)
             # Online (max, sum) per row; a max of -inf (nothing valid yet) is shifted by 0.
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -295,13 +311,14 @@ def _softplus_sigmoid(z):
 
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
 def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_OUT, T_OUT,
-                   N, M, D, stride_q, stride_k, SIZE_KEY,
+                   RID, CID, DELTA, DSHIFT, N, M, D, stride_q, stride_k, SIZE_KEY,
                    SELF_MASK: tl.constexpr, HAS_R: tl.constexpr, HAS_C: tl.constexpr,
                    ATOMIC_DK: tl.constexpr, ONE_D: tl.constexpr, PREC: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, TILE_BARRIER: tl.constexpr = False,
                    SIGLIP: tl.constexpr = False, SUMS: tl.constexpr = False,
-                   GRAD: tl.constexpr = True):
+                   GRAD: tl.constexpr = True, SHIFT: tl.constexpr = 0,
+                   DSHIFT_ON: tl.constexpr = False):
     # SIGLIP: the sigmoid loss's tiles, z = S + bias: dS = g_r[i] g_c[j] sigmoid(z) (each
     # factor only if HAS_R / HAS_C; LSE_R and LSE_C are not read) and, with SUMS, each
     # row's sum of softplus(z) and of sigmoid(z) into R_OUT and T_OUT. GRAD=False: the
@@ -322,6 +339,7 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_O
     bias = 0.0
     r_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     t_acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    dsh_acc = tl.zeros((BLOCK_M,), dtype=ACC)
     if SIGLIP:
         bias = tl.load(BIAS)
     q_one = tl.zeros((BLOCK_M, BLOCK_D), dtype=in_ty)
@@ -337,8 +355,9 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_O
         n0 = tl.where(nt < tiles, nt, nt - tiles).to(tl.int64) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = offs_n < M
-        s, k_one, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
-                              q_one, scale, SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+        s, k_one, _, pos = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
+                                   stride_k, q_one, scale, RID, CID, DELTA, SELF_MASK, ONE_D,
+                                   PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SHIFT)
         ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if SIGLIP:
             sp, sg = _softplus_sigmoid(s + bias)
@@ -357,6 +376,8 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_O
                 ds += gr[:, None] * tl.exp(s - lr[:, None])
             if HAS_C:
                 ds += _ds_cols(s, LSE_C, G_C, offs_n, col_ok, gnorm)
+            if DSHIFT_ON:
+                dsh_acc += tl.sum(tl.where(pos, ds, 0.0), 1)
         ds_in = ds.to(in_ty)
         if not GRAD:
             pass
@@ -397,6 +418,8 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_O
     if SUMS:
         tl.store(R_OUT + offs_m, r_acc, mask=row_ok)
         tl.store(T_OUT + offs_m, t_acc, mask=row_ok)
+    if DSHIFT_ON:
+        tl.store(DSHIFT + offs_m, dsh_acc, mask=row_ok)
 
 
 @triton.jit
@@ -471,9 +494,9 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
         for t in range(0, tiles):
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = offs_n < M
-            s, k_one, dot = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q,
-                                    stride_k, q_one, scale, SELF_MASK, ONE_D, PREC, ACC,
-                                    BLOCK_M, BLOCK_N, BLOCK_D)
+            s, k_one, dot, _ = _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D,
+                                       stride_q, stride_k, q_one, scale, XR, YC, SCALE,
+                                       SELF_MASK, ONE_D, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
             valid = s != float("-inf")        # NaN logits stay (and make dS NaN)
             ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             if HAS_R:
@@ -593,9 +616,9 @@ def block_ds_kernel(S, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, M, str
              ds.to(DS.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
-_FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D"]
+_FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D", "SHIFT"]
 _BWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "HAS_R", "HAS_C", "ATOMIC_DK", "ONE_D", "PREC", "BLOCK_D",
-            "SIGLIP", "SUMS", "GRAD"]
+            "SIGLIP", "SUMS", "GRAD", "SHIFT", "DSHIFT_ON"]
 
 lse_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY)(lse_fwd_kernel)
 lse_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY, reset_to_zero=["DK"],

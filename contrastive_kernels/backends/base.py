@@ -25,6 +25,12 @@ inputs and float32 otherwise. A backend that declares the feature "low_memory" a
         ds = sum_ij dS_ij <q_i, k_j>. Under self_mask (k is q) dq is the whole gradient of
         q and dk is None.
 
+A backend that declares the feature "shift" (the margin and decoupled variants) takes
+`shift=(rid, cid, delta)` in both (int32 ids (N,), (M,), delta (N,) in the accumulation
+dtype): S_ij += delta[i] where rid[i] == cid[j] (rid < 0: none; delta = -inf leaves the
+entry out of both log-sum-exps). lse_backward then returns (dq_raw, dk_raw, dshift) with
+dshift[i] = sum_j [rid[i] == cid[j]] dS_ij when need_dshift (else None).
+
 A backend that declares the feature "siglip" also has the sigmoid loss's tile pass
 
     siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
@@ -47,7 +53,7 @@ import torch
 
 # Features a call may need beyond the InfoNCE core (every backend has that: rows and
 # columns, self-masking, any target): a loss other than InfoNCE, or an option.
-FEATURES = ("siglip", "low_memory", "blocked", "tf32")
+FEATURES = ("siglip", "shift", "low_memory", "blocked", "tf32")
 LOSSES = ("info_nce", "siglip")
 
 
@@ -62,6 +68,7 @@ class Call:
     self_contrast: bool = False
     symmetric: bool = False
     loss: str = "info_nce"
+    extra: tuple = ()        # features the call's variant needs ("shift")
 
 
 def needed_features(options, loss="info_nce"):
@@ -113,15 +120,15 @@ class Backend:
         if need and call.device.type == "cuda" and capability(call.device) < need:
             out.append(f"{str(call.dtype).replace('torch.', '')} needs compute capability "
                        f"{need[0]}.{need[1]} or newer")
-        out += [_missing(f) for f in needed_features(options, call.loss)
+        out += [_missing(f) for f in needed_features(options, call.loss) + list(call.extra)
                 if f not in self.features]
         return out + self.call_reasons(call, options)
 
-    def lse_forward(self, q, k, scale, self_mask, cols, options):
+    def lse_forward(self, q, k, scale, self_mask, cols, options, shift=None):
         raise NotImplementedError
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                     options):
+                     options, shift=None, need_dshift=False):
         raise NotImplementedError
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
@@ -133,6 +140,8 @@ def _missing(feature):
         return f"does not implement the {feature} loss"
     if feature == "low_memory":
         return "does not support low_memory=True"
+    if feature == "shift":
+        return "does not implement margin or decoupled (the positive shift)"
     return f"does not have the {feature} algorithm"
 
 

@@ -23,6 +23,17 @@ def _tile(q, k, scale, self_mask, i0, j0):
     return s
 
 
+def _shift(s, shift, i0, j0):
+    """The positive shift of one tile, in place: S_ij += delta[i] where rid[i] == cid[j]."""
+    if shift is None:
+        return None
+    rid, cid, delta = shift
+    n, m = s.shape
+    pos = rid[i0:i0 + n, None] == cid[None, j0:j0 + m]
+    s.add_(torch.where(pos, delta[i0:i0 + n, None], 0.0))
+    return pos
+
+
 def _finite_or_inf(lse):
     # A row with no valid entry has lse = -inf; make its probabilities 0, not NaN.
     return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
@@ -32,10 +43,10 @@ class TorchBackend(Backend):
     name = "torch"
     device_types = ()      # any
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    features = frozenset({"siglip"})
+    features = frozenset({"siglip", "shift"})
     tile = TILE
 
-    def lse_forward(self, q, k, scale, self_mask, cols, options):
+    def lse_forward(self, q, k, scale, self_mask, cols, options, shift=None):
         acc, tile = _acc(q.dtype), self.tile
         n, m = q.shape[0], k.shape[0]
         lse_r = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
@@ -44,6 +55,7 @@ class TorchBackend(Backend):
             kb = k[j0:j0 + tile].to(acc)
             for i0 in range(0, n, tile):
                 s = _tile(q[i0:i0 + tile].to(acc), kb, scale, self_mask, i0, j0)
+                _shift(s, shift, i0, j0)
                 # Online merge of log-sum-exp: logaddexp handles -inf on both sides.
                 torch.logaddexp(lse_r[i0:i0 + tile], torch.logsumexp(s, 1), out=lse_r[i0:i0 + tile])
                 if cols:
@@ -52,11 +64,13 @@ class TorchBackend(Backend):
         return lse_r, lse_c
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                     options):
+                     options, shift=None, need_dshift=False):
         acc, tile = lse_r.dtype, self.tile
         n, m = q.shape[0], k.shape[0]
         dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device) if need_dq else None
         dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if need_dk else None
+        need_dshift = need_dshift and shift is not None
+        dshift = torch.zeros(n, dtype=acc, device=q.device) if need_dshift else None
         lr = _finite_or_inf(lse_r)
         lc = _finite_or_inf(lse_c) if g_c is not None else None
         for j0 in range(0, m, tile):
@@ -64,15 +78,18 @@ class TorchBackend(Backend):
             for i0 in range(0, n, tile):
                 qb = q[i0:i0 + tile].to(acc)
                 s = _tile(qb, kb, scale, self_mask, i0, j0)
+                pos = _shift(s, shift, i0, j0)
                 # Two tile-sized buffers at most: s itself is reused for the column term.
                 ds = (s - lr[i0:i0 + tile, None]).exp_().mul_(g_r[i0:i0 + tile, None])
                 if lc is not None:
                     ds += s.sub_(lc[None, j0:j0 + tile]).exp_().mul_(g_c[None, j0:j0 + tile])
+                if need_dshift:
+                    dshift[i0:i0 + tile] += torch.where(pos, ds, 0.0).sum(1)
                 if need_dq:
                     dq[i0:i0 + tile] += ds @ kb
                 if need_dk:
                     dk[j0:j0 + tile] += ds.T @ qb
-        return dq, dk
+        return (dq, dk) if shift is None else (dq, dk, dshift)
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
         acc, tile = _acc(q.dtype), self.tile

@@ -287,9 +287,19 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
     return dq, dk
 
 
-def lse_forward(q, k, scale, self_mask, cols, options):
+def _shift_args(shift, dummy, swapped=False):
+    """(RID, CID, DELTA) pointers and the SHIFT constexpr of a launch (swapped: the launch
+    on S^T, whose rows are the keys)."""
+    if shift is None:
+        return (dummy, dummy, dummy), 0
+    rid, cid, delta = shift
+    delta = delta.to(dummy.dtype).contiguous()
+    return ((cid, rid, delta), 2) if swapped else ((rid, cid, delta), 1)
+
+
+def lse_forward(q, k, scale, self_mask, cols, options, shift=None):
     L = _setup(q, k, scale, options)
-    if _blocked(L):
+    if shift is None and _blocked(L):
         with torch.cuda.device(L.dev) if L.dev.type == "cuda" else _nullctx():
             return _blocked_forward(L, self_mask, cols)
     n, m, P, dev = L.n, L.m, L.P, L.dev
@@ -297,10 +307,11 @@ def lse_forward(q, k, scale, self_mask, cols, options):
     bm = forward_block_m(n, P, dev)
     progs = forward_programs(L.triton.cdiv(n, bm), dev)
     part = _out((progs, m), L.acc, dev) if cols else lse_r
-    args = (L.q, L.k, L.scale_t, lse_r, part, n, m, L.d, L.q.stride(0), L.k.stride(0),
+    ptrs, shift_mode = _shift_args(shift, lse_r)
+    args = (L.q, L.k, L.scale_t, lse_r, part, *ptrs, n, m, L.d, L.q.stride(0), L.k.stride(0),
             _size_key(n, m))
     meta = dict(SELF_MASK=bool(self_mask), COLS=bool(cols), ONE_D=L.one_d, PREC=L.prec,
-                ACC=L.acc_tl, BLOCK_M=bm, BLOCK_D=L.block_d)
+                ACC=L.acc_tl, BLOCK_M=bm, BLOCK_D=L.block_d, SHIFT=shift_mode)
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         if L.tuned:
             L.K.lse_fwd_tuned[(progs,)](*args, **meta)
@@ -310,8 +321,13 @@ def lse_forward(q, k, scale, self_mask, cols, options):
     return lse_r, lse_c
 
 
-def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk, options):
+def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk, options,
+                 shift=None, need_dshift=False):
     L = _setup(q, k, scale, options)
+    need_dshift = need_dshift and shift is not None
+    want_dq = need_dq
+    need_dq = need_dq or need_dshift        # the shift's gradient comes with the row launch
+    dshift = _out((L.n,), L.acc, L.dev) if need_dshift else None
     acc, dev, triton = L.acc, L.dev, L.triton
     has_c = lse_c is not None and g_c is not None
     g_r = g_r.to(acc).contiguous()
@@ -328,14 +344,17 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
     meta = dict(SELF_MASK=bool(self_mask), ONE_D=L.one_d, PREC=L.prec, ACC=L.acc_tl,
                 BLOCK_D=L.block_d)
 
-    def launch(a, b, lse_a, g_a, has_a, lse_b, g_b, has_b, da, db, atomic):
+    def launch(a, b, lse_a, g_a, has_a, lse_b, g_b, has_b, da, db, atomic, swapped=False):
         na, nb_ = a.shape[0], b.shape[0]
         dummy = lse_r
+        ptrs, shift_mode = _shift_args(shift, dummy, swapped)
+        dsh = dshift if (dshift is not None and not swapped) else dummy
         args = (a, b, L.scale_t, gnorm, lse_a if has_a else dummy, g_a if has_a else dummy,
                 lse_b if has_b else dummy, g_b if has_b else dummy, da, db if atomic else da,
-                dummy, dummy, dummy, na, nb_, L.d, a.stride(0), b.stride(0),
+                dummy, dummy, dummy, *ptrs, dsh, na, nb_, L.d, a.stride(0), b.stride(0),
                 _size_key(na, nb_))
-        kw = dict(meta, HAS_R=has_a, HAS_C=has_b, ATOMIC_DK=atomic)
+        kw = dict(meta, HAS_R=has_a, HAS_C=has_b, ATOMIC_DK=atomic, SHIFT=shift_mode,
+                  DSHIFT_ON=dsh is not dummy)
         if L.tuned:
             L.K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
         else:
@@ -345,7 +364,7 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
     q, k = L.q, L.k
     dq = dk = None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        if _blocked(L):
+        if shift is None and _blocked(L):
             dq, dk = _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm,
                                        need_dq, need_dk)
         elif need_dq and need_dk and not options.deterministic:
@@ -359,8 +378,11 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
                 launch(q, k, lse_r, g_r, True, lse_c, g_c, has_c, dq, None, False)
             if need_dk:
                 dk = _out((L.m, L.d), acc, dev)
-                launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False)
-    return tuple(None if g is None else g.mul_(gmax) for g in (dq, dk))
+                launch(k, q, lse_c, g_c, has_c, lse_r, g_r, True, dk, None, False, swapped=True)
+    out = tuple(None if g is None else g.mul_(gmax) for g in (dq if want_dq else None, dk))
+    if shift is None:
+        return out
+    return out + (None if dshift is None else dshift.mul_(gmax),)
 
 
 def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
@@ -389,8 +411,8 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
         args = (a, b, L.scale_t, gnorm, dummy, dummy if g_a is None else g_a, dummy,
                 dummy if g_b is None else g_b, dummy if da is None else da,
                 (db if atomic else da) if da is not None else dummy, bias_t,
-                r if with_sums else dummy, t if with_sums else dummy, na, nb_, L.d,
-                a.stride(0), b.stride(0), _size_key(na, nb_))
+                r if with_sums else dummy, t if with_sums else dummy, dummy, dummy, dummy,
+                dummy, na, nb_, L.d, a.stride(0), b.stride(0), _size_key(na, nb_))
         kw = dict(meta, HAS_R=g_a is not None, HAS_C=g_b is not None, ATOMIC_DK=atomic,
                   SUMS=with_sums, GRAD=grad)
         if L.tuned:
@@ -514,7 +536,7 @@ class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda", "cpu")
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    features = frozenset({"siglip", "low_memory", "blocked", "tf32"})
+    features = frozenset({"siglip", "shift", "low_memory", "blocked", "tf32"})
     min_capability = {torch.bfloat16: (8, 0)}
 
     def unavailable_reason(self, device):
@@ -523,13 +545,13 @@ class TritonBackend(Backend):
     def call_reasons(self, call, options):
         return call_reasons(call, options)
 
-    def lse_forward(self, q, k, scale, self_mask, cols, options):
-        return lse_forward(q, k, scale, self_mask, cols, options)
+    def lse_forward(self, q, k, scale, self_mask, cols, options, shift=None):
+        return lse_forward(q, k, scale, self_mask, cols, options, shift)
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                     options):
+                     options, shift=None, need_dshift=False):
         return lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                            options)
+                            options, shift, need_dshift)
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
         return siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)

@@ -164,6 +164,58 @@ void grad_tile<double>(double* x, int64_t rows, int64_t cols, const double* lse_
                             : g_r[i] * std::exp(x[i * cols + j] - lse_r[i]);
 }
 
+// The positive shift (margin, decoupled): x_ij += delta[i] where rid[i] == cid[j]
+// (delta = -inf leaves the entry out). rid < 0: the row has no positive in this block.
+template <typename T>
+void shift_tile(T* x, int64_t rows, int64_t cols, const int32_t* rid, const int32_t* cid,
+                const T* delta) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int32_t r = rid[i];
+    if (r < 0) continue;
+    const T dl = delta[i];
+    T* xi = x + i * cols;
+    for (int64_t j = 0; j < cols; ++j)
+      if (cid[j] == r) xi[j] += dl;
+  }
+}
+
+// out[i] += sum_j [rid[i] == cid[j]] x_ij: the shift's gradient from a tile of dS.
+template <typename T>
+void shift_grad(const T* x, int64_t rows, int64_t cols, const int32_t* rid, const int32_t* cid,
+                T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int32_t r = rid[i];
+    if (r < 0) continue;
+    const T* xi = x + i * cols;
+    T sum = 0;
+    for (int64_t j = 0; j < cols; ++j)
+      if (cid[j] == r) sum += xi[j];
+    out[i] += sum;
+  }
+}
+
+// The shift of one call: row ids (N,), key ids (M,) and delta (N,), or none.
+struct Shift {
+  at::Tensor rid, cid, delta;
+  bool on() const { return rid.defined() && rid.numel() > 0; }
+  Shift() = default;
+  Shift(const at::Tensor& r, const at::Tensor& c, const at::Tensor& d, at::ScalarType acc,
+        int64_t n, int64_t m) {
+    if (r.numel() == 0) return;
+    TORCH_CHECK(r.numel() == n && d.numel() == n && c.numel() == m,
+                "rid and delta must have N entries and cid M");
+    rid = r.to(at::kInt).contiguous();
+    cid = c.to(at::kInt).contiguous();
+    delta = d.detach().to(acc).contiguous();
+  }
+  template <typename T>
+  void apply(T* x, int64_t i0, int64_t ni, int64_t j0, int64_t nj) const {
+    if (on())
+      shift_tile<T>(x, ni, nj, rid.data_ptr<int32_t>() + i0, cid.data_ptr<int32_t>() + j0,
+                    delta.data_ptr<T>() + i0);
+  }
+};
+
 // log(1 + x) for 0 <= x <= 1: 2 atanh(u) with u = x / (2 + x) <= 1/3, its series to u^13
 // (truncation < 2e-8 relative); vectorizes, unlike std::log1p. NaN for NaN.
 CK_INLINE float log1p_poly(float x) {
@@ -325,11 +377,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
 
 // ---- ops
 
-std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                   double scale, bool self_mask, bool cols,
-                                                   bool /*deterministic: always*/, bool /*tf32*/,
-                                                   bool poison) {
-  check_inputs(q, k, self_mask);
+std::tuple<at::Tensor, at::Tensor> lse_forward_impl(const at::Tensor& q, const at::Tensor& k,
+                                                    double scale, bool self_mask, bool cols,
+                                                    bool poison, const Shift& shift) {
   const auto acc = acc_type(q);
   // detach: parallel workers do not inherit the caller's no-grad mode.
   const at::Tensor qa = q.detach().to(acc).contiguous();
@@ -356,6 +406,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
             const int64_t nj = std::min(kCols, m - j0);
             at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, self_mask);
+            shift.apply<T>(x.data_ptr<T>(), i0, ni, j0, nj);
             const T* xp = x.data_ptr<T>();
             row_partials<T>(xp, ni, nj, tm.data(), tl.data());
             for (int64_t i = 0; i < ni; ++i) rows[i].merge(tm[i], tl[i]);
@@ -395,14 +446,29 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
   return {lse_r, lse_c};
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                    double scale, bool self_mask,
-                                                    const at::Tensor& lse_r, const at::Tensor& lse_c,
-                                                    const at::Tensor& g_r, const at::Tensor& g_c,
-                                                    bool need_dq, bool need_dk,
-                                                    bool /*deterministic: always*/,
-                                                    bool /*tf32*/, bool poison) {
+std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                   double scale, bool self_mask, bool cols,
+                                                   bool /*deterministic: always*/, bool /*tf32*/,
+                                                   bool poison) {
   check_inputs(q, k, self_mask);
+  return lse_forward_impl(q, k, scale, self_mask, cols, poison, Shift());
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_forward_shifted_cpu(
+    const at::Tensor& q, const at::Tensor& k, double scale, bool self_mask, bool cols,
+    const at::Tensor& rid, const at::Tensor& cid, const at::Tensor& delta,
+    bool /*deterministic: always*/, bool /*tf32*/, bool poison) {
+  check_inputs(q, k, self_mask);
+  return lse_forward_impl(q, k, scale, self_mask, cols, poison,
+                          Shift(rid, cid, delta, acc_type(q), q.size(0), k.size(0)));
+}
+
+// dq, dk and (with the shift and need_dshift) the shift's gradient per row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_impl(
+    const at::Tensor& q, const at::Tensor& k, double scale, bool self_mask,
+    const at::Tensor& lse_r, const at::Tensor& lse_c, const at::Tensor& g_r,
+    const at::Tensor& g_c, bool need_dq, bool need_dk, bool poison, const Shift& shift,
+    bool need_dshift) {
   const auto acc = acc_type(q);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
   const bool cols = g_c.numel() > 0;
@@ -427,7 +493,10 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   GradAccumulators acc_g(qa, m, need_dq, need_dk);
   const Stripes& st = acc_g.st;
   at::Tensor& dq = acc_g.dq;
-  if (!need_dq && !need_dk) return {dq, acc_g.dk()};
+  need_dshift = need_dshift && shift.on();
+  // each stripe owns its rows of dshift
+  at::Tensor dshift = at::zeros({need_dshift ? n : 0}, qa.options());
+  if (!need_dq && !need_dk && !need_dshift) return {dq, acc_g.dk(), dshift};
 
   AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
     using T = scalar_t;
@@ -440,8 +509,12 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
           for (int64_t j0 = 0; j0 < m; j0 += kCols) {
             const int64_t nj = std::min(kCols, m - j0);
             at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, self_mask);
+            shift.apply<T>(x.data_ptr<T>(), i0, ni, j0, nj);
             grad_tile<T>(x.data_ptr<T>(), ni, nj, lr.data_ptr<T>() + i0, gr.data_ptr<T>() + i0,
                          cols ? lc.data_ptr<T>() + j0 : nullptr, cols ? gc.data_ptr<T>() + j0 : nullptr);
+            if (need_dshift)
+              shift_grad<T>(x.data_ptr<T>(), ni, nj, shift.rid.data_ptr<int32_t>() + i0,
+                            shift.cid.data_ptr<int32_t>() + j0, dshift.data_ptr<T>() + i0);
             if (need_dq) dq.narrow(0, i0, ni).addmm_(x, ka.narrow(0, j0, nj));
             if (need_dk) dk.narrow(0, j0, nj).addmm_(x.t(), qa.narrow(0, i0, ni));
           }
@@ -449,7 +522,32 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
       }
     });
   });
-  return {dq, acc_g.dk()};
+  return {dq, acc_g.dk(), dshift};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    double scale, bool self_mask,
+                                                    const at::Tensor& lse_r, const at::Tensor& lse_c,
+                                                    const at::Tensor& g_r, const at::Tensor& g_c,
+                                                    bool need_dq, bool need_dk,
+                                                    bool /*deterministic: always*/,
+                                                    bool /*tf32*/, bool poison) {
+  check_inputs(q, k, self_mask);
+  auto out = lse_backward_impl(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                               poison, Shift(), false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_shifted_cpu(
+    const at::Tensor& q, const at::Tensor& k, double scale, bool self_mask,
+    const at::Tensor& lse_r, const at::Tensor& lse_c, const at::Tensor& g_r,
+    const at::Tensor& g_c, const at::Tensor& rid, const at::Tensor& cid,
+    const at::Tensor& delta, bool need_dq, bool need_dk, bool need_dshift,
+    bool /*deterministic: always*/, bool /*tf32*/, bool poison) {
+  check_inputs(q, k, self_mask);
+  return lse_backward_impl(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
+                           poison, Shift(rid, cid, delta, acc_type(q), q.size(0), k.size(0)),
+                           need_dshift);
 }
 
 // The sigmoid loss's tiles (contract: contrastive_kernels/backends/base.py, siglip_tiles).
@@ -506,4 +604,6 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("lse_forward", &lse_forward_cpu);
   m.impl("lse_backward", &lse_backward_cpu);
   m.impl("siglip_tiles", &siglip_tiles_cpu);
+  m.impl("lse_forward_shifted", &lse_forward_shifted_cpu);
+  m.impl("lse_backward_shifted", &lse_backward_shifted_cpu);
 }

@@ -1,0 +1,190 @@
+"""Retrieval metrics (recall@k, MRR, mean and median rank) without the N x M scores.
+
+The rank of query i is 1 + the number of valid non-positive keys that score strictly
+higher than its best positive (docs/DESIGN.md, "Retrieval metrics"). It takes two tiled
+passes over the keys: the best positive score of each row, then the count.
+"""
+import torch
+
+from .backends import REGISTRY
+from .problem import check_int_vector, check_matrix
+
+# Rows and keys per tile: a 2048 x 2048 float32 tile is 16 MiB. Tests shrink them.
+ROW_TILE = 2048
+KEY_TILE = 2048
+
+
+def retrieval_metrics(query, key=None, *, positive_index=None, labels=None, key_labels=None,
+                      ks=(1, 5, 10), backend="auto"):
+    """Recall@k, MRR, mean and median rank of retrieving each query's positive among the
+    keys by the score s_ij = <q_i, k_j>, without holding the N x M scores.
+
+    Positives as for info_nce: `positive_index` (one key per query), or every same-label
+    pair (`labels`, `key_labels`), or by default the diagonal (key given, M >= N) or the
+    NT-Xent pairing (i + N/2) % N (key=None). With key=None the keys are the queries and
+    j = i is never a candidate. rank_i = 1 + #{valid non-positive j: s_ij > max over the
+    positives of s_ip}: 1-based, ties go to the positive. Rows with no positive are left
+    out; if no row has one, ValueError.
+
+    Returns {"recall@k" for k in ks, "mrr", "mean_rank", "median_rank"} (the lower
+    middle rank, as torch.median), each a 0-dim tensor on the inputs' device: float64
+    for float64 inputs, else float32. Scores are computed in float32 (float64 for
+    float64 inputs), with autocast off; on CUDA a float32 GEMM follows
+    torch.backends.cuda.matmul.allow_tf32. Memory: the inputs, plus one tile of
+    ROW_TILE x KEY_TILE scores.
+
+    The ranking is one tiled torch routine (GEMM and compare, no transcendental math,
+    so a custom kernel would gain little) shared by every backend: `backend` ("auto" or
+    a name from available_backends(device)) is only checked.
+    """
+    q, k, pos_index, lab, key_lab, has_pos, ks = check_metrics(
+        query, key, positive_index, labels, key_labels, ks, backend)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        ranks = tiled_ranks(q, k, pos_index, lab, key_lab)
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    r = ranks[has_pos].double()      # exact integers; means in float64, then cast
+    out = {f"recall@{x}": (r <= x).double().mean() for x in ks}
+    out["mrr"] = r.reciprocal().mean()
+    out["mean_rank"] = r.mean()
+    out["median_rank"] = torch.median(r)
+    return {name: v.to(out_dtype) for name, v in out.items()}
+
+
+def check_metrics(query, key, positive_index, labels, key_labels, ks, backend):
+    """The checked arguments (errors name the argument), before any computation:
+    (query, key or None, positive_index or None, labels or None, key_labels or None,
+    has_pos: bool (N,), ks as a tuple)."""
+    check_matrix("query", query)
+    n, d = query.shape
+    dev = query.device
+    if key is not None:
+        check_matrix("key", key)
+        if key.shape[1] != d:
+            raise ValueError(f"key has embedding dim {key.shape[1]} but query has {d}")
+        if key.device != dev:
+            raise ValueError(f"key is on {key.device} but query is on {dev}")
+        if key.dtype != query.dtype:
+            raise TypeError(f"key has dtype {key.dtype} but query has {query.dtype}")
+    m = n if key is None else key.shape[0]
+
+    if not isinstance(ks, (tuple, list)):
+        raise TypeError(f"ks must be a tuple or list of ints, got {type(ks).__name__}")
+    if not ks:
+        raise ValueError("ks must not be empty")
+    for x in ks:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"ks must hold ints, got {x!r} ({type(x).__name__})")
+        if x < 1:
+            raise ValueError(f"ks values must be >= 1, got {x}")
+
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    avail = REGISTRY.available(dev)
+    if backend != "auto" and backend not in avail:
+        raise ValueError(f"backend must be 'auto' or one of {avail} (available on {dev}), "
+                         f"got {backend!r}")
+
+    if positive_index is not None and labels is not None:
+        raise ValueError("give either positive_index or labels, not both")
+    if key_labels is not None and labels is None:
+        raise ValueError("key_labels needs labels as well")
+    if labels is not None:
+        labels = check_int_vector("labels", labels, n, "query rows", dev)
+        if key is None:
+            if key_labels is not None:
+                raise ValueError("key_labels must be None when key is None (the keys are "
+                                 "the queries)")
+            key_labels = labels
+        elif key_labels is None:
+            if m != n:
+                raise ValueError(f"key_labels is required when key has a different row count "
+                                 f"({m}) than query ({n})")
+            key_labels = labels
+        else:
+            key_labels = check_int_vector("key_labels", key_labels, m, "key rows", dev)
+    elif positive_index is None:
+        if key is None:
+            if n % 2:
+                raise ValueError(f"NT-Xent (key=None, no labels) needs an even number of query "
+                                 f"rows (two views stacked), got {n}")
+            positive_index = (torch.arange(n, device=dev) + n // 2) % n
+        else:
+            if m < n:
+                raise ValueError(f"the default positive_index arange(N) needs key rows >= query "
+                                 f"rows, got query rows {n} and key rows {m}")
+            positive_index = torch.arange(n, device=dev)
+    else:
+        positive_index = check_int_vector("positive_index", positive_index, n, "query rows", dev)
+        lo, hi = int(positive_index.min()), int(positive_index.max())
+        if lo < 0 or hi >= m:
+            raise ValueError(f"positive_index values must be in [0, {m}), got range [{lo}, {hi}]")
+        if key is None and bool((positive_index == torch.arange(n, device=dev)).any()):
+            raise ValueError("positive_index must not point a query at itself when key is None")
+
+    if labels is None:
+        has_pos = torch.ones(n, dtype=torch.bool, device=dev)
+    elif key is None:
+        # self-retrieval: a positive is another query with the same label
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        has_pos = counts[inverse] >= 2
+    else:
+        has_pos = torch.isin(labels, key_labels)
+    if not bool(has_pos.any()):
+        raise ValueError("no query row has a positive (labels: no key shares a query's label)")
+    return query, key, positive_index, labels, key_labels, has_pos, tuple(ks)
+
+
+def tile_scores(qb, keys, i0, j0, j1, self_mask, acc):
+    """<q_i, k_j> in acc for the row block qb (rows i0.., already in acc) and keys j0..j1;
+    with self_mask (key=None) the diagonal j = i is -inf (never valid). Both passes call
+    this on the same blocks, so a score is bitwise the same in both."""
+    s = qb @ keys[j0:j1].to(acc).T
+    if self_mask:
+        lo, hi = max(i0, j0), min(i0 + qb.shape[0], j1)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=s.device)
+            s[idx - i0, idx - j0] = float("-inf")
+    return s
+
+
+def tiled_ranks(q, key, positive_index, labels, key_labels):
+    """rank_i (int64, (N,)) by the definition; meaningless for rows without a positive."""
+    n, dev = q.shape[0], q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keys, self_mask = (q, True) if key is None else (key, False)
+    m = keys.shape[0]
+    rt, kt = ROW_TILE, KEY_TILE
+    neg_inf = torch.tensor(float("-inf"), dtype=acc, device=dev)
+    ranks = torch.ones(n, dtype=torch.long, device=dev)
+    pi_cpu = None if positive_index is None else positive_index.cpu()
+    for i0 in range(0, n, rt):
+        i1 = min(i0 + rt, n)
+        qb = q[i0:i1].to(acc)
+        # Pass 1: the best positive score of each row.
+        best = torch.full((i1 - i0,), float("-inf"), dtype=acc, device=dev)
+        if positive_index is not None:
+            pb = positive_index[i0:i1]
+            for t in torch.unique(pi_cpu[i0:i1] // kt).tolist():   # only tiles holding a positive
+                j0 = t * kt
+                j1 = min(j0 + kt, m)
+                s = tile_scores(qb, keys, i0, j0, j1, self_mask, acc)
+                inside = (pb >= j0) & (pb < j1)
+                col = (pb - j0).clamp(0, j1 - j0 - 1)
+                best = torch.where(inside, s.gather(1, col[:, None]).squeeze(1), best)
+        else:
+            lb = labels[i0:i1, None]
+            for j0 in range(0, m, kt):
+                j1 = min(j0 + kt, m)
+                s = tile_scores(qb, keys, i0, j0, j1, self_mask, acc)
+                # the diagonal is -inf in s, so it never raises the max
+                s = torch.where(lb == key_labels[None, j0:j1], s, neg_inf)
+                best = torch.maximum(best, s.amax(1))
+        # Pass 2: count the keys that score strictly higher. A positive scores at most
+        # `best` (the same bits as in pass 1) and the diagonal is -inf, so neither counts.
+        above = torch.zeros(i1 - i0, dtype=torch.long, device=dev)
+        for j0 in range(0, m, kt):
+            j1 = min(j0 + kt, m)
+            s = tile_scores(qb, keys, i0, j0, j1, self_mask, acc)
+            above += (s > best[:, None]).sum(1)
+        ranks[i0:i1] += above
+    return ranks
