@@ -24,7 +24,8 @@ take longer than --budget-s, are skipped with the estimate, before they run.
 Cases (--case):
   sweep    (default) N = --min-n .. --max-n (powers of two), D = --d (256)
   memory   N = 32768, D = 128: the fused loss stays far below one N x N matrix
-  variants the InfoNCE variants on the cpu backend (cpu:margin, cpu:dcl, cpu:temp, each
+  variants the InfoNCE variants on the cpu backend (cpu:margin, cpu:dcl, cpu:temp,
+           cpu:teacher (a teacher of D = 256, weight 0.5), each
            symmetric CLIP with the variant), timed side by side with plain cpu and gemm at
            N = 8192, D = 256 (2048 with --quick): their cost relative to plain InfoNCE;
            also run after the default sweep
@@ -63,6 +64,8 @@ VARIANTS = {
     "margin": lambda n: dict(margin=0.2),                      # AM-softmax
     "dcl": lambda n: dict(decoupled=True),                     # decoupled
     "temp": lambda n: dict(temperature=torch.full((n,), 0.07, requires_grad=True)),
+    # a teacher of the same width, its targets mixed half and half (softmax weighting)
+    "teacher": lambda n: dict(teacher=_inputs(n, TARGET_D, seed=2), teacher_weight=0.5),
 }
 MEMORY_N, MEMORY_D = 32768, 128
 TARGET_VS_NAIVE, TARGET_VS_FLOOR, TARGET_MEM = 0.85, 1.25, 1 * GiB
@@ -412,10 +415,18 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+# GEMM passes of one symmetric forward + backward (N x N x D each): the teacher (width
+# D_t = D here) adds 4 at D_t (its log-sum-exps, the rows' and the columns' weighted
+# dots, backward) and 4 at D (the two products, backward's dq and dk); docs/DESIGN.md 9.
+VARIANT_PASSES = {"cpu": 4, "cpu:margin": 4, "cpu:dcl": 4, "cpu:temp": 4, "cpu:teacher": 12}
+
+
 def format_variants(rows):
-    """The variants' table: time, against plain cpu, against 4 t_gemm, memory."""
+    """The variants' table: time, against plain cpu, against its GEMM passes x t_gemm
+    (t/floor), memory."""
     plain = next((r for r in rows if r["method"] == "cpu" and r["status"] == "ok"), None)
-    head = (f"{'method':<14}{'time (s)':>10}{'t/plain':>9}{'t/4gemm':>9}"
+    gemm = next((r for r in rows if r["method"] == "gemm" and r["status"] == "ok"), None)
+    head = (f"{'method':<14}{'time (s)':>10}{'t/plain':>9}{'passes':>8}{'t/floor':>9}"
             f"{'above inputs MiB':>18}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -425,8 +436,10 @@ def format_variants(rows):
             lines.append(f"{r['method']:<14} {r['note']}")
             continue
         rel = f"{r['time_s'] / plain['time_s']:>9.2f}" if plain else f"{'-':>9}"
-        floor = f"{r['ratio_floor']:>9.2f}" if r.get("ratio_floor") else f"{'-':>9}"
-        lines.append(f"{r['method']:<14}{r['time_s']:>10.4f}{rel}{floor}"
+        passes = VARIANT_PASSES.get(r["method"], 4)
+        floor = (f"{r['time_s'] / (passes * gemm['time_s']):>9.2f}" if gemm
+                 else f"{'-':>9}")
+        lines.append(f"{r['method']:<14}{r['time_s']:>10.4f}{rel}{passes:>8}{floor}"
                      f"{r['above_inputs'] / MiB:>18.1f}  {r.get('note', '')}")
     return "\n".join(lines)
 
@@ -567,7 +580,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of naive,gemm,<backends>, siglip-*, and the "
-                        "variants cpu:margin,cpu:dcl,cpu:temp (default: all)")
+                        "variants cpu:margin,cpu:dcl,cpu:temp,cpu:teacher (default: all)")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--mem-available-gib", type=float, default=None,
                    help="pretend this much memory is available (for tests)")

@@ -74,8 +74,8 @@ import torch.distributed as dist
 
 from . import engine
 from .backends import REGISTRY, Call
-from .loss import (check_variant_options, info_nce, op_inputs, positive_shift, siglip_loss,
-                   siglip_options)
+from .loss import (check_variant_options, info_nce, linear_teacher_dots, op_inputs,
+                   positive_shift, siglip_loss, siglip_options, teacher_operands)
 from .options import make_options
 from .problem import (FLOAT_DTYPES, REDUCTIONS, SIGLIP_BIAS, SIGLIP_SCALE, check_inputs,
                       check_siglip, check_values)
@@ -165,13 +165,19 @@ def _raise_together(err, group, world, cdev, what):
 
 def _setup(what, query, key, group, world, positive_index, labels, key_labels, temperature,
            logit_scale, logit_bias, symmetric, label_smoothing, reduction, margin=0.0,
-           decoupled=False, allow_self=True, options=None):
+           decoupled=False, teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
+           teacher_weighting="softmax", allow_self=True, options=None):
     def check():        # the options too: a bad one on any rank raises on every rank
         p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                          logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                         global_index=True, margin=margin, decoupled=decoupled)
+                         global_index=True, margin=margin, decoupled=decoupled,
+                         teacher=teacher, teacher_logit_scale=teacher_logit_scale,
+                         teacher_weight=teacher_weight, teacher_weighting=teacher_weighting)
         if options is not None:
             check_variant_options(p, options)
+        if p.teacher is not None and what.startswith("gather"):
+            raise ValueError(f"{what}: a teacher is not supported in 'gather' mode; use "
+                             f"ring_info_nce")
         if p.per_row and p.symmetric and (what.startswith("gather") or p.margin):
             # a column's target needs its positive rows' scales, held by other ranks
             raise ValueError(f"{what}: a per-query temperature with symmetric=True is not "
@@ -283,9 +289,12 @@ class RingBlocks:
     """The ring's key blocks for engine.forward / engine.backward: block t is the one of
     rank (rank - t) mod P; the next one is received while this one is computed."""
 
-    def __init__(self, st, spec, targets, key_labels, overlap, d, dtype):
+    def __init__(self, st, spec, targets, key_labels, overlap, d, dtype, d_grad=None):
         self.st, self.spec, self.targets, self.key_labels = st, spec, targets, key_labels
         self.overlap, self.d, self.dtype = overlap, d, dtype
+        # the width of the dk accumulators (the blocks' own width unless a block carries
+        # more than the keys: the teacher's passes send [k | tk])
+        self.d_grad = d if d_grad is None else d_grad
         self.acc = engine.acc_dtype(dtype)
         # what the column packs hold: lse (from the backend), A, P, B (with smoothing)
         self.present = (spec.cols, True, True, bool(targets.eps))
@@ -390,7 +399,8 @@ class RingBlocks:
             dk_in = None
             if t > 0 and need_dk:
                 # the dk accumulator of the block held now, from the previous rank
-                dk_in = torch.empty(st.sizes_m[owner], self.d, dtype=dk_dtype, device=k.device)
+                dk_in = torch.empty(st.sizes_m[owner], self.d_grad, dtype=dk_dtype,
+                                    device=k.device)
                 bufs.acquire()
                 sends.append(dk_prev)
                 recvs.append(dk_in)
@@ -402,7 +412,8 @@ class RingBlocks:
             dk_b = blk.dk
             if need_dk:
                 if dk_b is None:       # folded into dq already (the self-masked block)
-                    dk_b = torch.zeros(cur_k.shape[0], self.d, dtype=dk_dtype, device=k.device)
+                    dk_b = torch.zeros(cur_k.shape[0], self.d_grad, dtype=dk_dtype,
+                                       device=k.device)
                 bufs.acquire()
             _wait(reqs)
             if dk_prev is not None:
@@ -418,7 +429,7 @@ class RingBlocks:
         if not need_dk:
             return
         # the accumulator held last belongs to the next rank: one more hop brings it home
-        dk = torch.empty(k.shape[0], self.d, dtype=dk_dtype, device=k.device)
+        dk = torch.empty(k.shape[0], self.d_grad, dtype=dk_dtype, device=k.device)
         _wait(self._exchange([dk_prev], [dk]))
         self.dk_home = dk
 
@@ -488,10 +499,117 @@ class _RingStats(torch.autograd.Function):
         return dq, dk, ds, dsh, None
 
 
+class _RingTeacher(torch.autograd.Function):
+    """(q, k) -> (X (N,), X^c (M,) or empty): the teacher-weighted dots of the softmax
+    weighting over the global batch (engine.teacher_forward, docs/DESIGN.md section 9).
+    Key blocks travel as [k | tk]: one turn for the teacher's log-sum-exps (the column
+    ones come home with the block), one for X (the rows: Y = w^T k), one for X^c (the
+    block's sum of w^Tc q comes home like dk); backward is one turn with
+    dS = c w^T + c^c w^Tc, dk coming home."""
+
+    @staticmethod
+    def forward(ctx, q, k, run):
+        spec, st, be, opt = run["spec"], run["st"], run["spec"].backend, run["spec"].options
+        tq, tk, ts, cols = run["tq"], run["tk"], run["ts"], run["cols"]
+        d, acc = q.shape[1], engine.acc_dtype(q.dtype)
+        q, k = q.detach(), k.detach()
+        kcat = torch.cat([k, tk], 1)
+        blocks = run["blocks"]
+        rowdots = run["targets"].rowdots
+        lse_t = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
+        for blk, kb in blocks.forward(kcat):
+            lr, lc = be.lse_forward(tq, kb[:, d:], ts, blk.self_mask, cols, options=opt)
+            torch.logaddexp(lse_t, lr, out=lse_t)
+            blk.cols = (lc, None, None, None) if cols else None
+        lse_tc = blocks.cols_home[0] if cols else None
+        y = torch.zeros(q.shape[0], d, dtype=acc, device=q.device)
+        ones = torch.ones_like(lse_t)
+        for blk, kb in blocks.backward(kcat, None, False):
+            y_b, _ = be.lse_backward(tq, kb[:, d:], ts, blk.self_mask, lse_t, None, ones, None,
+                                     need_dq=True, need_dk=False, options=opt,
+                                     prod=(q, kb[:, :d]))
+            y += y_b
+        x_r = rowdots(q, y, acc)
+        del y
+        x_c = x_r.new_empty(0)
+        if cols:
+            zeros = torch.zeros_like(lse_t)
+            for blk, kb in blocks.backward(kcat, (lse_tc, None, None, None), True):
+                lc = blk.col_pack[0]
+                _, blk.dk = be.lse_backward(tq, kb[:, d:], ts, blk.self_mask, lse_t, lc, zeros,
+                                            torch.ones_like(lc), need_dq=False, need_dk=True,
+                                            options=opt, prod=(q, kb[:, :d]))
+            x_c = rowdots(k, blocks.dk_home, acc)
+            blocks.dk_home = None
+        ctx.save_for_backward(q, k, lse_t, lse_t if lse_tc is None else lse_tc)
+        ctx.run = run
+        return x_r, x_c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, c_r, c_c):
+        q, k, lse_t, lse_tc = ctx.saved_tensors
+        run = ctx.run
+        spec, st, be, opt = run["spec"], run["st"], run["spec"].backend, run["spec"].options
+        tq, tk, ts, cols = run["tq"], run["tk"], run["ts"], run["cols"]
+        d = q.shape[1]
+        c_r = torch.zeros_like(lse_t) if c_r is None else c_r.to(lse_t.dtype).contiguous()
+        pack = None
+        if cols:
+            c_c = torch.zeros_like(lse_tc) if c_c is None else c_c.to(lse_tc.dtype).contiguous()
+            pack = (lse_tc, c_c, None, None)     # the block's column lse and coefficients
+        need_dk = st.any_key_grad or spec.self_contrast
+        blocks = run["blocks"]
+        dq = None
+        for blk, kb in blocks.backward(torch.cat([k, tk], 1), pack, need_dk):
+            lc, cc = (blk.col_pack[0], blk.col_pack[1]) if cols else (None, None)
+            dq_b, blk.dk = be.lse_backward(tq, kb[:, d:], ts, blk.self_mask, lse_t, lc, c_r,
+                                           cc, need_dq=True, need_dk=need_dk, options=opt,
+                                           prod=(q, kb[:, :d]))
+            dq = dq_b if dq is None else dq.add_(dq_b)
+        dk = blocks.dk_home
+        if spec.self_contrast:          # k is q: its gradient as keys belongs to q
+            dq, dk = dq.add_(dk), None
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (dq.to(q.dtype) if need_q else None,
+                dk.to(k.dtype) if (need_k and dk is not None) else None, None)
+
+
+def _ring_teacher_dots(st, p, q, k, self_c, masked, be, opts, overlap):
+    """(X, X^c or None) of the teacher over the global batch: the softmax weighting by
+    _RingTeacher, the linear one by all-reduced sums (loss.linear_teacher_dots)."""
+    if p.teacher is None or p.teacher_weight == 0:
+        return None, None
+    tq, tk, ts = teacher_operands(p)
+    if p.teacher_weighting == "linear":
+        from torch.distributed.nn.functional import all_reduce
+
+        def total(xs):      # summed over the ranks, with gradient (each rank gets the sum)
+            flat = torch.cat([x.reshape(-1) for x in xs])
+            flat = all_reduce(flat.to(st.dev), group=st.group).to(q.device)
+            out, i = [], 0
+            for x in xs:
+                out.append(flat[i:i + x.numel()].reshape(x.shape))
+                i += x.numel()
+            return out
+        return linear_teacher_dots(q, k, p.teacher[0], tk, p.self_contrast, p.symmetric,
+                                   total)
+    n, d = q.shape
+    spec = engine.Spec(be, opts, self_c, p.symmetric, masked)
+    targets = Targets(n, d + tq.shape[1], st.m_global, cols=p.symmetric)
+    blocks = RingBlocks(st, spec, targets, None, overlap, d + tq.shape[1], q.dtype, d_grad=d)
+    run = dict(spec=spec, st=st, tq=tq.contiguous(), tk=tk.contiguous(),
+               ts=ts.to(engine.acc_dtype(q.dtype)).reshape(()), cols=p.symmetric,
+               blocks=blocks, targets=targets)
+    x_r, x_c = _RingTeacher.apply(q, k, run)
+    return x_r, (x_c if p.symmetric else None)
+
+
 def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                   key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                   symmetric=False, label_smoothing=0.0, reduction="mean", margin=0.0,
-                  decoupled=False, backend="auto", overlap=True, **options):
+                  decoupled=False, teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
+                  teacher_weighting="softmax", backend="auto", overlap=True, **options):
     """`info_nce` over the global batch by a ring of point-to-point transfers.
 
     Same keyword arguments as `contrastive_kernels.info_nce` (kernel options included),
@@ -503,7 +621,9 @@ def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=No
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
                   symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction,
-                  margin=margin, decoupled=decoupled)
+                  margin=margin, decoupled=decoupled, teacher=teacher,
+                  teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
+                  teacher_weighting=teacher_weighting)
     world = _process_group_size(group)
     if world is None or world == 1:
         return info_nce(query, key, backend=backend, **kwargs, **options)
@@ -518,9 +638,11 @@ def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=No
     masked = p.per_row and p.self_contrast
     self_c = p.self_contrast and not masked
     n, d = q.shape
+    extra = (("shift",) if p.shifted else ()) + (
+        ("teacher",) if (p.teacher is not None and p.teacher_weighting == "softmax"
+                         and p.teacher_weight > 0) else ())
     be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, self_c,
-                                       p.symmetric, extra=("shift",) if p.shifted else ()),
-                         opts)
+                                       p.symmetric, extra=extra), opts)
     kl = None
     if p.labels is not None:
         kl = (p.labels if p.self_contrast else p.key_labels).contiguous()
@@ -532,14 +654,18 @@ def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=No
     run = dict(spec=spec, targets=targets, blocks=blocks, st=st)
     margin_t, shift = positive_shift(p, p.scale if p.per_row else scale_t)
     stats = _RingStats.apply(q, k, scale_t, shift, run)
+    x_r, x_c = _ring_teacher_dots(st, p, q, k, self_c, masked, be, opts, overlap)
+    alpha = p.teacher_weight
     eps, sub = p.label_smoothing, (1 if p.self_contrast else 0)
     var = dict(margin=margin_t, decoupled=p.decoupled)
-    rows = engine.side_losses(*stats[:4], side_scale, p.bias, eps, st.m_global - sub, **var)
+    rows = engine.side_losses(*stats[:4], side_scale, p.bias, eps, st.m_global - sub, **var,
+                              teacher=None if x_r is None else (x_r, alpha))
     col = None
     if p.symmetric:
         lse_c = stats[0] if self_c else stats[4]
         col = engine.side_losses(lse_c, *stats[5:], side_scale, p.bias, eps,
-                                 st.n_global - sub, **var)
+                                 st.n_global - sub, **var,
+                                 teacher=None if x_c is None else (x_c, alpha))
     return _finish(st, rows, col, p.reduction)
 
 
@@ -725,7 +851,9 @@ def _gather_rows(x, st, sizes):
 def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
                     key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
                     symmetric=False, label_smoothing=0.0, reduction="mean", margin=0.0,
-                    decoupled=False, backend="auto", **options):
+                    decoupled=False, teacher=None, teacher_logit_scale=None,
+                    teacher_weight=1.0, teacher_weighting="softmax", backend="auto",
+                    **options):
     """`info_nce` over the global batch by an all-gather (with gradient) of the keys.
 
     Local queries against all keys (and, if symmetric, local keys against all queries),
@@ -736,7 +864,9 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
                   symmetric=symmetric, label_smoothing=label_smoothing, reduction=reduction,
-                  margin=margin, decoupled=decoupled)
+                  margin=margin, decoupled=decoupled, teacher=teacher,
+                  teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
+                  teacher_weighting=teacher_weighting)
     world = _process_group_size(group)
     if world is None or world == 1:
         return info_nce(query, key, backend=backend, **kwargs, **options)

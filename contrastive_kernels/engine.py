@@ -225,13 +225,17 @@ def _accumulate(spec, visits, grads, blocks):
     return dq, dk, ds, dsh
 
 
-def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=False):
+def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=False,
+                teacher=None):
     """The loss of each row (or column) from its statistics: (LSE + b) - (target + b) with
     target = s ((1 - eps) A / P + eps B / nvalid), 0 where P = 0; and the mask P > 0 (and,
     decoupled, a non-empty log-sum-exp). margin: the shift of a positive logit (-s m),
-    which the target's positive terms carry, or None. The bias cancels but keeps its
-    (zero) gradient."""
+    which the target's positive terms carry, or None. teacher: (X, alpha), the
+    teacher-weighted dots: target = (1 - alpha) target + alpha s X, and with alpha = 1
+    every row has a target. The bias cancels but keeps its (zero) gradient."""
     ok = p > 0
+    if teacher is not None and teacher[1] == 1.0:
+        ok = torch.ones_like(ok)
     if decoupled:
         ok = ok & (lse != float("-inf"))    # a row with no negative has no loss
     t = (1 - eps) * a / p.clamp_min(1)
@@ -240,6 +244,11 @@ def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=F
     target = scale * t
     if margin is not None:
         target = target + margin * ((1 - eps) + (eps / max(nvalid, 1)) * p)
+    if teacher is not None:
+        x, alpha = teacher
+        target = (1 - alpha) * target + alpha * (scale * x)
+    if nvalid == 0:         # no key at all: nothing to predict
+        ok = ok & False
     return torch.where(ok, (lse + bias) - (target + bias), torch.zeros_like(lse)), ok
 
 
@@ -259,3 +268,42 @@ def reduce(rows, cols, reduction, counts=None):
         cnt = counts(cnt)
     cnt = cnt.clamp_min(1).to(rows[0].dtype)
     return sum(w * loss.sum() / c for (loss, _), c in zip(sides, cnt.unbind(0)))
+
+
+# ---- teacher soft targets, the softmax weighting: X_i = sum_j w^T_ij <q_i, k_j> with
+# w^T_ij = exp(T_ij - LSE^T_i), T = s_t tq tk^T (docs/DESIGN.md, section 9)
+
+def teacher_forward(spec, q, k, tq, tk, ts, cols, rowdots):
+    """(x_r (N,), x_c (M,) or None, lse_t, lse_tc or None): the rows' teacher-weighted
+    dots and (cols) the columns' X^c_j = sum_i w^Tc_ij <q_i, k_j>, w^Tc the column softmax
+    of T. Three passes over T: its log-sum-exps, then dS = w^T with the student's keys as
+    the product (Y = w^T k, X_i = <q_i, Y_i>), and (cols) the same on T^T."""
+    be, opt, sm = spec.backend, spec.options, spec.self_mask
+    acc = acc_dtype(q.dtype)
+    lse_t, lse_tc = be.lse_forward(tq, tk, ts, sm, cols, options=opt)
+    ones = lambda n: torch.ones(n, dtype=acc, device=q.device)
+    y, _ = be.lse_backward(tq, tk, ts, sm, lse_t, None, ones(q.shape[0]), None, need_dq=True,
+                           need_dk=False, options=opt, prod=(q, k))
+    x_r = rowdots(q, y, acc)
+    del y
+    x_c = None
+    if cols:
+        z, _ = be.lse_backward(tk, tq, ts, sm, lse_tc, None, ones(k.shape[0]), None,
+                               need_dq=True, need_dk=False, options=opt, prod=(k, q))
+        x_c = rowdots(k, z, acc)
+    return x_r, x_c, lse_t, lse_tc
+
+
+def teacher_backward(spec, q, k, tq, tk, ts, lse_t, lse_tc, c_r, c_c, need_dq, need_dk):
+    """(dq, dk) of sum_i c_r[i] X_i + sum_j c_c[j] X^c_j: one pass over T with
+    dS = c_r w^T + c_c w^Tc and the student's embeddings as the product operands. Under
+    self-contrast (k is q) dk is folded into dq."""
+    if spec.self_contrast:
+        need_dq = need_dk = need_dq or need_dk
+    dq, dk = spec.backend.lse_backward(tq, tk, ts, spec.self_mask, lse_t,
+                                       lse_tc if c_c is not None else None, c_r, c_c,
+                                       need_dq=need_dq, need_dk=need_dk, options=spec.options,
+                                       prod=(q, k))
+    if spec.self_contrast:
+        dq, dk = dq.add_(dk), None
+    return dq, dk

@@ -37,22 +37,24 @@ def lse_forward(q, k, scale, self_mask, cols, options, shift=None):
         lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward(
             q, k, float(scale), self_mask, cols, *flags)
     else:
-        lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward_shifted(
+        lse_r, lse_c = torch.ops.contrastive_kernels.lse_forward_ext(
             q, k, float(scale), self_mask, cols, *shift, *flags)
     return lse_r, (lse_c if cols else None)
 
 
 def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk, options,
-                 shift=None, need_dshift=False):
+                 shift=None, need_dshift=False, prod=None):
     empty = lse_r.new_empty(0)
     args = (q, k, float(scale), self_mask, lse_r, empty if lse_c is None else lse_c,
             g_r, empty if g_c is None else g_c)
     flags = (options.deterministic, options.precision == "tf32")
-    if shift is None:
+    if shift is None and prod is None:
         dq, dk = torch.ops.contrastive_kernels.lse_backward(*args, need_dq, need_dk, *flags)
     else:
-        dq, dk, dshift = torch.ops.contrastive_kernels.lse_backward_shifted(
-            *args, *shift, need_dq, need_dk, need_dshift, *flags)
+        ids = shift if shift is not None else (empty.int(), empty.int(), empty)
+        dq, dk, dshift = torch.ops.contrastive_kernels.lse_backward_ext(
+            *args, *ids, *(prod if prod is not None else (empty, empty)), need_dq, need_dk,
+            need_dshift, *flags)
     # The op returns an empty tensor for a gradient that was not asked for.
     out = (dq if need_dq else None), (dk if need_dk else None)
     return out if shift is None else out + ((dshift if need_dshift else None),)
@@ -85,17 +87,20 @@ def register_fakes():
                 q.new_empty(k.shape[0] if need_dk else 0, k.shape[1], dtype=acc))
 
 
-    @torch.library.register_fake("contrastive_kernels::lse_forward_shifted")
-    def _forward_shifted(q, k, scale, self_mask, cols, rid, cid, delta, deterministic=False,
-                         tf32=False, poison=False):
+    @torch.library.register_fake("contrastive_kernels::lse_forward_ext")
+    def _forward_ext(q, k, scale, self_mask, cols, rid, cid, delta, deterministic=False,
+                     tf32=False, poison=False):
         return _forward(q, k, scale, self_mask, cols)
 
-    @torch.library.register_fake("contrastive_kernels::lse_backward_shifted")
-    def _backward_shifted(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, rid, cid, delta,
-                          need_dq=True, need_dk=True, need_dshift=True, deterministic=False,
-                          tf32=False, poison=False):
-        dq, dk = _backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk)
-        return dq, dk, q.new_empty(q.shape[0] if need_dshift else 0, dtype=_acc(q.dtype))
+    @torch.library.register_fake("contrastive_kernels::lse_backward_ext")
+    def _backward_ext(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, rid, cid, delta, pq, pk,
+                      need_dq=True, need_dk=True, need_dshift=True, deterministic=False,
+                      tf32=False, poison=False):
+        acc = _acc(q.dtype)
+        d = pq.shape[1] if pq.numel() else q.shape[1]
+        return (q.new_empty(q.shape[0] if need_dq else 0, d, dtype=acc),
+                q.new_empty(k.shape[0] if need_dk else 0, d, dtype=acc),
+                q.new_empty(q.shape[0] if need_dshift else 0, dtype=acc))
 
     @torch.library.register_fake("contrastive_kernels::siglip_tiles")
     def _siglip(q, k, scale, bias, g_r, sums, need_dq, need_dk, deterministic=False, tf32=False,

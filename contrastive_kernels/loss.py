@@ -20,7 +20,8 @@ from .problem import (SIGLIP_BIAS, SIGLIP_SCALE, check_alignment, check_inputs, 
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
              label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
-             backend="auto", **options):
+             teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
+             teacher_weighting="softmax", backend="auto", **options):
     """Fused InfoNCE / CLIP / NT-Xent / SupCon loss. See README.md and docs/DESIGN.md.
 
     Same values and gradients as the materializing `contrastive_kernels.reference.info_nce`,
@@ -39,11 +40,18 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     Variants (docs/DESIGN.md): margin m subtracts m from every positive's cosine,
     S_ij = s (<q_i, k_j> - m [j positive]) + b, in the log-sum-exp and the target
     (AM-softmax); decoupled=True leaves the positives out of the log-sum-exp (DCL), and
-    a row with no negative then has no loss.
+    a row with no negative then has no loss. teacher: (teacher_query, teacher_key), or
+    teacher_query under key=None, mixes soft targets into the row (and column) targets,
+    (1 - teacher_weight) w_hard + teacher_weight w_teacher, with w_teacher the softmax of
+    teacher_logit_scale <tq_i, tk_j> (default: the student's scale) or, with
+    teacher_weighting="linear" (CWCL), (1 + <tq_i, tk_j>) / 2 normalized per row. The
+    teacher gets no gradient.
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                     margin=margin, decoupled=decoupled)
+                     margin=margin, decoupled=decoupled, teacher=teacher,
+                     teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
+                     teacher_weighting=teacher_weighting)
     opts = make_options(**options)
     check_variant_options(p, opts)
     if not isinstance(backend, str):
@@ -57,8 +65,11 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
                                *opts.as_args())
     eps = p.label_smoothing
     sub = 1 if p.self_contrast else 0
+    x_r, x_c = teacher_dots(p, q_op, k_op, backend, opts)
+    alpha = p.teacher_weight
     rows = engine.side_losses(*stats[:4], side_scale, p.bias, eps, p.n_keys - sub,
-                              margin=margin_t, decoupled=p.decoupled)
+                              margin=margin_t, decoupled=p.decoupled,
+                              teacher=None if x_r is None else (x_r, alpha))
     col = None
     if p.symmetric:
         # Self-contrast: S is symmetric and so is its mask, so the columns' log-sum-exps
@@ -67,8 +78,69 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
         lse_c = stats[0] if (p.self_contrast and not p.per_row) else stats[4]
         col = engine.side_losses(lse_c, *stats[5:], side_scale, p.bias, eps,
                                  p.query.shape[0] - sub, margin=column_margin(p, margin_t),
-                                 decoupled=p.decoupled)
+                                 decoupled=p.decoupled,
+                                 teacher=None if x_c is None else (x_c, alpha))
     return engine.reduce(rows, col, p.reduction)
+
+
+def teacher_dots(p, q_op, k_op, backend, opts):
+    """(X (N,), X^c (M,) or None) of a call with a teacher, (None, None) without one:
+    X_i = sum_j w^T_ij <q_i, k_j> over the valid keys, and its column twin, with the
+    queries and keys the op sees (so a per-query scale is in them)."""
+    if p.teacher is None or p.teacher_weight == 0:
+        return None, None
+    masked = p.per_row and p.self_contrast
+    tq_op, tk, ts = teacher_operands(p)
+    if p.teacher_weighting == "linear":
+        return linear_teacher_dots(q_op, q_op if k_op is None else k_op, p.teacher[0], tk,
+                                   p.self_contrast, p.symmetric)
+    key = None if (p.self_contrast and not masked) else k_op
+    x = ops.teacher_dots(q_op, key, tq_op, tk, ts, p.symmetric, masked, backend,
+                         *opts.as_args())
+    return x[0], (x[1] if p.symmetric else None)
+
+
+def teacher_operands(p):
+    """(teacher queries, teacher keys, teacher scale (a tensor)) as the kernels see them:
+    the student's per-row scale, the default, is folded into the teacher's queries."""
+    tq, tk = p.teacher
+    ts = p.teacher_scale
+    if ts is None and p.per_row:
+        return tq * p.scale.detach().to(tq.dtype)[:, None], tk, torch.ones(
+            (), dtype=p.out_dtype, device=tq.device)
+    if ts is None:
+        ts = p.scale.detach() if torch.is_tensor(p.scale) else p.scale
+    if not torch.is_tensor(ts):
+        ts = torch.tensor(ts, dtype=p.out_dtype, device=tq.device)
+    return tq, tk, ts
+
+
+def linear_teacher_dots(q, k, tq, tk, self_c, cols, total=None):
+    """The CWCL weighting, w_ij = f_ij / sum_{j valid} f_ij with f = (1 + <tq_i, tk_j>) / 2:
+    X_i = sum_j w_ij <q_i, k_j> is (<q_i, sum_j k_j> + q_i^T C tq_i) / (2 F_i) with
+    C = sum_j k_j tk_j^T (D x D_t) and F_i = sum_j f_ij, so O((N + M) D D_t), no tile;
+    the diagonal taken out under self-contrast. Autograd gives the gradients. total: sums
+    a list of tensors over the global batch (the ring's all_reduce), else local."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, tq, tk = (x.to(acc) for x in (q, k, tq, tk))
+    total = total or (lambda xs: xs)
+
+    def sums(b, tb):
+        one = torch.ones(1, dtype=acc, device=b.device)
+        return [b.sum(0), b.T @ tb, tb.sum(0), one * b.shape[0]]
+
+    parts = total(sums(k, tk) + (sums(q, tq) if cols else []))
+
+    def side(a, b, ta, tb, bsum, c, tbsum, count):
+        num = a @ bsum + ((a @ c) * ta).sum(1)
+        den = count + ta @ tbsum
+        if self_c:              # j = i is not a valid key
+            own, town = (a * b).sum(1), (ta * tb).sum(1)
+            num = num - own * (1 + town)
+            den = den - (1 + town)
+        return num / den
+    x_r = side(q, k, tq, tk, *parts[:4])
+    return x_r, (side(k, q, tk, tq, *parts[4:]) if cols else None)
 
 
 def op_inputs(p):
@@ -125,6 +197,10 @@ def positive_shift(p, scale_t):
 
 def check_variant_options(p, opts):
     """The kernel options a variant cannot take (ValueError before any kernel)."""
+    if (p.teacher is not None and p.teacher_weighting == "softmax" and p.teacher_weight > 0
+            and opts.low_memory):
+        raise ValueError("a teacher (softmax weighting) does not support low_memory=True (its "
+                         "backward makes float32 N x D gradients)")
     if not p.shifted:
         return
     what = "decoupled=True" if p.decoupled else "margin"

@@ -4,7 +4,7 @@ import torch
 from . import distributed
 from .loss import info_nce, siglip_loss
 from .options import make_options
-from .problem import DEFAULT_TEMPERATURE, check_variants
+from .problem import DEFAULT_TEMPERATURE, check_teacher, check_variants
 
 
 class FusedInfoNCE(torch.nn.Module):
@@ -16,17 +16,22 @@ class FusedInfoNCE(torch.nn.Module):
     distributed: None (local loss), "ring" or "gather" (global batch over
     torch.distributed; see contrastive_kernels.distributed). Kernel options
     (deterministic=, precision=, low_memory=, algorithm=, workspace=) are passed to
-    every call. margin and decoupled: the variants of `info_nce`.
+    every call. margin, decoupled, teacher_weight and teacher_weighting: the variants of
+    `info_nce`; a teacher's embeddings (and teacher_logit_scale) go to forward.
     """
 
     def __init__(self, temperature=DEFAULT_TEMPERATURE, symmetric=True, label_smoothing=0.0,
-                 reduction="mean", margin=0.0, decoupled=False, backend="auto",
-                 distributed=None, group=None, **options):
+                 reduction="mean", margin=0.0, decoupled=False, teacher_weight=1.0,
+                 teacher_weighting="softmax", backend="auto", distributed=None, group=None,
+                 **options):
         super().__init__()
         if distributed not in (None, "ring", "gather"):
             raise ValueError(f"distributed must be None, 'ring' or 'gather', got {distributed!r}")
         make_options(**options)       # unknown or invalid options fail here, not at forward
         self.margin, self.decoupled = check_variants(margin, decoupled)
+        check_teacher(None, None, 0, 0, None, None, None, teacher_weight, teacher_weighting,
+                      margin)
+        self.teacher_weight, self.teacher_weighting = teacher_weight, teacher_weighting
         self.distributed = distributed
         self.group = group
         self.temperature = temperature
@@ -37,13 +42,17 @@ class FusedInfoNCE(torch.nn.Module):
         self.options = dict(options)
 
     def forward(self, query, key=None, *, positive_index=None, labels=None, key_labels=None,
-                logit_scale=None, logit_bias=None):
+                logit_scale=None, logit_bias=None, teacher=None, teacher_logit_scale=None):
         kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                       temperature=self.temperature, logit_scale=logit_scale,
                       logit_bias=logit_bias, symmetric=self.symmetric,
                       label_smoothing=self.label_smoothing, reduction=self.reduction,
                       margin=self.margin, decoupled=self.decoupled, backend=self.backend,
                       **self.options)
+        if teacher is not None or teacher_logit_scale is not None:
+            kwargs.update(teacher=teacher, teacher_logit_scale=teacher_logit_scale,
+                          teacher_weight=self.teacher_weight,
+                          teacher_weighting=self.teacher_weighting)
         if self.distributed is None:
             return info_nce(query, key, **kwargs)
         fn = distributed.ring_info_nce if self.distributed == "ring" else distributed.gather_info_nce

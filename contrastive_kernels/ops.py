@@ -370,3 +370,106 @@ siglip_fused.register_autograd(_fused_backward, setup_context=_fused_setup_conte
 BODIES.update({torch.ops.contrastive_kernels.siglip_stats.default: siglip_stats_impl,
                torch.ops.contrastive_kernels.siglip_grads.default: siglip_grads_impl,
                torch.ops.contrastive_kernels.siglip_fused.default: siglip_fused_impl})
+
+
+# ---- teacher soft targets (the softmax weighting)
+#
+#   contrastive_kernels::teacher_dots    forward: [X (N,), X^c (M,) or (0,), LSE^T, LSE^Tc]
+#   contrastive_kernels::teacher_grads   backward: the gradients of q and k
+# (engine.teacher_forward / teacher_backward; docs/DESIGN.md, section 9). The teacher's
+# embeddings and scale get no gradient.
+
+def _teacher_setup(query, key, tq, tk, symmetric, masked, backend, options):
+    self_c = key is None
+    k = query if self_c else key
+    n, d = query.shape
+    be = REGISTRY.select(backend, Call(query.device, query.dtype, n, k.shape[0], d, self_c,
+                                       symmetric, extra=("teacher",)), options)
+    spec = engine.Spec(be, options, self_c, symmetric, masked and not self_c)
+    rows = Targets(n, max(d, tq.shape[1]), k.shape[0])
+    return spec, k, rows.rowdots
+
+
+def teacher_dots_impl(query: Tensor, key: Optional[Tensor], tq: Tensor, tk: Tensor,
+                      ts: Tensor, symmetric: bool, masked: bool, backend: str,
+                      deterministic: bool, precision: str, low_memory: bool, algorithm: str,
+                      workspace: int) -> List[Tensor]:
+    """[X, X^c (empty unless symmetric), LSE^T, LSE^Tc (empty unless symmetric)]."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    spec, k, rowdots = _teacher_setup(query, key, tq, tk, symmetric, masked, backend, options)
+    with torch.no_grad(), _exact(query):
+        x_r, x_c, lse_t, lse_tc = engine.teacher_forward(
+            spec, query.detach(), k.detach(), tq, tk, _scale(ts, query), symmetric, rowdots)
+    return [x_r, x_r.new_empty(0) if x_c is None else x_c, lse_t,
+            x_r.new_empty(0) if lse_tc is None else lse_tc]
+
+
+teacher_dots = torch.library.custom_op("contrastive_kernels::teacher_dots",
+                                       mutates_args=())(teacher_dots_impl)
+
+
+@teacher_dots.register_fake
+def _(query, key, tq, tk, ts, symmetric, masked, backend, deterministic, precision,
+      low_memory, algorithm, workspace):
+    acc = engine.acc_dtype(query.dtype)
+    n = query.shape[0]
+    m = (n if key is None else key.shape[0]) if symmetric else 0
+    return [query.new_empty(n, dtype=acc), query.new_empty(m, dtype=acc),
+            query.new_empty(n, dtype=acc), query.new_empty(m, dtype=acc)]
+
+
+def teacher_grads_impl(query: Tensor, key: Optional[Tensor], tq: Tensor, tk: Tensor,
+                       ts: Tensor, lse_t: Tensor, lse_tc: Tensor, c_r: Tensor, c_c: Tensor,
+                       symmetric: bool, masked: bool, backend: str, deterministic: bool,
+                       precision: str, low_memory: bool, algorithm: str, workspace: int,
+                       need_q: bool, need_k: bool) -> Tuple[Tensor, Tensor]:
+    """(dq, dk) of sum_i c_r[i] X_i + sum_j c_c[j] X^c_j; one not needed is empty."""
+    options = Options(deterministic, precision, low_memory, algorithm, workspace)
+    spec, k, _ = _teacher_setup(query, key, tq, tk, symmetric, masked, backend, options)
+    with torch.no_grad(), _exact(query):
+        dq, dk = engine.teacher_backward(
+            spec, query.detach(), k.detach(), tq, tk, _scale(ts, query), lse_t,
+            lse_tc if symmetric else None, c_r, c_c if symmetric else None, need_q,
+            need_k and key is not None)
+    dq_out = dq.to(query.dtype) if (need_q and dq is not None) else query.new_empty(0)
+    del dq
+    dk_out = dk.to(key.dtype) if (need_k and dk is not None) else query.new_empty(0)
+    return dq_out, dk_out
+
+
+teacher_grads = torch.library.custom_op("contrastive_kernels::teacher_grads",
+                                        mutates_args=())(teacher_grads_impl)
+
+
+@teacher_grads.register_fake
+def _(query, key, tq, tk, ts, lse_t, lse_tc, c_r, c_c, symmetric, masked, backend,
+      deterministic, precision, low_memory, algorithm, workspace, need_q, need_k):
+    dq = torch.empty_like(query) if need_q else query.new_empty(0)
+    dk = torch.empty_like(key) if (need_k and key is not None) else query.new_empty(0)
+    return dq, dk
+
+
+def _teacher_setup_context(ctx, inputs, output):
+    query, key, tq, tk, ts, symmetric, masked, backend, *opts = inputs
+    ctx.save_for_backward(query, key, tq, tk, ts, output[2], output[3])
+    ctx.config = (symmetric, masked, backend, *opts)
+
+
+def _teacher_backward(ctx, grads):
+    query, key, tq, tk, ts, lse_t, lse_tc = ctx.saved_tensors
+    symmetric = ctx.config[0]
+    c_r = torch.zeros_like(lse_t) if grads[0] is None else grads[0].to(lse_t.dtype).contiguous()
+    c_c = lse_tc.new_empty(0)
+    if symmetric:
+        c_c = (torch.zeros_like(lse_tc) if grads[1] is None
+               else grads[1].to(lse_tc.dtype).contiguous())
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dk = teacher_grads(query, key, tq, tk, ts, lse_t, lse_tc, c_r, c_c, *ctx.config,
+                           need_q, need_k and key is not None)
+    return (dq if need_q else None, dk if (need_k and key is not None) else None) + (None,) * 11
+
+
+teacher_dots.register_autograd(_teacher_backward, setup_context=_teacher_setup_context)
+
+BODIES.update({torch.ops.contrastive_kernels.teacher_dots.default: teacher_dots_impl,
+               torch.ops.contrastive_kernels.teacher_grads.default: teacher_grads_impl})

@@ -37,6 +37,11 @@ class Problem:
     margin: float = 0.0                    # additive margin m of the positive logits
     decoupled: bool = False                # positives left out of the log-sum-exps (DCL)
 
+    teacher: Optional[tuple] = None        # (teacher_query, teacher_key), detached, or None
+    teacher_scale: Scalar = None           # the teacher's logit scale (None: the student's)
+    teacher_weight: float = 1.0            # alpha: the teacher's share of the targets
+    teacher_weighting: str = "softmax"     # "softmax" or "linear" (CWCL)
+
     @property
     def per_row(self):
         """Whether the scale is one per query row (per-query temperature)."""
@@ -137,9 +142,66 @@ def check_variants(margin, decoupled):
     return float(margin), decoupled
 
 
+WEIGHTINGS = ("softmax", "linear")
+
+
+def check_teacher(teacher, key, n, m, device, dtype, scale, weight, weighting, margin):
+    """The teacher arguments of info_nce: (teacher_query, teacher_key) with a key, or
+    teacher_query alone under key=None (the teacher keys are its rows); matrices of N and
+    M rows of any width, on the queries' device, treated as detached (cast to the
+    queries' dtype). Returns (teacher pair, scale, weight, weighting)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"teacher_weight must be a float, got {type(weight).__name__}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"teacher_weight must be in [0, 1], got {weight}")
+    if not isinstance(weighting, str) or weighting not in WEIGHTINGS:
+        raise ValueError(f"teacher_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if teacher is None:
+        if scale is not None:
+            raise ValueError("teacher_logit_scale needs a teacher")
+        return None, None, float(weight), weighting
+    if key is None:
+        if not torch.is_tensor(teacher):
+            raise TypeError("teacher must be the teacher's query embeddings (a tensor) when "
+                            f"key is None, got {type(teacher).__name__}")
+        tq, tk = teacher, None
+    else:
+        if not (isinstance(teacher, (tuple, list)) and len(teacher) == 2):
+            raise TypeError("teacher must be a pair (teacher_query, teacher_key) when key is "
+                            f"given, got {type(teacher).__name__}")
+        tq, tk = teacher
+    check_matrix("teacher query", tq)
+    if tq.shape[0] != n:
+        raise ValueError(f"teacher query must have {n} rows (one per query), got "
+                         f"{tq.shape[0]}")
+    if tq.device != device:
+        raise ValueError(f"teacher query is on {tq.device} but query is on {device}")
+    if tk is not None:
+        check_matrix("teacher key", tk)
+        if tk.shape[0] != m:
+            raise ValueError(f"teacher key must have {m} rows (one per key), got {tk.shape[0]}")
+        if tk.shape[1] != tq.shape[1]:
+            raise ValueError(f"teacher key has embedding dim {tk.shape[1]} but teacher query "
+                             f"has {tq.shape[1]}")
+        if tk.device != device:
+            raise ValueError(f"teacher key is on {tk.device} but query is on {device}")
+    if margin and weight > 0:
+        raise ValueError("margin with a teacher is not supported (the target's margin term "
+                         "needs the teacher's mass on each row's positives)")
+    tq = tq.detach().to(dtype)
+    tk = tq if tk is None else tk.detach().to(dtype)
+    if scale is not None:
+        scale = _check_scalar("teacher_logit_scale", scale, device, positive=True)
+        if torch.is_tensor(scale):
+            scale = scale.detach()
+    return (tq, tk), scale, float(weight), weighting
+
+
 def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                  logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                 global_index=False, margin=0.0, decoupled=False) -> Problem:
+                 global_index=False, margin=0.0, decoupled=False, teacher=None,
+                 teacher_logit_scale=None, teacher_weight=1.0,
+                 teacher_weighting="softmax") -> Problem:
     """The Problem of one call (module docstring). global_index: positive_index points
     into the keys of every rank (the ring checks the global sizes)."""
     margin, decoupled = check_variants(margin, decoupled)
@@ -219,9 +281,14 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
         raise ValueError("margin/decoupled with key=None and symmetric=True needs symmetric "
                          "positives (labels or the default NT-Xent pairing), not a "
                          "positive_index")
+    pair, t_scale, t_weight, t_weighting = check_teacher(
+        teacher, key, n, m, dev, query.dtype, teacher_logit_scale, teacher_weight,
+        teacher_weighting, margin)
     return Problem(query, key, positive_index, labels, key_labels, scale, bias,
                    symmetric, float(label_smoothing), reduction, scale_name,
-                   index_given=given_index, margin=margin, decoupled=decoupled)
+                   index_given=given_index, margin=margin, decoupled=decoupled,
+                   teacher=pair, teacher_scale=t_scale, teacher_weight=t_weight,
+                   teacher_weighting=t_weighting)
 
 
 SIGLIP_SCALE = 10.0       # SigLIP's initialisation: t' = log 10, s = exp(t') = 10

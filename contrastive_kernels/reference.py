@@ -11,13 +11,25 @@ import torch
 from .problem import check_alignment, check_inputs, check_siglip, check_uniformity, check_values
 
 
-def _row_losses(logits, valid, pos, smoothing, denom=None):
+def _teacher_weights(tq, tk, scale, valid, weighting, dim):
+    """The teacher's target matrix over the valid entries, normalized along `dim` (1: the
+    rows' targets, 0: the columns')."""
+    dots = tq @ tk.T
+    if weighting == "softmax":
+        return torch.softmax((scale * dots).masked_fill(~valid, float("-inf")), dim=dim)
+    f = torch.where(valid, (1 + dots) / 2, torch.zeros_like(dots))
+    return f / f.sum(dim, keepdim=True)
+
+
+def _row_losses(logits, valid, pos, smoothing, denom=None, teacher=None):
     """Loss of each row of `logits` (R x C): -sum_j w_ij (logits_ij - LSE_i).
 
     valid: bool R x C, the row's keys (the targets' support).
     pos:   bool R x C, positives (a subset of valid).
     denom: bool R x C, the entries of the log-sum-exp (default: valid). A row whose
            log-sum-exp is empty has no loss.
+    teacher: (w_teacher R x C, alpha): the targets become (1 - alpha) w + alpha w_teacher;
+           with alpha = 1 every row has a target.
     Returns (loss R, has_loss R).
     """
     denom = valid if denom is None else denom
@@ -33,6 +45,11 @@ def _row_losses(logits, valid, pos, smoothing, denom=None):
     if smoothing:
         u = valid.to(logits.dtype) / nvalid.clamp_min(1).unsqueeze(1)
         w = (1 - smoothing) * w + smoothing * u
+    if teacher is not None:
+        wt, alpha = teacher
+        w = (1 - alpha) * w + alpha * wt
+        if alpha == 1:
+            has_pos = (nvalid > 0) & denom.any(1)
     # w is 0 wherever logp is -inf; keep 0 * -inf out of the sum.
     terms = torch.where(w > 0, w * logp, torch.zeros_like(logp))
     loss = -terms.sum(1)
@@ -42,7 +59,8 @@ def _row_losses(logits, valid, pos, smoothing, denom=None):
 def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
              label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
-             backend="auto", **options):
+             teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
+             teacher_weighting="softmax", backend="auto", **options):
     """Same signature and semantics as `contrastive_kernels.info_nce` (kernel options are
     accepted and ignored).
 
@@ -51,7 +69,9 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                     margin=margin, decoupled=decoupled)
+                     margin=margin, decoupled=decoupled, teacher=teacher,
+                     teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
+                     teacher_weighting=teacher_weighting)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, p.self_contrast,
                  p.scale, p.bias, p.scale_name)
     q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
@@ -77,11 +97,22 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
     # decoupled: the positives are left out of the log-sum-exp
     denom = valid & ~pos if p.decoupled else valid
 
-    row, row_ok = _row_losses(logits, valid, pos, p.label_smoothing, denom)
+    # teacher soft targets: the teacher's similarities normalized per row (the rows'
+    # targets) and per column (the columns') over the valid entries
+    t_rows = t_cols = None
+    if p.teacher is not None and p.teacher_weight > 0:
+        tq, tk = (x.to(torch.float64) for x in p.teacher)
+        ts = p.teacher_scale if p.teacher_scale is not None else scale
+        ts = ts.detach().to(torch.float64) if torch.is_tensor(ts) else ts
+        wt = lambda dim: _teacher_weights(tq, tk, ts, valid, p.teacher_weighting, dim)
+        t_rows, t_cols = (wt(1), p.teacher_weight), (wt(0).T, p.teacher_weight)
+
+    row, row_ok = _row_losses(logits, valid, pos, p.label_smoothing, denom, t_rows)
     if not p.symmetric:
         losses, oks = [row], [row_ok]
     else:
-        col, col_ok = _row_losses(logits.T, valid.T, pos.T, p.label_smoothing, denom.T)
+        col, col_ok = _row_losses(logits.T, valid.T, pos.T, p.label_smoothing, denom.T,
+                                  t_cols)
         losses, oks = [0.5 * row, 0.5 * col], [row_ok, col_ok]
 
     if p.reduction == "none":

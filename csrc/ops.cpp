@@ -16,16 +16,19 @@ TORCH_LIBRARY(contrastive_kernels, m) {
         "Tensor g_r, Tensor g_c, bool need_dq=True, bool need_dk=True, bool deterministic=False, "
         "bool tf32=False, bool poison=False) -> (Tensor, Tensor)");
   // The same with a positive shift (margin, decoupled): S_ij += delta[i] where
-  // rid[i] == cid[j] (int32 ids; rid < 0: no positive), delta -inf leaves the entry out;
-  // the backward's third output is dshift[i] = sum_j [rid[i] == cid[j]] dS_ij
-  // (empty unless need_dshift). CPU only.
-  m.def("lse_forward_shifted(Tensor q, Tensor k, float scale, bool self_mask, bool cols, "
+  // rid[i] == cid[j] (int32 ids; rid < 0: no positive; all three empty: no shift), delta
+  // -inf leaves the entry out; the backward's third output is dshift[i] = sum_j
+  // [rid[i] == cid[j]] dS_ij (empty unless need_dshift). With product operands pq (N x D'),
+  // pk (M x D') (empty: q and k) the backward gives dS pk and dS^T pq (the teacher's
+  // passes). CPU only.
+  m.def("lse_forward_ext(Tensor q, Tensor k, float scale, bool self_mask, bool cols, "
         "Tensor rid, Tensor cid, Tensor delta, bool deterministic=False, bool tf32=False, "
         "bool poison=False) -> (Tensor, Tensor)");
-  m.def("lse_backward_shifted(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, "
+  m.def("lse_backward_ext(Tensor q, Tensor k, float scale, bool self_mask, Tensor lse_r, "
         "Tensor lse_c, Tensor g_r, Tensor g_c, Tensor rid, Tensor cid, Tensor delta, "
-        "bool need_dq=True, bool need_dk=True, bool need_dshift=True, bool deterministic=False, "
-        "bool tf32=False, bool poison=False) -> (Tensor, Tensor, Tensor)");
+        "Tensor pq, Tensor pk, bool need_dq=True, bool need_dk=True, bool need_dshift=True, "
+        "bool deterministic=False, bool tf32=False, bool poison=False) "
+        "-> (Tensor, Tensor, Tensor)");
   // The sigmoid loss, z = scale * q k^T + bias: r[i] = sum_j softplus(z_ij) and
   // t[i] = sum_j sigmoid(z_ij) (empty unless sums); dq_raw = dS k, dk_raw = dS^T q with
   // dS_ij = g_r[i] sigmoid(z_ij) (g_r empty: 1), empty unless needed.

@@ -44,10 +44,11 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
     # the variants' table, side by side with plain cpu at the sweep's largest N
     if "cpu" in be:
         variants = {r["method"]: r for r in data["variants"]}
-        assert sorted(variants) == ["cpu", "cpu:dcl", "cpu:margin", "cpu:temp", "gemm"]
+        assert sorted(variants) == ["cpu", "cpu:dcl", "cpu:margin", "cpu:teacher", "cpu:temp",
+                                    "gemm"]
         assert all(r["status"] == "ok" and r["n"] == 512 for r in variants.values())
         assert "InfoNCE variants on the cpu backend" in out
-        for m in ("cpu:margin", "cpu:dcl", "cpu:temp"):
+        for m in ("cpu:margin", "cpu:dcl", "cpu:temp", "cpu:teacher"):
             assert any(t[:1] == [m] for t in table), m
 
 

@@ -68,7 +68,24 @@ def siglip_4pass(m, x, y):
                           labels=labels, passes=4)
 
 
-CASES = [clip, hard_negatives, supcon, ntxent, siglip, siglip_4pass]
+def margin_dcl(m, x, y):
+    """The positive shift (margin, decoupled) with a learnable scale."""
+    q, k = m.embed(x), m.embed(y)
+    labels = torch.arange(q.shape[0], device=q.device) % 5
+    return ck.info_nce(q, k, labels=labels, symmetric=True, logit_scale=m.log_scale.exp(),
+                       margin=0.2, decoupled=True)
+
+
+def distill(m, x, y):
+    """Teacher soft targets (softmax weighting): the teacher is a frozen copy's output."""
+    q, k = m.embed(x), m.embed(y)
+    with torch.no_grad():
+        tq, tk = m.embed(x.flip(1)), m.embed(y.flip(1))
+    return ck.info_nce(q, k, symmetric=True, logit_scale=m.log_scale.exp(), teacher=(tq, tk),
+                       teacher_logit_scale=10.0, teacher_weight=0.5)
+
+
+CASES = [clip, hard_negatives, supcon, ntxent, siglip, siglip_4pass, margin_dcl, distill]
 
 
 def _data():

@@ -59,7 +59,7 @@ def _close(name, got, want, tol):
 def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, symmetric=True,
               labels=False, key_labels=False, global_pi=False, smoothing=0.0,
               reduction="mean", dtype=torch.float64, backend="torch", overlap=True, seed=0,
-              frozen=None, options=None, variant=None, per_row=False):
+              frozen=None, options=None, variant=None, per_row=False, teacher=None):
     """One case: ring/gather loss on the shards vs ck.reference on the global batch.
     frozen: "keys" or "queries" need no gradient (a locked tower, a memory bank);
     "keys_rank0": only rank 0's keys (the others' dk still needs rank 0's share)."""
@@ -90,6 +90,15 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     # per_row: one logit scale per query row (per-query temperature)
     S = (5.0 + 5.0 * torch.rand(ng, generator=gen, dtype=torch.float64)).to(dtype) \
         if per_row else torch.tensor(7.0, dtype=dtype)
+    # teacher: (weighting, weight): teacher embeddings of width 5, unit rows
+    TQ = TK = None
+    if teacher is not None:
+        TQ = F.normalize(torch.randn(ng, 5, generator=gen, dtype=torch.float64), dim=1)
+        TK = TQ if self_contrast else F.normalize(torch.randn(mg, 5, generator=gen,
+                                                              dtype=torch.float64), dim=1)
+        kw.update(teacher_weighting=teacher[0], teacher_weight=teacher[1])
+        if teacher[0] == "softmax":
+            kw["teacher_logit_scale"] = 4.0
     on, om = _offsets(sizes_n), _offsets(sizes_m)
     rn = slice(on[rank], on[rank] + sizes_n[rank])
     rm = slice(om[rank], om[rank] + sizes_m[rank])
@@ -109,6 +118,8 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
             loc["key_labels"] = klab[rm]
     if pi is not None:
         loc["positive_index"] = pi[rn]
+    if teacher is not None:
+        loc["teacher"] = TQ[rn] if self_contrast else (TQ[rn], TK[rm])
     if mode == "ring":
         loss = ckd.ring_info_nce(q, k, overlap=overlap, **loc)
     else:
@@ -119,6 +130,8 @@ def _run_case(world, rank, *, mode="ring", self_contrast=False, uneven_m=False, 
     Qr, Kr = leaf(Q, frozen != "queries"), None if self_contrast else leaf(K, frozen != "keys")
     sr, br = leaf(S), leaf(torch.tensor(-2.0, dtype=dtype))
     ref_kw = dict(kw, logit_scale=sr, logit_bias=br)
+    if teacher is not None:
+        ref_kw["teacher"] = TQ if self_contrast else (TQ, TK)
     if lab is not None:
         ref_kw["labels"] = lab
         if klab is not None:
@@ -308,11 +321,24 @@ def _cases(world, rank):
     _expect_value_error_everywhere(
         lambda: ckd.ring_info_nce(q, q.clone(), decoupled=True, backend="torch", **low_rank),
         "does not support low_memory")
+    # --- teacher soft targets over the global batch ---
+    R(symmetric=True, smoothing=0.1, teacher=("softmax", 0.5))
+    R(symmetric=True, uneven_m=True, labels=True, key_labels=True, teacher=("softmax", 1.0),
+      backend="cpu", dtype=torch.float32)
+    R(symmetric=False, uneven_m=True, global_pi=True, teacher=("softmax", 0.7),
+      frozen="keys_rank0", variant=dict(decoupled=True), backend="triton")
+    R(self_contrast=True, symmetric=True, teacher=("softmax", 0.6))
+    R(self_contrast=True, symmetric=True, labels=True, per_row=True, teacher=("softmax", 0.4))
+    R(symmetric=True, uneven_m=True, labels=True, key_labels=True, teacher=("linear", 0.5))
+    R(self_contrast=True, symmetric=True, teacher=("linear", 1.0), per_row=True)
     scale_rows = torch.ones(4)
     _expect_value_error_everywhere(
         lambda: ckd.ring_info_nce(q, q.clone(), logit_scale=scale_rows, symmetric=True,
                                   margin=0.1, backend="torch"),
         "not supported with a margin")
+    _expect_value_error_everywhere(    # a teacher: the ring only
+        lambda: ckd.gather_info_nce(q, q.clone(), teacher=(q, q), backend="torch"),
+        "a teacher is not supported in 'gather' mode")
     dim = D if rank else D + 1          # embedding dims disagree
     _expect_value_error_everywhere(
         lambda: ckd.ring_info_nce(torch.randn(4, dim), torch.randn(4, dim), backend="torch"),

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
+from compat import open_clip_loss
 from conftest import DEVICE, TOL, rel_err, seed_for
 from contrastive_kernels import backends
 
@@ -90,7 +91,12 @@ def compare(backend, q, k, kwargs, dtype, ref_dtype=torch.float64, temperature=0
         t = torch.as_tensor(temperature, dtype=sdt).to(dev).requires_grad_()
         return [x for x in (qq, kk, t) if x is not None]
 
-    kw = {key: (v.to(dev) if torch.is_tensor(v) else v) for key, v in kwargs.items()}
+    def on_dev(v):
+        if isinstance(v, tuple):
+            return tuple(on_dev(x) for x in v)
+        return v.to(dev) if torch.is_tensor(v) else v
+
+    kw = {key: on_dev(v) for key, v in kwargs.items()}
     ins_a, ins_r = leaves(dtype), leaves(ref_dtype)
 
     def call(fn, ins, **extra):
@@ -392,3 +398,223 @@ def test_module_takes_the_variants():
     torch.testing.assert_close(m(q, k), want)
     with pytest.raises(TypeError, match="decoupled must be a bool"):
         ck.FusedInfoNCE(decoupled="yes")
+
+
+# ---------------------------------------------------------------- teacher soft targets
+
+def _teacher(n, m, dt, gen, self_c, unit=False):
+    tq = torch.randn(n, dt, generator=gen, dtype=torch.float64)
+    tk = torch.randn(m, dt, generator=gen, dtype=torch.float64)
+    if unit:        # CWCL's linear weighting assumes unit vectors (f = (1 + cos) / 2 >= 0)
+        tq, tk = F.normalize(tq, dim=1), F.normalize(tk, dim=1)
+    return tq if self_c else (tq, tk)
+
+
+def tcase_distill_clip(n, m, gen):
+    """open_clip's DistillClipLoss shape: symmetric, the teacher's targets only."""
+    return (dict(symmetric=True, teacher=_teacher(n, m, 5, gen, False),
+                 teacher_logit_scale=4.0), False) if n == m else None
+
+
+def tcase_mixed_labels(n, m, gen):
+    return dict(labels=_labels(n, 4, gen), key_labels=_labels(m, 4, gen), symmetric=True,
+                label_smoothing=0.1, teacher=_teacher(n, m, 11, gen, False),
+                teacher_weight=0.4), False
+
+
+def tcase_hard_negatives_dcl(n, m, gen):
+    return (dict(teacher=_teacher(n, m, 3, gen, False), teacher_weight=0.7, decoupled=True),
+            False) if m >= n else None
+
+
+def tcase_cwcl(n, m, gen):
+    return dict(positive_index=torch.randint(0, m, (n,), generator=gen),
+                teacher=_teacher(n, m, 9, gen, False, unit=True), teacher_weighting="linear",
+                teacher_weight=0.5), False
+
+
+def tcase_cwcl_symmetric(n, m, gen):
+    return (dict(symmetric=True, teacher=_teacher(n, m, 6, gen, False, unit=True),
+                 teacher_weighting="linear"), False) if n == m else None
+
+
+def tcase_self_distill(n, m, gen):
+    return (dict(teacher=_teacher(n, n, 7, gen, True), symmetric=True, teacher_weight=0.6),
+            True) if n % 2 == 0 else None
+
+
+def tcase_self_linear_labels(n, m, gen):
+    return dict(labels=_labels(n, 3, gen), teacher=_teacher(n, n, 4, gen, True, unit=True),
+                teacher_weighting="linear", reduction="none"), True
+
+
+TEACHER_CASES = [tcase_distill_clip, tcase_mixed_labels, tcase_hard_negatives_dcl, tcase_cwcl,
+                 tcase_cwcl_symmetric, tcase_self_distill, tcase_self_linear_labels]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", TEACHER_CASES, ids=lambda c: c.__name__[6:])
+@pytest.mark.parametrize("shape", [(6, 6, 17), (37, 53, 19), (130, 130, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_teacher_against_reference(backend, dtype, case, shape):
+    """The teacher's targets mixed into the hard ones, on every backend: the loss and the
+    gradients of query, key and the temperature (the teacher gets none)."""
+    n, m, d = shape
+    gen = torch.Generator().manual_seed(seed_for("teacher", case.__name__, shape, str(dtype)))
+    made = case(n, m, gen)
+    if made is None:
+        pytest.skip("shape does not fit this case")
+    kwargs, self_c = made
+    q, k = _inputs(n, m, d, dtype, gen, self_c)
+    compare(backend, q, k, kwargs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["softmax", "linear"])
+def test_teacher_with_per_query_temperature(backend, case):
+    """The teacher's scale defaults to the student's, per row too."""
+    gen = torch.Generator().manual_seed(12)
+    n, d = 40, 16
+    for self_c in (False, True):
+        q, k = _inputs(n, n, d, torch.float64, gen, self_c)
+        t = 0.05 + 0.3 * torch.rand(n, generator=gen, dtype=torch.float64)
+        kw = dict(teacher=_teacher(n, n, 8, gen, self_c, unit=True), teacher_weighting=case,
+                  teacher_weight=0.8, symmetric=True)
+        compare(backend, q, k, kw, torch.float64, temperature=t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_teacher_half_types(backend, dtype):
+    if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; checked on GPU")
+    gen = torch.Generator().manual_seed(13)
+    n = 96
+    q, k = _inputs(n, n, 64, dtype, gen, False)
+    tq, tk = _teacher(n, n, 32, gen, False)
+    # the teacher is cast to the student's dtype: the reference gets the same rounded values
+    kw = dict(symmetric=True, teacher=(tq.to(dtype), tk.to(dtype)), teacher_weight=0.5)
+    compare(backend, q, k, kw, dtype, ref_dtype=torch.float32)
+
+
+def test_teacher_gets_no_gradient_and_changes_the_loss():
+    gen = torch.Generator().manual_seed(14)
+    q, k = _inputs(24, 24, 8, torch.float64, gen, False)
+    tq, tk = (x.requires_grad_() for x in _teacher(24, 24, 5, gen, False))
+    base = ck.info_nce(q, k, symmetric=True)
+    out = ck.info_nce(q, k, symmetric=True, teacher=(tq, tk))
+    assert abs(float(out - base)) > 1e-3
+    assert not out.requires_grad      # the teacher is treated as detached
+    # weight 0: exactly the hard targets
+    zero = ck.info_nce(q, k, symmetric=True, teacher=(tq, tk), teacher_weight=0.0)
+    assert float(zero) == float(base)
+
+
+def test_teacher_errors():
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    t = torch.randn(6, 3)
+    with pytest.raises(TypeError, match="teacher must be a pair"):
+        ck.info_nce(q, k, teacher=t)
+    with pytest.raises(TypeError, match="teacher must be the teacher's query embeddings"):
+        ck.info_nce(q, None, teacher=(t, t))
+    with pytest.raises(ValueError, match="teacher query must have 6 rows"):
+        ck.info_nce(q, k, teacher=(t[:5], t))
+    with pytest.raises(ValueError, match="teacher key has embedding dim 2"):
+        ck.info_nce(q, k, teacher=(t, t[:, :2]))
+    with pytest.raises(ValueError, match="teacher_weight must be in"):
+        ck.info_nce(q, k, teacher=(t, t), teacher_weight=1.5)
+    with pytest.raises(TypeError, match="teacher_weight must be a float"):
+        ck.info_nce(q, k, teacher=(t, t), teacher_weight="1")
+    with pytest.raises(ValueError, match="teacher_weighting must be one of"):
+        ck.info_nce(q, k, teacher=(t, t), teacher_weighting="kl")
+    with pytest.raises(ValueError, match="teacher_logit_scale must be > 0"):
+        ck.info_nce(q, k, teacher=(t, t), teacher_logit_scale=-1.0)
+    with pytest.raises(ValueError, match="teacher_logit_scale needs a teacher"):
+        ck.info_nce(q, k, teacher_logit_scale=2.0)
+    with pytest.raises(ValueError, match="margin with a teacher is not supported"):
+        ck.info_nce(q, k, teacher=(t, t), margin=0.2)
+    with pytest.raises(ValueError, match="does not support low_memory"):
+        ck.info_nce(q, k, teacher=(t, t), low_memory=True)
+    with pytest.raises(TypeError, match="teacher query must be a torch.Tensor"):
+        ck.info_nce(q, k, teacher=(None, t))
+
+
+def test_dispatch_skips_a_backend_without_the_teacher(monkeypatch):
+    assert "teacher" not in backends.get("cuda").features
+    name = BACKENDS[0]
+    be = backends.get(name)
+    monkeypatch.setattr(type(be), "features", be.features - {"teacher"})
+    q, k = torch.randn(8, 4, device=DEVICE), torch.randn(8, 4, device=DEVICE)
+    t = (torch.randn(8, 3, device=DEVICE), torch.randn(8, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="does not implement teacher soft targets"):
+        ck.info_nce(q, k, teacher=t, backend=name)
+    torch.testing.assert_close(ck.info_nce(q, k, teacher=t),
+                               ck.reference.info_nce(q, k, teacher=t))
+
+
+def test_module_takes_a_teacher():
+    m = ck.FusedInfoNCE(temperature=0.1, teacher_weight=0.5)
+    q, k = torch.randn(8, 4, device=DEVICE), torch.randn(8, 4, device=DEVICE)
+    t = (torch.randn(8, 3, device=DEVICE), torch.randn(8, 3, device=DEVICE))
+    want = ck.reference.info_nce(q, k, temperature=0.1, symmetric=True, teacher=t,
+                                 teacher_weight=0.5, teacher_logit_scale=2.0)
+    torch.testing.assert_close(m(q, k, teacher=t, teacher_logit_scale=2.0), want)
+    with pytest.raises(ValueError, match="teacher_weighting must be one of"):
+        ck.FusedInfoNCE(teacher_weighting="soft")
+
+
+@pytest.mark.cpu_only
+@pytest.mark.no_poison
+def test_teacher_peak_memory():
+    """The teacher variant, forward and backward at N = 32768, D = 128, teacher D = 64 on
+    the cpu backend, in a fresh process: peak RSS above the inputs <= 1 GiB (one N x N
+    float32 matrix is 4 GiB)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu backend is not built")
+    script = textwrap.dedent("""
+        import resource, torch, contrastive_kernels as ck
+        torch.set_num_threads(2)
+        n, d, dt = 32768, 128, 64
+        g = torch.Generator().manual_seed(0)
+        unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=1)
+        q, k = unit(n, d).requires_grad_(), unit(n, d).requires_grad_()
+        tq, tk = unit(n, dt), unit(n, dt)
+        q.grad = torch.zeros_like(q); k.grad = torch.zeros_like(k)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loss = ck.info_nce(q, k, symmetric=True, teacher=(tq, tk), teacher_weight=0.5,
+                           backend="cpu")
+        loss.backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - base) * 1024)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    above = int(p.stdout.strip().splitlines()[-1])
+    assert above < 1 << 30, f"peak RSS {above >> 20} MiB above the inputs"
+
+
+def test_teacher_matches_open_clip_distill_clip_loss():
+    """open_clip's DistillClipLoss, the installed library: its distill_loss is ours with
+    teacher_weight=1, and contrastive + distill is twice ours at teacher_weight=0.5, values
+    and the gradients of both towers and the scale."""
+    loss_mod = open_clip_loss()
+    if loss_mod is None or not hasattr(loss_mod, "DistillClipLoss"):
+        pytest.skip("open_clip is not installed")
+    gen = torch.Generator().manual_seed(21)
+    n, d, dt = 40, 24, 12
+    img, txt = (F.normalize(torch.randn(n, d, generator=gen), dim=1).requires_grad_()
+                for _ in range(2))
+    t_img, t_txt = (F.normalize(torch.randn(n, dt, generator=gen), dim=1) for _ in range(2))
+    s = torch.tensor(14.0, requires_grad=True)
+    ts = torch.tensor(25.0)
+    contrastive, distill = loss_mod.DistillClipLoss()(img, txt, s, t_img, t_txt, ts)
+    for alpha, want in ((1.0, distill), (0.5, (contrastive + distill) / 2)):
+        ours = ck.info_nce(img, txt, symmetric=True, logit_scale=s, teacher=(t_img, t_txt),
+                           teacher_logit_scale=ts, teacher_weight=alpha)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+        g = torch.autograd.grad(ours, [img, txt, s])
+        gw = torch.autograd.grad(want, [img, txt, s], retain_graph=True)
+        for a, b in zip(g, gw):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

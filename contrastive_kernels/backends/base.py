@@ -31,6 +31,11 @@ dtype): S_ij += delta[i] where rid[i] == cid[j] (rid < 0: none; delta = -inf lea
 entry out of both log-sum-exps). lse_backward then returns (dq_raw, dk_raw, dshift) with
 dshift[i] = sum_j [rid[i] == cid[j]] dS_ij when need_dshift (else None).
 
+A backend that declares the feature "teacher" (soft targets from a teacher's
+similarities) takes `prod=(pq, pk)` in lse_backward: (N x D'), (M x D') product operands,
+so that the logits come from (q, k) (the teacher's embeddings) and the gradients are
+dq_raw = dS @ pk, dk_raw = dS.T @ pq (the student's).
+
 A backend that declares the feature "siglip" also has the sigmoid loss's tile pass
 
     siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
@@ -53,7 +58,7 @@ import torch
 
 # Features a call may need beyond the InfoNCE core (every backend has that: rows and
 # columns, self-masking, any target): a loss other than InfoNCE, or an option.
-FEATURES = ("siglip", "shift", "low_memory", "blocked", "tf32")
+FEATURES = ("siglip", "shift", "teacher", "low_memory", "blocked", "tf32")
 LOSSES = ("info_nce", "siglip")
 
 
@@ -128,7 +133,7 @@ class Backend:
         raise NotImplementedError
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                     options, shift=None, need_dshift=False):
+                     options, shift=None, need_dshift=False, prod=None):
         raise NotImplementedError
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
@@ -142,6 +147,8 @@ def _missing(feature):
         return "does not support low_memory=True"
     if feature == "shift":
         return "does not implement margin or decoupled (the positive shift)"
+    if feature == "teacher":
+        return "does not implement teacher soft targets"
     return f"does not have the {feature} algorithm"
 
 

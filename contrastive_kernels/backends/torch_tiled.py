@@ -43,7 +43,7 @@ class TorchBackend(Backend):
     name = "torch"
     device_types = ()      # any
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    features = frozenset({"siglip", "shift"})
+    features = frozenset({"siglip", "shift", "teacher"})
     tile = TILE
 
     def lse_forward(self, q, k, scale, self_mask, cols, options, shift=None):
@@ -64,11 +64,12 @@ class TorchBackend(Backend):
         return lse_r, lse_c
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                     options, shift=None, need_dshift=False):
+                     options, shift=None, need_dshift=False, prod=None):
         acc, tile = lse_r.dtype, self.tile
         n, m = q.shape[0], k.shape[0]
-        dq = torch.zeros(n, q.shape[1], dtype=acc, device=q.device) if need_dq else None
-        dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if need_dk else None
+        pq, pk = (q, k) if prod is None else prod      # the product operands
+        dq = torch.zeros(n, pq.shape[1], dtype=acc, device=q.device) if need_dq else None
+        dk = torch.zeros(m, pk.shape[1], dtype=acc, device=q.device) if need_dk else None
         need_dshift = need_dshift and shift is not None
         dshift = torch.zeros(n, dtype=acc, device=q.device) if need_dshift else None
         lr = _finite_or_inf(lse_r)
@@ -86,9 +87,9 @@ class TorchBackend(Backend):
                 if need_dshift:
                     dshift[i0:i0 + tile] += torch.where(pos, ds, 0.0).sum(1)
                 if need_dq:
-                    dq[i0:i0 + tile] += ds @ kb
+                    dq[i0:i0 + tile] += ds @ (kb if prod is None else pk[j0:j0 + tile].to(acc))
                 if need_dk:
-                    dk[j0:j0 + tile] += ds.T @ qb
+                    dk[j0:j0 + tile] += ds.T @ (qb if prod is None else pq[i0:i0 + tile].to(acc))
         return (dq, dk) if shift is None else (dq, dk, dshift)
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):

@@ -263,15 +263,19 @@ def _blocked_forward(L, self_mask, cols):
     return lse_r, lse_c
 
 
-def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_dq, need_dk):
+def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_dq, need_dk,
+                      prod=None):
+    """The blocked backward; with prod = (pq, pk) (the teacher's passes) dq = dS pk and
+    dk = dS^T pq, the logits still from q and k."""
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
     br, bc = T["BLOCK_R"], T["BLOCK_C"]
     sbuf = _out((rows, mpad), acc, dev)
     dsbuf = _out((rows, mpad), L.q.dtype, dev)
-    dq = _out((n, L.d), acc, dev) if need_dq else None
-    dk = _out((m, L.d), acc, dev) if need_dk else None
     q, k = L.q, L.k
+    pq, pk = (q, k) if prod is None else (_rows(prod[0]), _rows(prod[1]))
+    dq = _out((n, pq.shape[1]), acc, dev) if need_dq else None
+    dk = _out((m, pq.shape[1]), acc, dev) if need_dk else None
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
         s, ds, qb = sbuf[:r, :m], dsbuf[:r, :m], q[i0:i0 + r]
@@ -281,9 +285,9 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
             g_c if has_c else g_r, i0, r, m, mpad, SELF_MASK=bool(self_mask), HAS_R=True,
             HAS_C=has_c, BLOCK_R=br, BLOCK_C=bc, num_warps=T["num_warps"])
         if need_dq:
-            _gemm(ds, k, dq[i0:i0 + r])
+            _gemm(ds, pk, dq[i0:i0 + r])
         if need_dk:
-            _gemm(ds.T, qb, dk, accumulate=i0 > 0)
+            _gemm(ds.T, pq[i0:i0 + r], dk, accumulate=i0 > 0)
     return dq, dk
 
 
@@ -322,8 +326,10 @@ def lse_forward(q, k, scale, self_mask, cols, options, shift=None):
 
 
 def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk, options,
-                 shift=None, need_dshift=False):
+                 shift=None, need_dshift=False, prod=None):
     L = _setup(q, k, scale, options)
+    if prod is not None and shift is not None:
+        raise ValueError("the Triton backward takes a shift or product operands, not both")
     need_dshift = need_dshift and shift is not None
     want_dq = need_dq
     need_dq = need_dq or need_dshift        # the shift's gradient comes with the row launch
@@ -364,9 +370,11 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
     q, k = L.q, L.k
     dq = dk = None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        if shift is None and _blocked(L):
+        if shift is None and (prod is not None or _blocked(L)):
+            # (the teacher's passes, prod, always take the blocked kernels: cuBLAS for the
+            # two GEMMs of different widths)
             dq, dk = _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm,
-                                       need_dq, need_dk)
+                                       need_dq, need_dk, prod)
         elif need_dq and need_dk and not options.deterministic:
             dq = _out((L.n, L.d), acc, dev)
             dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
@@ -536,7 +544,7 @@ class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda", "cpu")
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    features = frozenset({"siglip", "shift", "low_memory", "blocked", "tf32"})
+    features = frozenset({"siglip", "shift", "teacher", "low_memory", "blocked", "tf32"})
     min_capability = {torch.bfloat16: (8, 0)}
 
     def unavailable_reason(self, device):
@@ -549,9 +557,9 @@ class TritonBackend(Backend):
         return lse_forward(q, k, scale, self_mask, cols, options, shift)
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                     options, shift=None, need_dshift=False):
+                     options, shift=None, need_dshift=False, prod=None):
         return lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
-                            options, shift, need_dshift)
+                            options, shift, need_dshift, prod)
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
         return siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)

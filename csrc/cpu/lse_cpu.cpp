@@ -454,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_cpu(const at::Tensor& q, const at
   return lse_forward_impl(q, k, scale, self_mask, cols, poison, Shift());
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_forward_shifted_cpu(
+std::tuple<at::Tensor, at::Tensor> lse_forward_ext_cpu(
     const at::Tensor& q, const at::Tensor& k, double scale, bool self_mask, bool cols,
     const at::Tensor& rid, const at::Tensor& cid, const at::Tensor& delta,
     bool /*deterministic: always*/, bool /*tf32*/, bool poison) {
@@ -463,12 +463,14 @@ std::tuple<at::Tensor, at::Tensor> lse_forward_shifted_cpu(
                           Shift(rid, cid, delta, acc_type(q), q.size(0), k.size(0)));
 }
 
-// dq, dk and (with the shift and need_dshift) the shift's gradient per row.
+// dq, dk and (with the shift and need_dshift) the shift's gradient per row. With product
+// operands pq (N x D'), pk (M x D') (defined, non-empty: the teacher's passes), the logits
+// come from q, k but dq = dS pk and dk = dS^T pq.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_impl(
     const at::Tensor& q, const at::Tensor& k, double scale, bool self_mask,
     const at::Tensor& lse_r, const at::Tensor& lse_c, const at::Tensor& g_r,
     const at::Tensor& g_c, bool need_dq, bool need_dk, bool poison, const Shift& shift,
-    bool need_dshift) {
+    bool need_dshift, const at::Tensor& pq = at::Tensor(), const at::Tensor& pk = at::Tensor()) {
   const auto acc = acc_type(q);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
   const bool cols = g_c.numel() > 0;
@@ -477,6 +479,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_impl(
   // detach: parallel workers do not inherit the caller's no-grad mode.
   const at::Tensor qa = q.detach().to(acc).contiguous();
   const at::Tensor ka = k.detach().to(acc).contiguous();
+  const bool prod = pq.defined() && pq.numel() > 0;
+  const at::Tensor pqa = prod ? pq.detach().to(acc).contiguous() : qa;
+  const at::Tensor pka = prod ? pk.detach().to(acc).contiguous() : ka;
   // backward_lse: a row with lse = -inf gets probability 0.
   auto safe = [&](const at::Tensor& v) {
     at::Tensor out = v.to(acc).contiguous().clone();
@@ -490,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_impl(
   const at::Tensor lc = cols ? safe(lse_c.detach()) : at::Tensor();
   const at::Tensor gc = cols ? g_c.detach().to(acc).contiguous() : at::Tensor();
 
-  GradAccumulators acc_g(qa, m, need_dq, need_dk);
+  GradAccumulators acc_g(pqa, m, need_dq, need_dk);
   const Stripes& st = acc_g.st;
   at::Tensor& dq = acc_g.dq;
   need_dshift = need_dshift && shift.on();
@@ -515,8 +520,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_impl(
             if (need_dshift)
               shift_grad<T>(x.data_ptr<T>(), ni, nj, shift.rid.data_ptr<int32_t>() + i0,
                             shift.cid.data_ptr<int32_t>() + j0, dshift.data_ptr<T>() + i0);
-            if (need_dq) dq.narrow(0, i0, ni).addmm_(x, ka.narrow(0, j0, nj));
-            if (need_dk) dk.narrow(0, j0, nj).addmm_(x.t(), qa.narrow(0, i0, ni));
+            if (need_dq) dq.narrow(0, i0, ni).addmm_(x, pka.narrow(0, j0, nj));
+            if (need_dk) dk.narrow(0, j0, nj).addmm_(x.t(), pqa.narrow(0, i0, ni));
           }
         }
       }
@@ -538,16 +543,22 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cpu(const at::Tensor& q, const a
   return {std::get<0>(out), std::get<1>(out)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_shifted_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_ext_cpu(
     const at::Tensor& q, const at::Tensor& k, double scale, bool self_mask,
     const at::Tensor& lse_r, const at::Tensor& lse_c, const at::Tensor& g_r,
     const at::Tensor& g_c, const at::Tensor& rid, const at::Tensor& cid,
-    const at::Tensor& delta, bool need_dq, bool need_dk, bool need_dshift,
-    bool /*deterministic: always*/, bool /*tf32*/, bool poison) {
+    const at::Tensor& delta, const at::Tensor& pq, const at::Tensor& pk, bool need_dq,
+    bool need_dk, bool need_dshift, bool /*deterministic: always*/, bool /*tf32*/,
+    bool poison) {
   check_inputs(q, k, self_mask);
+  if (pq.numel() > 0) {
+    TORCH_CHECK(pq.dim() == 2 && pk.dim() == 2 && pq.size(0) == q.size(0) &&
+                pk.size(0) == k.size(0) && pq.size(1) == pk.size(1),
+                "pq and pk must be N x D' and M x D'");
+  }
   return lse_backward_impl(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                            poison, Shift(rid, cid, delta, acc_type(q), q.size(0), k.size(0)),
-                           need_dshift);
+                           need_dshift, pq, pk);
 }
 
 // The sigmoid loss's tiles (contract: contrastive_kernels/backends/base.py, siglip_tiles).
@@ -604,6 +615,6 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("lse_forward", &lse_forward_cpu);
   m.impl("lse_backward", &lse_backward_cpu);
   m.impl("siglip_tiles", &siglip_tiles_cpu);
-  m.impl("lse_forward_shifted", &lse_forward_shifted_cpu);
-  m.impl("lse_backward_shifted", &lse_backward_shifted_cpu);
+  m.impl("lse_forward_ext", &lse_forward_ext_cpu);
+  m.impl("lse_backward_ext", &lse_backward_ext_cpu);
 }
