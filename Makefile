@@ -8,12 +8,13 @@ PYTEST_ARGS ?=
 
 .PHONY: test bench build setup clean
 
-$(VENV)/.deps: requirements.txt requirements-compat.txt
+$(VENV)/.deps: requirements.txt requirements-compat.txt requirements-integrations.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-compat.txt
+	$(PY) -m pip install -q -r requirements-integrations.txt "$(TORCH_SPEC)"
 	touch $@
 
 setup: $(VENV)/.deps

@@ -3,11 +3,28 @@
 They are installed without their dependencies (torchvision and timm would pull a CUDA
 torch), so a package whose __init__ imports those is loaded module by module: the loss
 module itself, from the installed package's files. Returns None where not installed.
+
+lightly (`lightly_ntxent`): lightly/__init__.py imports most of the package, torchvision
+included, and a PyPI torchvision does not work beside this CPU torch. The loader puts
+bare package modules for lightly, lightly.loss, lightly.models, lightly.models.modules
+and lightly.utils in sys.modules (their __path__ the installed directories, their
+__init__ files not run) and imports lightly.loss.ntx_ent_loss, which pulls in
+lightly.models.modules.memory_bank, lightly.models.utils and lightly.utils.dist from the
+installed files. lightly.models.utils imports `torchvision.ops.StochasticDepth` at
+module level (unused by NTXentLoss and the memory bank): only if torchvision is not
+installed, a stand-in `torchvision` / `torchvision.ops` with a StochasticDepth that
+raises when built is registered for the import. Afterwards every sys.modules entry the
+loader added (the bare packages, the loaded lightly modules, the stand-ins) is removed
+again, so no other test (transformers probes for torchvision) can see them; the loaded
+modules keep their references to one another.
 """
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
+import types
 
 
 def _module(package, name):
@@ -30,5 +47,59 @@ def open_clip_loss():
     """open_clip's loss module (SigLipLoss, ClipLoss), or None."""
     try:
         return _module("open_clip", "loss")
+    except Exception:
+        return None
+
+
+def _bare_package(name, path):
+    mod = types.ModuleType(name)
+    mod.__path__ = [path]
+    mod.__package__ = name
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    mod.__spec__.submodule_search_locations = [path]
+    return mod
+
+
+class _StochasticDepth:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchvision stand-in of tests/compat.py: not usable")
+
+
+def _torchvision_stand_in():
+    tv = types.ModuleType("torchvision")
+    tv.__path__ = []
+    ops = types.ModuleType("torchvision.ops")
+    ops.StochasticDepth = _StochasticDepth
+    tv.ops = ops
+    return {"torchvision": tv, "torchvision.ops": ops}
+
+
+@functools.lru_cache(None)
+def lightly_ntxent():
+    """lightly's NTXentLoss class (lightly.loss.ntx_ent_loss), or None."""
+    try:
+        real = sys.modules.get("lightly")
+        if real is not None and getattr(real, "__file__", None):  # imported for real
+            return importlib.import_module("lightly.loss.ntx_ent_loss").NTXentLoss
+        spec = importlib.util.find_spec("lightly")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = list(spec.submodule_search_locations)[0]
+        before = set(sys.modules)
+        added = {}
+        for name in ("lightly", "lightly.loss", "lightly.models", "lightly.models.modules",
+                     "lightly.utils"):
+            path = os.path.join(root, *name.split(".")[1:])
+            added[name] = _bare_package(name, path)
+        if importlib.util.find_spec("torchvision") is None:
+            added.update(_torchvision_stand_in())
+        added = {k: v for k, v in added.items() if k not in sys.modules}
+        sys.modules.update(added)
+        try:
+            return importlib.import_module("lightly.loss.ntx_ent_loss").NTXentLoss
+        finally:
+            for name in set(sys.modules) - before:     # torch etc. stay imported
+                if name.split(".")[0] in ("lightly", "torchvision"):
+                    del sys.modules[name]
     except Exception:
         return None
