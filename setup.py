@@ -1,17 +1,37 @@
 """Builds contrastive_kernels and its C++ (and, where possible, CUDA) extension.
 
-torch must be installed first:  pip install -e . --no-build-isolation
+The extension is compiled against the torch already installed, so build without pip's
+build isolation:  pip install torch && pip install --no-build-isolation .
+(a build without torch stops at once with that command; metadata and the sdist need no
+torch). The wheel requires the torch version it was compiled against.
 CK_BUILD_CUDA=1 forces the CUDA sources in csrc/cuda/, CK_BUILD_CUDA=0 leaves them
 out; by default they are built when torch is a CUDA build and nvcc is found.
 """
 import glob
 import json
 import os
+import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension as ce
+try:
+    import torch
+    from torch.utils import cpp_extension as ce
+except ImportError:
+    torch = None
+
+# Commands that compile the extension (the others, egg_info, dist_info, sdist, need no torch).
+BUILDS = {"build", "build_ext", "bdist_wheel", "bdist", "install", "develop", "editable_wheel"}
+NO_TORCH = """
+contrastive_kernels: torch is not importable in this build environment.
+The C++ extension is compiled against the torch you have installed, so it must be built
+without pip's build isolation (which hides that torch). Run:
+
+    pip install torch            # if it is not installed yet
+    pip install --no-build-isolation .          (or: pip install --no-build-isolation -e .)
+"""
+if torch is None and BUILDS & set(sys.argv[1:]):
+    sys.exit(NO_TORCH)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "csrc", "build_flags.json")) as f:
@@ -53,17 +73,22 @@ def extension():
                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
+def torch_requirement():
+    """The torch the extension is compiled against (its ABI): that version, without the
+    local tag (+cpu, +cu130); unpinned where torch is absent (metadata, the sdist)."""
+    if torch is None:
+        return "torch"
+    return "torch==" + torch.__version__.split("+")[0]
+
+
 setup(
-    name="contrastive_kernels",
-    version="0.1.0",
-    description="Fused contrastive losses (InfoNCE/CLIP, NT-Xent, SupCon) that never materialize N x M logits",
     packages=["contrastive_kernels", "contrastive_kernels.backends", "contrastive_kernels.integrations",
               "contrastive_kernels.triton_kernels"],
     package_dir={"contrastive_kernels.triton_kernels": "triton_kernels"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": ce.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch", "numpy"],
+    package_data={"contrastive_kernels": ["py.typed"]},
+    ext_modules=[extension()] if torch is not None else [],
+    cmdclass={"build_ext": ce.BuildExtension.with_options(use_ninja=True)} if torch is not None else {},
+    install_requires=[torch_requirement(), "numpy"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"],
                     "bench": ["matplotlib", "pytest-benchmark"]},
 )

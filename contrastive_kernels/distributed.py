@@ -68,6 +68,7 @@ most two remote key blocks (the current one and the next one in flight); ``RING_
 records the peak.
 """
 import dataclasses
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -78,7 +79,7 @@ from .loss import (check_variant_options, info_nce, linear_teacher_dots, op_inpu
                    positive_shift, siglip_loss, siglip_options, teacher_operands)
 from .options import make_options
 from .problem import (FLOAT_DTYPES, REDUCTIONS, SIGLIP_BIAS, SIGLIP_SCALE, check_inputs,
-                      check_siglip, check_values)
+                      WEIGHTINGS, check_siglip, check_values, warn_once)
 from .targets import Targets
 
 __all__ = ["ring_info_nce", "gather_info_nce", "ring_siglip_loss", "gather_siglip_loss",
@@ -108,9 +109,14 @@ class _Counter:
         self.live -= n
 
 
-def _process_group_size(group):
-    """World size of `group`, or None when torch.distributed is not initialized."""
+def _process_group_size(group, what):
+    """World size of `group`, or None (warned once) when torch.distributed is not
+    initialized: the loss is then this process's local loss."""
     if not (dist.is_available() and dist.is_initialized()):
+        warn_once("no process group", f"contrastive_kernels: {what} without an initialized "
+                  f"torch.distributed process group computes the local loss of this "
+                  f"process's batch (call torch.distributed.init_process_group first for "
+                  f"the global batch)")
         return None
     return dist.get_world_size(group)
 
@@ -188,6 +194,21 @@ def _setup(what, query, key, group, world, positive_index, labels, key_labels, t
     return _agree(what, query, group, world, check, allow_self)
 
 
+def _bits(x):
+    """A float as int64 bits (compared exactly across ranks)."""
+    return torch.tensor([float(x)], dtype=torch.float64).view(torch.int64).item()
+
+
+def _scalar_key(x):
+    """(kind, value bits) of a scale or bias: a float, a 0-dim tensor (its value compared
+    when on the CPU; on a GPU reading it would sync) or a per-row tensor."""
+    if not torch.is_tensor(x):
+        return 0, _bits(x)
+    if x.dim() == 1:
+        return 2, 0
+    return 1, (_bits(x.detach()) if x.device.type == "cpu" else 0)
+
+
 def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
     """Check the local shard (check() -> Problem), share sizes and settings with one
     all_gather, and raise on every rank if any rank's arguments are bad or disagree.
@@ -202,14 +223,15 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
         err, p = e, None
     cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
     if p is None:
-        row = [0] * 13
+        row = [0] * 21
     else:
         n, d = p.query.shape
         keys = p.query if p.self_contrast else p.key
-        margin_bits = torch.tensor([p.margin], dtype=torch.float64).view(torch.int64).item()
         row = [1, n, p.n_keys, d, FLOAT_DTYPES.index(p.query.dtype), int(p.self_contrast),
                mode, int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad),
-               int(wants_grad), margin_bits, int(p.decoupled)]
+               int(wants_grad), _bits(p.margin), int(p.decoupled), _bits(p.label_smoothing),
+               *_scalar_key(p.scale), *_scalar_key(p.bias), int(p.teacher is not None),
+               _bits(p.teacher_weight), WEIGHTINGS.index(p.teacher_weighting)]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -223,14 +245,23 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
     # 2. global checks: every rank sees the same table and raises the same error.
     names = {3: "embedding dim", 4: "dtype", 5: "key=None (self-contrast)",
              6: "the kind of positives (default / positive_index / labels)",
-             7: "symmetric", 8: "reduction", 11: "margin", 12: "decoupled"}
+             7: "symmetric", 8: "reduction", 11: "margin", 12: "decoupled",
+             13: "label_smoothing", 14: "the kind of scale (float / tensor / per-row)",
+             15: "the logit scale (1 / temperature)", 16: "the kind of logit_bias",
+             17: "logit_bias", 18: "teacher (given or not)", 19: "teacher_weight",
+             20: "teacher_weighting"}
+    floats = (11, 13, 15, 17, 19)
     for col, name in names.items():
         vals = [t[col] for t in table]
         if len(set(vals)) > 1:
             if col == 4:
                 vals = [FLOAT_DTYPES[v] for v in vals]
-            if col == 11:
+            if col in floats:
                 vals = torch.tensor(vals, dtype=torch.int64).view(torch.float64).tolist()
+            if col in (14, 16):
+                vals = [("float", "tensor", "per-row tensor")[v] for v in vals]
+            if col == 20:
+                vals = [WEIGHTINGS[v] for v in vals]
             raise ValueError(f"{what}: {name} must be the same on every rank, got {vals} "
                              f"(by rank)")
     sizes_n = [t[1] for t in table]
@@ -465,6 +496,7 @@ class _RingStats(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
+    @engine.first_order
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_r, g_a, _g_p, g_b, g_c, g_ac, _g_pc, g_bc):
         q, k, scale, shift, lse_r, lse_c, a_c = ctx.saved_tensors
@@ -546,6 +578,7 @@ class _RingTeacher(torch.autograd.Function):
         return x_r, x_c
 
     @staticmethod
+    @engine.first_order
     @torch.autograd.function.once_differentiable
     def backward(ctx, c_r, c_c):
         q, k, lse_t, lse_tc = ctx.saved_tensors
@@ -605,18 +638,76 @@ def _ring_teacher_dots(st, p, q, k, self_c, masked, be, opts, overlap):
     return x_r, (x_c if p.symmetric else None)
 
 
-def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
-                  key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
-                  symmetric=False, label_smoothing=0.0, reduction="mean", margin=0.0,
-                  decoupled=False, teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
-                  teacher_weighting="softmax", backend="auto", overlap=True, **options):
-    """`info_nce` over the global batch by a ring of point-to-point transfers.
+def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
+                  group: Optional[Any] = None, positive_index: Optional[torch.Tensor] = None,
+                  labels: Optional[torch.Tensor] = None,
+                  key_labels: Optional[torch.Tensor] = None,
+                  temperature: Optional[Union[float, torch.Tensor]] = None,
+                  logit_scale: Optional[Union[float, torch.Tensor]] = None,
+                  logit_bias: Optional[Union[float, torch.Tensor]] = None,
+                  symmetric: bool = False, label_smoothing: float = 0.0,
+                  reduction: str = "mean", margin: float = 0.0, decoupled: bool = False,
+                  teacher: Optional[Union[torch.Tensor,
+                                          Tuple[torch.Tensor, torch.Tensor]]] = None,
+                  teacher_logit_scale: Optional[Union[float, torch.Tensor]] = None,
+                  teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
+                  backend: str = "auto", overlap: bool = True,
+                  **options: Any) -> torch.Tensor:
+    """`info_nce` over the global batch of a data-parallel job, by a ring of transfers.
 
-    Same keyword arguments as `contrastive_kernels.info_nce` (kernel options included),
-    plus `group` (default: the default process group) and `overlap` (False: wait for each
-    transfer before computing; for benchmarks). See the module docstring for the
-    semantics and the gradient contract. Collective: every rank of `group` must call it
-    (and backward).
+    Each rank passes its own shard; key blocks travel around the ring by point-to-point
+    messages, so a rank never holds the global keys (its shard plus at most two remote
+    blocks). The loss is `info_nce` on the ranks' shards concatenated in rank order;
+    see the module docstring (contrastive_kernels.distributed) for the semantics and
+    the gradient contract. Collective: every rank of `group` must call it, and call
+    backward. Without an initialized process group it warns once (UserWarning) and
+    returns the local `info_nce`; with world size 1 it returns the local loss.
+
+    Args:
+        query: (N_r, D) float tensor, this rank's queries (sizes may differ by rank).
+        key: (M_r, D) tensor, this rank's keys, or None for self-contrast over the
+            global batch (NT-Xent / SupCon; the global diagonal is masked).
+        group: the process group (None: the default group).
+        positive_index: integer tensor (N_r,): GLOBAL indices into the keys of all
+            ranks concatenated in rank order (the queries for key=None). Default: the
+            diagonal within each rank.
+        labels: integer tensor (N_r,): same-label keys are positives, compared across
+            ranks (SupCon over the global batch).
+        key_labels: integer tensor (M_r,); default `labels`.
+        temperature, logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+            margin, decoupled: as for `contrastive_kernels.info_nce` (default
+            symmetric=False, temperature 0.07); the same on every rank.
+        teacher, teacher_logit_scale, teacher_weight, teacher_weighting: this rank's
+            teacher embeddings and the teacher settings, as for `info_nce`.
+        backend: "auto" or a backend name, for the per-block kernels.
+        overlap: True overlaps each transfer with the compute on the current block;
+            False waits for it (for benchmarks).
+        **options: kernel options, as for `info_nce`.
+
+    Returns:
+        This rank's share L_r of the global loss L, float32 (float64 for float64
+        inputs). "mean": L_r = P * (this rank's row losses summed) / (global rows with a
+        positive), averaged with the columns this rank owns when symmetric, so that the
+        mean of L_r over the P ranks is L (DDP's gradient average then equals a
+        single-process step on the global batch). "sum": this rank's share of the global
+        sum. "none": this rank's rows (then its columns when symmetric, each weighted
+        1/2).
+
+    Raises:
+        TypeError: an argument of the wrong type (as `info_nce`).
+        ValueError: an invalid argument on any rank (every rank raises, none waits),
+            settings that differ between ranks, or a per-query temperature with
+            symmetric=True and a margin.
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported).
+
+    Example:
+        Run on every rank after torch.distributed.init_process_group (for instance
+        under torchrun); image_emb and text_emb are this rank's shards:
+
+            loss = ck.ring_info_nce(image_emb, text_emb, symmetric=True,
+                                    logit_scale=logit_scale.exp())
+            loss.backward()     # collective as well
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
@@ -624,7 +715,7 @@ def ring_info_nce(query, key=None, *, group=None, positive_index=None, labels=No
                   margin=margin, decoupled=decoupled, teacher=teacher,
                   teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
                   teacher_weighting=teacher_weighting)
-    world = _process_group_size(group)
+    world = _process_group_size(group, "ring_info_nce")
     if world is None or world == 1:
         return info_nce(query, key, backend=backend, **kwargs, **options)
     opts = make_options(**options)
@@ -701,6 +792,7 @@ class _RingSigLIPStats(torch.autograd.Function):
         return r, t, a, p
 
     @staticmethod
+    @engine.first_order
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_r, _g_t, g_a, _g_p):
         q, k, scale, bias, t = ctx.saved_tensors
@@ -740,6 +832,7 @@ class _RingSigLIPFused(torch.autograd.Function):
         return r.sum() - sc * a.sum() - bc * p.sum()
 
     @staticmethod
+    @engine.first_order
     @torch.autograd.function.once_differentiable
     def backward(ctx, c):
         dq, dk, ds, db = ctx.saved_tensors
@@ -762,21 +855,62 @@ class _RingSigLIPFused(torch.autograd.Function):
                 (db * c).to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
 
 
-def ring_siglip_loss(query, key, *, group=None, logit_scale=SIGLIP_SCALE,
-                     logit_bias=SIGLIP_BIAS, positive_index=None, labels=None, key_labels=None,
-                     reduction="mean", backend="auto", passes=None, overlap=True, **options):
-    """`siglip_loss` over the global batch (the ranks' shards concatenated) by a ring of
-    point-to-point transfers. Positives: the diagonal within each rank by default, a
-    GLOBAL `positive_index`, or labels compared across ranks. No row statistic is merged:
-    the blocks' partial sums add. With the 3-pass schedule (passes=None or 3, for
-    "mean"/"sum" with a gradient) each block's dk travels home with it in the forward and
-    backward sends nothing but one scalar; with passes=4 the blocks go round again in
-    backward. Gradient contract as `ring_info_nce`: rank r returns P * (its rows' loss
-    sum) / N_global for "mean" (so the mean over ranks is the global loss), its share of
-    the sum for "sum", its rows for "none"; under DDP a step equals a single-process step
-    on the global batch, scale and bias included. Collective, backward too.
+def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[Any] = None,
+                     logit_scale: Union[float, torch.Tensor] = SIGLIP_SCALE,
+                     logit_bias: Union[float, torch.Tensor] = SIGLIP_BIAS,
+                     positive_index: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None,
+                     key_labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+                     backend: str = "auto", passes: Optional[int] = None,
+                     overlap: bool = True, **options: Any) -> torch.Tensor:
+    """`siglip_loss` over the global batch (the ranks' shards concatenated), by a ring of
+    point-to-point transfers.
+
+    No row statistic is merged: the key blocks' partial sums add. With the 3-pass
+    schedule (passes=None or 3, for "mean"/"sum" with a gradient) each block's dk travels
+    home with it during forward and backward sends one scalar; with passes=4 the blocks
+    go round again in backward. Collective: every rank of `group` must call it, and call
+    backward. Without an initialized process group it warns once (UserWarning) and
+    returns the local `siglip_loss`; with world size 1 it returns the local loss.
+
+    Args:
+        query: (N_r, D) float tensor, this rank's first-tower embeddings.
+        key: (M_r, D) tensor, this rank's second-tower embeddings. Required.
+        group: the process group (None: the default group).
+        logit_scale: the exponentiated scale, float > 0 or 0-dim tensor (replicated:
+            each rank's gradient is a share). Default 10.0.
+        logit_bias: float or 0-dim tensor. Default -10.0.
+        positive_index: integer tensor (N_r,) of GLOBAL key indices. Default: the
+            diagonal within each rank.
+        labels: integer tensor (N_r,): same-label pairs are positives, across ranks.
+        key_labels: integer tensor (M_r,); default `labels`.
+        reduction: "mean", "sum" or "none", as for `siglip_loss`.
+        backend: "auto" or a backend name.
+        passes: None, 3 or 4, as for `siglip_loss`.
+        overlap: False waits for each transfer before computing (for benchmarks).
+        **options: kernel options deterministic and precision.
+
+    Returns:
+        This rank's share, float32 (float64 for float64 inputs): for "mean",
+        P * (this rank's row sums) / N_global, so that the mean over ranks is the global
+        loss; for "sum" its share of the sum; for "none" its rows (N_r,). Under DDP a
+        step equals a single-process step on the global batch, scale and bias included.
+
+    Raises:
+        TypeError: `key` None or an argument of the wrong type (as `siglip_loss`).
+        ValueError: an invalid argument on any rank (every rank raises), or settings
+            that differ between ranks.
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported).
+
+    Example:
+        Run on every rank after torch.distributed.init_process_group:
+
+            loss = ck.ring_siglip_loss(image_emb, text_emb, logit_scale=t.exp(),
+                                       logit_bias=b)
+            loss.backward()     # collective as well
     """
-    world = _process_group_size(group)
+    world = _process_group_size(group, "ring_siglip_loss")
     kw = dict(logit_scale=logit_scale, logit_bias=logit_bias, positive_index=positive_index,
               labels=labels, key_labels=key_labels, reduction=reduction)
     if world is None or world == 1:
@@ -848,18 +982,66 @@ def _gather_rows(x, st, sizes):
     return torch.cat([t[:n] for t, n in zip(parts, sizes)]).to(x.device)
 
 
-def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=None,
-                    key_labels=None, temperature=None, logit_scale=None, logit_bias=None,
-                    symmetric=False, label_smoothing=0.0, reduction="mean", margin=0.0,
-                    decoupled=False, teacher=None, teacher_logit_scale=None,
-                    teacher_weight=1.0, teacher_weighting="softmax", backend="auto",
-                    **options):
+def gather_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
+                    group: Optional[Any] = None,
+                    positive_index: Optional[torch.Tensor] = None,
+                    labels: Optional[torch.Tensor] = None,
+                    key_labels: Optional[torch.Tensor] = None,
+                    temperature: Optional[Union[float, torch.Tensor]] = None,
+                    logit_scale: Optional[Union[float, torch.Tensor]] = None,
+                    logit_bias: Optional[Union[float, torch.Tensor]] = None,
+                    symmetric: bool = False, label_smoothing: float = 0.0,
+                    reduction: str = "mean", margin: float = 0.0, decoupled: bool = False,
+                    teacher: Optional[Union[torch.Tensor,
+                                            Tuple[torch.Tensor, torch.Tensor]]] = None,
+                    teacher_logit_scale: Optional[Union[float, torch.Tensor]] = None,
+                    teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
+                    backend: str = "auto", **options: Any) -> torch.Tensor:
     """`info_nce` over the global batch by an all-gather (with gradient) of the keys.
 
     Local queries against all keys (and, if symmetric, local keys against all queries),
-    on any backend; memory O(global batch * D). key=None is not supported (ValueError
-    on every rank). Same contract as `ring_info_nce`; the kernel options go to every
-    local call.
+    as open_clip's local_loss=True, gather_with_grad=True; memory O(global batch * D).
+    Same values and gradient contract as `ring_info_nce`. Collective: every rank of
+    `group` must call it, and call backward. Without an initialized process group it
+    warns once (UserWarning) and returns the local `info_nce`; with world size 1 it
+    returns the local loss.
+
+    Args:
+        query: (N_r, D) float tensor, this rank's queries.
+        key: (M_r, D) tensor, this rank's keys. Required with more than one rank.
+        group: the process group (None: the default group).
+        positive_index: integer tensor (N_r,): GLOBAL indices into the keys of all
+            ranks concatenated in rank order (the queries for key=None). Default: the
+            diagonal within each rank.
+        labels: integer tensor (N_r,): same-label keys are positives, compared across
+            ranks (SupCon over the global batch).
+        key_labels: integer tensor (M_r,); default `labels`.
+        temperature, logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+            margin, decoupled: as for `contrastive_kernels.info_nce` (default
+            symmetric=False, temperature 0.07); the same on every rank.
+        teacher, teacher_logit_scale, teacher_weight, teacher_weighting: accepted for
+            the local loss only; a teacher with more than one rank raises (use
+            `ring_info_nce`).
+        backend: "auto" or a backend name, for every local call.
+        **options: kernel options, for every local call.
+
+    Returns:
+        This rank's share of the global loss, as `ring_info_nce` returns it.
+
+    Raises:
+        TypeError: an argument of the wrong type (as `info_nce`).
+        ValueError: an invalid argument on any rank (every rank raises), settings that
+            differ between ranks, and with more than one rank: key=None, a teacher, or
+            a per-query temperature with symmetric=True.
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported).
+
+    Example:
+        Run on every rank after torch.distributed.init_process_group:
+
+            loss = ck.gather_info_nce(image_emb, text_emb, symmetric=True,
+                                      temperature=0.07)
+            loss.backward()     # collective as well
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
                   temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
@@ -867,7 +1049,7 @@ def gather_info_nce(query, key=None, *, group=None, positive_index=None, labels=
                   margin=margin, decoupled=decoupled, teacher=teacher,
                   teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
                   teacher_weighting=teacher_weighting)
-    world = _process_group_size(group)
+    world = _process_group_size(group, "gather_info_nce")
     if world is None or world == 1:
         return info_nce(query, key, backend=backend, **kwargs, **options)
     opts = make_options(**options)
@@ -910,14 +1092,54 @@ def _has_loss(labels, other, decoupled):
     return ok & (same < other.numel()) if decoupled else ok
 
 
-def gather_siglip_loss(query, key, *, group=None, logit_scale=SIGLIP_SCALE,
-                       logit_bias=SIGLIP_BIAS, positive_index=None, labels=None,
-                       key_labels=None, reduction="mean", backend="auto", passes=None,
-                       **options):
-    """`siglip_loss` over the global batch by an all-gather (with gradient) of the keys:
-    local queries against all keys, memory O(global batch * D); for comparison with
-    `ring_siglip_loss`, whose semantics and gradient contract it shares."""
-    world = _process_group_size(group)
+def gather_siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
+                       group: Optional[Any] = None,
+                       logit_scale: Union[float, torch.Tensor] = SIGLIP_SCALE,
+                       logit_bias: Union[float, torch.Tensor] = SIGLIP_BIAS,
+                       positive_index: Optional[torch.Tensor] = None,
+                       labels: Optional[torch.Tensor] = None,
+                       key_labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+                       backend: str = "auto", passes: Optional[int] = None,
+                       **options: Any) -> torch.Tensor:
+    """`siglip_loss` over the global batch by an all-gather (with gradient) of the keys.
+
+    Local queries against all keys, memory O(global batch * D); the values and gradient
+    contract of `ring_siglip_loss`, for comparison with it. Collective: every rank of
+    `group` must call it, and call backward. Without an initialized process group it
+    warns once (UserWarning) and returns the local `siglip_loss`; with world size 1 it
+    returns the local loss.
+
+    Args:
+        query: (N_r, D) float tensor, this rank's first-tower embeddings.
+        key: (M_r, D) tensor, this rank's second-tower embeddings. Required.
+        group: the process group (None: the default group).
+        logit_scale, logit_bias, reduction, passes: as for `siglip_loss` (defaults
+            10.0, -10.0, "mean", None).
+        positive_index: integer tensor (N_r,) of GLOBAL key indices. Default: the
+            diagonal within each rank.
+        labels: integer tensor (N_r,): same-label pairs are positives, across ranks.
+        key_labels: integer tensor (M_r,); default `labels`.
+        backend: "auto" or a backend name, for every local call.
+        **options: kernel options deterministic and precision.
+
+    Returns:
+        This rank's share of the global loss, as `ring_siglip_loss` returns it.
+
+    Raises:
+        TypeError: `key` None or an argument of the wrong type (as `siglip_loss`).
+        ValueError: an invalid argument on any rank (every rank raises), or settings
+            that differ between ranks.
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported).
+
+    Example:
+        Run on every rank after torch.distributed.init_process_group:
+
+            loss = ck.gather_siglip_loss(image_emb, text_emb, logit_scale=10.0,
+                                         logit_bias=-10.0)
+            loss.backward()     # collective as well
+    """
+    world = _process_group_size(group, "gather_siglip_loss")
     kw = dict(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend, passes=passes)
     if world is None or world == 1:
         return siglip_loss(query, key, positive_index=positive_index, labels=labels,

@@ -17,6 +17,7 @@ backward is a custom op for the local loss (ops.py) and an autograd.Function for
 ring; both call these two functions.
 """
 import dataclasses
+import functools
 
 import torch
 
@@ -37,6 +38,25 @@ class Spec:
     def self_mask(self):
         """Whether the block of the queries' own keys has its diagonal masked."""
         return self.self_contrast or self.masked
+
+
+DOUBLE_BACKWARD = (
+    "double backward (create_graph=True) through a contrastive_kernels loss is not "
+    "supported: its gradients come from fused kernels, not from differentiable ops. For a "
+    "gradient penalty or another higher-order gradient, compute the loss with "
+    "contrastive_kernels.reference.info_nce / reference.siglip_loss (the same arguments; "
+    "they materialize the N x M logits)")
+
+
+def first_order(backward):
+    """Wrap an autograd backward so that backward(create_graph=True) raises instead of
+    returning gradients without their second-order terms."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+    return run
 
 
 def acc_dtype(dtype):

@@ -70,6 +70,7 @@ tensor requiring grad (a locked tower, LiT), gives an embedding that needs no gr
 """
 import collections.abc
 import contextlib
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -77,16 +78,57 @@ __all__ = ["GradCache"]
 
 
 class GradCache:
-    """Gradient-cached step: `GradCache(encoders, loss_fn, chunk_size)(*inputs, **loss_kwargs)`.
+    """A contrastive training step over a batch larger than the encoders' activations fit.
 
-    See the module docstring (contrastive_kernels.gradcache) for the contract.
-    encoders: a module (callable), or a list/tuple of them, one per input. loss_fn: called
-    as loss_fn(*embeddings, **loss_kwargs), returns a scalar tensor. chunk_size: rows per
-    encoder call (positive int). get_embedding: maps an encoder's output to its embedding
-    tensor. scaler: a torch.amp.GradScaler whose scale the backward gets.
+    `GradCache(encoders, loss_fn, chunk_size)(*inputs, **loss_kwargs)` fills every
+    parameter's .grad with what
+    loss_fn(*[enc(x) for enc, x in zip(encoders, inputs)], **loss_kwargs).backward()
+    would add, while the encoders see at most `chunk_size` rows at a time (gradient
+    caching, Gao et al. 2021). It encodes every chunk without a graph, runs loss_fn and
+    its backward on the whole batch (caching the embeddings' gradients), then encodes
+    each chunk again with a graph and backwards its slice of the cache. Dropout masks
+    are replayed (the RNG state is restored per chunk); an encoder with no_sync() (DDP)
+    syncs once per step. See the module docstring (contrastive_kernels.gradcache) for
+    the full contract: input types, autocast, GradScaler, DDP and what is not supported.
+
+    Args:
+        encoders: a module (any callable), used for every input, or a list or tuple of
+            them, one per input (the same module may appear twice: a shared tower).
+        loss_fn: called as loss_fn(*embeddings, **loss_kwargs); returns a scalar tensor
+            (e.g. a `FusedInfoNCE` module).
+        chunk_size: rows per encoder call, an int > 0.
+        get_embedding: maps an encoder's output to its embedding tensor (default: the
+            output itself), e.g. lambda out: out["sentence_embedding"].
+        scaler: a torch.amp.GradScaler: the cached gradients are those of
+            scaler.scale(loss); then call scaler.step(optimizer) as usual.
+
+    Returns:
+        Calling the object runs one step and returns the loss, see `GradCache.__call__`.
+
+    Raises:
+        TypeError: an encoder, `loss_fn` or `get_embedding` not callable, `chunk_size`
+            not an int, or `scaler` without a scale() method.
+        ValueError: an empty list of encoders, or `chunk_size` <= 0.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> image_enc, text_enc = torch.nn.Linear(12, 8), torch.nn.Linear(10, 8)
+        >>> images, texts = torch.randn(16, 12), torch.randn(16, 10)
+        >>> step = ck.GradCache([image_enc, text_enc], ck.FusedInfoNCE(), chunk_size=4)
+        >>> loss = step(images, texts)           # encoders see 4 rows at a time
+        >>> loss.shape, loss.requires_grad
+        (torch.Size([]), False)
+        >>> cached = image_enc.weight.grad.clone()
+        >>> image_enc.weight.grad = None
+        >>> ck.FusedInfoNCE()(image_enc(images), text_enc(texts)).backward()   # whole batch
+        >>> torch.allclose(image_enc.weight.grad, cached, atol=1e-5)
+        True
     """
 
-    def __init__(self, encoders, loss_fn, chunk_size, *, get_embedding=None, scaler=None):
+    def __init__(self, encoders: Union[Callable[..., Any], Sequence[Callable[..., Any]]],
+                 loss_fn: Callable[..., torch.Tensor], chunk_size: int, *,
+                 get_embedding: Optional[Callable[[Any], torch.Tensor]] = None,
+                 scaler: Optional[Any] = None) -> None:
         if isinstance(encoders, (list, tuple)):
             if not encoders:
                 raise ValueError("encoders must not be empty")
@@ -123,7 +165,43 @@ class GradCache:
         return (f"GradCache(encoders={len(self.encoders)}, chunk_size={self.chunk_size}, "
                 f"scaler={self.scaler is not None})")
 
-    def __call__(self, *inputs, **loss_kwargs):
+    def __call__(self, *inputs: Any, **loss_kwargs: Any) -> torch.Tensor:
+        """Run one gradient-cached step: encode, loss and backward, chunk by chunk.
+
+        Args:
+            *inputs: one input per encoder (a single encoder serves every input): a
+                tensor, or a Mapping (dict, a tokenizer's BatchEncoding), list or tuple
+                whose tensors are split along dim 0. Tensors whose dim 0 is the batch
+                size are split; those with dim 0 == 1, 0-dim tensors and other values go
+                to every chunk unchanged. Each chunk is passed to its encoder as one
+                positional argument of the input's type.
+            **loss_kwargs: passed to loss_fn (e.g. logit_scale=model.logit_scale.exp()).
+
+        Returns:
+            The loss on the whole batch, detached (0-dim or one element). The gradients
+            are accumulated into the parameters' .grad (and into those of loss_fn's
+            arguments), as a .backward() call would.
+
+        Raises:
+            TypeError: an input that is not a tensor, Mapping, list or tuple, or holds
+                no batched tensor; an encoder output (after get_embedding) that is not a
+                floating tensor; or loss_fn returning a non-tensor.
+            ValueError: no input, not one input per encoder, an inconsistent or empty
+                batch, an embedding without one row per input row or whose shape or
+                dtype differs between chunks, a non-scalar loss, or a loss with no
+                gradient.
+            RuntimeError: a re-forward giving another shape than the first pass.
+
+        Example:
+            >>> import torch, contrastive_kernels as ck
+            >>> enc = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.1))
+            >>> step = ck.GradCache(enc, ck.FusedInfoNCE(symmetric=False), chunk_size=3)
+            >>> views = torch.randn(8, 6)     # NT-Xent: two views of 4 samples, stacked
+            >>> scale = torch.tensor(1.0, requires_grad=True)
+            >>> loss = step(views, logit_scale=scale.exp())
+            >>> bool(torch.isfinite(loss)), enc[0].weight.grad.shape, scale.grad.shape
+            (True, torch.Size([8, 6]), torch.Size([]))
+        """
         if not inputs:
             raise ValueError("GradCache needs at least one input")
         if self.single:

@@ -1,13 +1,14 @@
-"""The public local loss: `info_nce`.
+"""The public local losses: `info_nce`, `siglip_loss`, `uniformity_loss`, `alignment_loss`.
 
-The loss splits into two parts (docs/DESIGN.md, "Decomposition"): the log-sum-exp over
-rows (and columns), the only O(N*M*D) part, computed tile by tile by a backend, and the
-target terms, linear in q and in k (targets.Targets). Both come out of one custom op
-(ops.info_nce_stats) as per-row statistics; the row losses and the reduction are plain
-torch ops (engine.side_losses, engine.reduce), so torch.compile traces the whole call.
-The backend is chosen inside the op (backends.REGISTRY.select), per call.
+The InfoNCE loss splits into two parts: the log-sum-exp over rows (and columns), the only
+O(N*M*D) part, computed tile by tile by a backend, and the target terms, linear in q and
+in k (targets.Targets). Both come out of one custom op (ops.info_nce_stats) as per-row
+statistics; the row losses and the reduction are plain torch ops (engine.side_losses,
+engine.reduce), so torch.compile traces the whole call. The backend is chosen inside
+the op (backends.REGISTRY.select), per call.
 """
 import math
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -17,35 +18,120 @@ from .problem import (SIGLIP_BIAS, SIGLIP_SCALE, check_alignment, check_inputs, 
                       check_uniformity, check_values)
 
 
-def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=None,
-             temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
-             label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
-             teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
-             teacher_weighting="softmax", backend="auto", **options):
-    """Fused InfoNCE / CLIP / NT-Xent / SupCon loss. See README.md and docs/DESIGN.md.
+def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
+             positive_index: Optional[torch.Tensor] = None,
+             labels: Optional[torch.Tensor] = None,
+             key_labels: Optional[torch.Tensor] = None,
+             temperature: Optional[Union[float, torch.Tensor]] = None,
+             logit_scale: Optional[Union[float, torch.Tensor]] = None,
+             logit_bias: Optional[Union[float, torch.Tensor]] = None,
+             symmetric: bool = False, label_smoothing: float = 0.0, reduction: str = "mean",
+             margin: float = 0.0, decoupled: bool = False,
+             teacher: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
+             teacher_logit_scale: Optional[Union[float, torch.Tensor]] = None,
+             teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
+             backend: str = "auto", **options: Any) -> torch.Tensor:
+    """Fused InfoNCE loss (CLIP, NT-Xent / SimCLR, SupCon) without the N x M logits.
 
-    Same values and gradients as the materializing `contrastive_kernels.reference.info_nce`,
-    without ever holding the N x M logits. With reduction="none" it returns the
-    per-row losses (N,); with symmetric=True, the row losses then the column
-    losses, each weighted 1/2, shape (N + M,), so that .sum() equals reduction="sum".
-    Rows with no positive have loss 0 and are left out of the mean.
+    With logits S_ij = s <q_i, k_j> + b (s = 1 / temperature, or logit_scale), row i's loss
+    is the cross-entropy -sum_j w_ij log softmax_j(S_ij), w_i the target distribution over
+    the keys (uniform over row i's positives, then label smoothing and a teacher mixed in).
+    Values and gradients are those of the materializing
+    `contrastive_kernels.reference.info_nce`; the logits are only ever held one tile at a
+    time. The embeddings are used as given (not normalized).
 
-    Kernel options (keyword arguments; None or absent: the environment's default):
-    deterministic, precision ("ieee"/"tf32"), low_memory, algorithm
-    ("auto"/"fused"/"blocked") and workspace (bytes); see contrastive_kernels.options.
-    `backend` is "auto" (the fastest that can serve this call) or a name from
-    `available_backends()`; one that cannot serve the call raises a ValueError with
-    its reasons.
+    NOTE: symmetric defaults to False here: the one-sided loss, queries against keys.
+    `FusedInfoNCE` defaults to symmetric=True (the CLIP loss, as open_clip's ClipLoss).
+    Pass symmetric=True for CLIP.
 
-    Variants (docs/DESIGN.md): margin m subtracts m from every positive's cosine,
-    S_ij = s (<q_i, k_j> - m [j positive]) + b, in the log-sum-exp and the target
-    (AM-softmax); decoupled=True leaves the positives out of the log-sum-exp (DCL), and
-    a row with no negative then has no loss. teacher: (teacher_query, teacher_key), or
-    teacher_query under key=None, mixes soft targets into the row (and column) targets,
-    (1 - teacher_weight) w_hard + teacher_weight w_teacher, with w_teacher the softmax of
-    teacher_logit_scale <tq_i, tk_j> (default: the student's scale) or, with
-    teacher_weighting="linear" (CWCL), (1 + <tq_i, tk_j>) / 2 normalized per row. The
-    teacher gets no gradient.
+    Args:
+        query: (N, D) float16, bfloat16, float32 or float64 tensor of query embeddings.
+        key: (M, D) tensor of key embeddings, same dtype and device as `query`. None:
+            self-contrast, the keys are the queries and key j = i is never a candidate
+            (NT-Xent: the two views stacked, rows i and (i + N/2) % N positives).
+        positive_index: integer tensor (N,): the index of each query's positive key.
+            Default: arange(N) (needs M >= N; extra keys are negatives), or with
+            key=None the pairing (i + N/2) % N (needs an even N).
+        labels: integer tensor (N,): every key with the same label is a positive
+            (SupCon). Not together with `positive_index`.
+        key_labels: integer tensor (M,), the keys' labels; default `labels` (needs
+            M == N). Must be None when key is None.
+        temperature: float > 0, 0-dim tensor, or (N,) tensor (one per query row); the
+            logit scale is 1 / temperature. Default 0.07 when neither it nor
+            `logit_scale` is given. A tensor gets a gradient.
+        logit_scale: the scale s itself (open_clip's logit_scale.exp()): float > 0,
+            0-dim tensor or (N,) tensor. Not together with `temperature`.
+        logit_bias: float or 0-dim tensor b added to every logit. It cancels in the
+            softmax: no effect on the loss, and a tensor requiring grad warns once.
+        symmetric: False (default): the row (query -> key) loss. True: the average of
+            the row loss and the column (key -> query) loss, the CLIP loss; needs
+            M == N unless `labels` are given.
+        label_smoothing: eps in [0, 1): targets (1 - eps) w + eps * uniform over the
+            row's valid keys.
+        reduction: "mean" (over the rows with a positive; with symmetric=True the mean
+            of the two sides), "sum", or "none".
+        margin: m, subtracted from each positive's cosine, S_ij = s (<q_i, k_j> - m) + b
+            on positives, in both the log-sum-exp and the target (AM-softmax).
+        decoupled: True leaves the positives out of the log-sum-exp (DCL); a row with
+            no negative then has no loss.
+        teacher: soft targets, (teacher_query (N, D_t), teacher_key (M, D_t)), or the
+            teacher's query embeddings alone when key is None. No gradient flows to
+            the teacher. The row (and column) targets become
+            (1 - teacher_weight) w + teacher_weight w_teacher. Not with a `margin`.
+        teacher_logit_scale: the scale of the teacher's softmax (float or 0-dim
+            tensor); default the student's scale. Needs `teacher`.
+        teacher_weight: in [0, 1], the teacher's share of the targets.
+        teacher_weighting: "softmax" (w_teacher = softmax of teacher_logit_scale
+            <tq_i, tk_j>) or "linear" (CWCL: (1 + <tq_i, tk_j>) / 2, normalized per row).
+        backend: "auto" (the fastest backend that can serve this call) or a name from
+            `contrastive_kernels.available_backends()`.
+        **options: kernel options, each None for the environment's default:
+            deterministic (bool), precision ("ieee" or "tf32"), low_memory (bool),
+            algorithm ("auto", "fused" or "blocked") and workspace (bytes); see
+            `contrastive_kernels.make_options`.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs): a 0-dim tensor for "mean" and
+        "sum"; for "none" the row losses (N,), or with symmetric=True the row losses then
+        the column losses, each weighted 1/2, shape (N + M,), so that .sum() equals
+        reduction="sum". A row with no positive has loss 0 and is left out of the mean.
+
+    Raises:
+        TypeError: an argument of the wrong type: a non-tensor or non-floating
+            `query`/`key`, `key` of another dtype, non-integer index or label tensors,
+            a non-bool `symmetric`/`decoupled`, a non-string `backend`, or an unknown
+            keyword option.
+        ValueError: wrong shapes or devices, out-of-range values (temperature <= 0,
+            label_smoothing outside [0, 1), positive_index out of range, an unknown
+            reduction), `temperature` together with `logit_scale`, `positive_index`
+            together with `labels`, an odd N under key=None without labels, a
+            `backend` that cannot serve the call (the message gives its reasons), a
+            `margin` with a teacher, `teacher_logit_scale` without one, or a variant
+            with an option it does not support (margin or decoupled with
+            low_memory=True or algorithm="blocked", a softmax teacher with
+            low_memory=True).
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported); compute higher-order gradients with
+            `contrastive_kernels.reference.info_nce`, which takes the same arguments.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> q = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> k = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> loss = ck.info_nce(q, k, temperature=0.1)      # one-sided (symmetric=False)
+        >>> loss.shape
+        torch.Size([])
+        >>> torch.allclose(loss, ck.reference.info_nce(q, k, temperature=0.1), atol=1e-5)
+        True
+        >>> clip = ck.info_nce(q, k, temperature=0.1, symmetric=True)   # the CLIP loss
+        >>> ck.info_nce(q, k, symmetric=True, reduction="none").shape
+        torch.Size([16])
+        >>> views = torch.randn(8, 16)          # NT-Xent: 2 views of 4 samples, stacked
+        >>> bool(torch.isfinite(ck.info_nce(views)))
+        True
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])       # SupCon
+        >>> ck.info_nce(q, k, labels=labels, reduction="none").shape
+        torch.Size([8])
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
@@ -212,24 +298,70 @@ def check_variant_options(p, opts):
                          f"'fused')")
 
 
-def siglip_loss(query, key, *, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
-                positive_index=None, labels=None, key_labels=None, reduction="mean",
-                backend="auto", passes=None, **options):
-    """Fused sigmoid contrastive loss (SigLIP): -sum_ij log sigmoid(y_ij z_ij) with
-    z_ij = logit_scale <q_i, k_j> + logit_bias, y_ij = +1 on positive pairs and -1
-    elsewhere, never holding the N x M logits. See README.md and docs/DESIGN.md.
+def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
+                logit_scale: Union[float, torch.Tensor] = SIGLIP_SCALE,
+                logit_bias: Union[float, torch.Tensor] = SIGLIP_BIAS,
+                positive_index: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                key_labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+                backend: str = "auto", passes: Optional[int] = None,
+                **options: Any) -> torch.Tensor:
+    """Fused sigmoid contrastive loss (SigLIP) without the N x M logits.
 
-    logit_scale is the exponentiated scale (as open_clip passes it) and logit_bias the
-    bias, each a float or a 0-dim tensor that gets its gradient. Positives: the diagonal
-    by default (M >= N; extra keys are negatives), `positive_index`, or every same-label
-    pair (`labels`, `key_labels`). reduction: "mean" divides by N (as open_clip and
-    big_vision do), "sum", or "none": the per-query row sums, shape (N,).
+    The loss is -sum_ij log sigmoid(y_ij z_ij) with z_ij = logit_scale <q_i, k_j> +
+    logit_bias and y_ij = +1 on positive pairs, -1 elsewhere. Values and gradients are
+    those of `contrastive_kernels.reference.siglip_loss`.
 
-    passes: 3 computes the gradients in the forward pass (one GEMM pass fewer, and holds
-    float32 dq and dk between forward and backward); 4 recomputes the tiles in backward
-    and holds nothing; None picks 3 for "mean"/"sum" when a gradient is needed (measured
-    faster, docs/DESIGN.md) and 4 otherwise ("none" always takes 4).
-    Kernel options: deterministic, precision (see contrastive_kernels.options).
+    Args:
+        query: (N, D) float16, bfloat16, float32 or float64 tensor (the first tower).
+        key: (M, D) tensor, same dtype and device (the second tower). Required.
+        logit_scale: the exponentiated scale (as open_clip passes it), a float > 0 or a
+            0-dim tensor, which gets a gradient. Default 10.0 (SigLIP's initialization).
+        logit_bias: a float or a 0-dim tensor (gets a gradient). Default -10.0.
+        positive_index: integer tensor (N,): each query's positive key. Default: the
+            diagonal, arange(N) (needs M >= N; extra keys are negatives).
+        labels: integer tensor (N,): every same-label pair is positive. Not together
+            with `positive_index`.
+        key_labels: integer tensor (M,); default `labels` (needs M == N).
+        reduction: "mean" (the sum over pairs divided by N, as open_clip and
+            big_vision), "sum", or "none" (the per-query row sums, shape (N,)).
+        backend: "auto" or a name from `contrastive_kernels.available_backends()`.
+        passes: 3 computes the gradients during forward (one pass over the tiles
+            fewer; holds float32 dq and dk until backward), 4 recomputes the tiles in
+            backward and holds nothing. None: 3 for "mean"/"sum" when a gradient is
+            needed, else 4 ("none" always takes 4).
+        **options: kernel options deterministic (bool) and precision ("ieee" or
+            "tf32"), None for the environment's default; see
+            `contrastive_kernels.make_options`.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs): a 0-dim tensor for "mean" and
+        "sum", the (N,) row sums for "none".
+
+    Raises:
+        TypeError: `key`, `logit_scale` or `logit_bias` None, an argument of the wrong
+            type or dtype, a non-string `backend`, or an unknown keyword option.
+        ValueError: wrong shapes or devices, a non-finite or non-positive
+            `logit_scale`, a (N,) `logit_scale`, `positive_index` together with
+            `labels`, `passes` not None, 3 or 4, the info_nce-only options
+            low_memory=True or algorithm="blocked", or a `backend` that cannot serve
+            the call.
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported); use `contrastive_kernels.reference.siglip_loss` for that.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> q = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> k = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> loss = ck.siglip_loss(q, k, logit_scale=10.0, logit_bias=-10.0)
+        >>> torch.allclose(loss, ck.reference.siglip_loss(q, k), atol=1e-5)
+        True
+        >>> q, k = q.requires_grad_(), k.requires_grad_()
+        >>> t = torch.tensor(2.3, requires_grad=True)         # log of the scale
+        >>> b = torch.tensor(-10.0, requires_grad=True)
+        >>> ck.siglip_loss(q, k, logit_scale=t.exp(), logit_bias=b).backward()
+        >>> q.grad.shape, t.grad.shape, b.grad.shape
+        (torch.Size([8, 16]), torch.Size([]), torch.Size([]))
     """
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
                      logit_bias, reduction)
@@ -272,13 +404,42 @@ def siglip_options(backend, passes, options):
 
 
 
-def uniformity_loss(x, t=2.0, *, backend="auto", **options):
-    """Wang & Isola's uniformity, log mean_{i != j} exp(-t ||x_i - x_j||^2) over the
-    L2-normalized rows of x, without the N x N distances. On unit vectors
-    ||x_i - x_j||^2 = 2 - 2 <x_i, x_j>, so it is -2t + log sum_i exp(L_i) - log(N (N - 1))
-    with L_i the self-masked row log-sum-exp of 2t <x_i, x_j>: the fused kernel's row
-    statistic, with its gradient. t: a float > 0 or a 0-dim tensor (gets a gradient).
-    Kernel options and `backend` as for info_nce."""
+def uniformity_loss(x: torch.Tensor, t: Union[float, torch.Tensor] = 2.0, *,
+                    backend: str = "auto", **options: Any) -> torch.Tensor:
+    """Wang & Isola's uniformity loss without the N x N distances.
+
+    log mean_{i != j} exp(-t ||x_i - x_j||^2) over the L2-normalized rows of x. On unit
+    vectors ||x_i - x_j||^2 = 2 - 2 <x_i, x_j>, so it equals
+    -2t + log sum_i exp(L_i) - log(N (N - 1)), with L_i the log-sum-exp of row i of
+    2t <x_i, x_j> over j != i: the fused kernel's row statistic, with its gradient.
+
+    Args:
+        x: (N, D) float16, bfloat16, float32 or float64 tensor, N >= 2; its rows are
+            normalized here.
+        t: float > 0 or 0-dim tensor (which gets a gradient). Default 2.0.
+        backend: "auto" or a name from `contrastive_kernels.available_backends()`.
+        **options: kernel options as for `info_nce`.
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` not a floating tensor, `t` not a float or floating tensor, a
+            non-string `backend`, or an unknown keyword option.
+        ValueError: `x` not 2-D or with fewer than 2 rows, `t` not finite and > 0, or a
+            `backend` that cannot serve the call.
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported); use `contrastive_kernels.reference.uniformity_loss` for that.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> x = torch.randn(10, 8)
+        >>> u = ck.uniformity_loss(x, t=2.0)
+        >>> torch.allclose(u, ck.reference.uniformity_loss(x, t=2.0), atol=1e-5)
+        True
+        >>> bool(u <= 0)
+        True
+    """
     x, t = check_uniformity(x, t)
     opts = make_options(**options)
     if not isinstance(backend, str):
@@ -294,9 +455,35 @@ def uniformity_loss(x, t=2.0, *, backend="auto", **options):
     return torch.logsumexp(stats[0], 0) - 2 * t_t - math.log(n * (n - 1))
 
 
-def alignment_loss(x, y, alpha=2.0):
-    """Wang & Isola's alignment, mean_i ||x_i - y_i||^alpha over the L2-normalized rows
-    of x and y (positive pairs). O(N D): plain torch ops."""
+def alignment_loss(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's alignment loss: mean_i ||x_i - y_i||^alpha.
+
+    Computed over the L2-normalized rows of x and y (row i of each is a positive pair)
+    with plain torch ops, O(N D); higher-order gradients work.
+
+    Args:
+        x: (N, D) float16, bfloat16, float32 or float64 tensor.
+        y: tensor of the same shape, dtype and device as `x`.
+        alpha: float > 0, the exponent. Default 2.0.
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: `x` or `y` not a floating tensor, `y` of another dtype, or `alpha`
+            not a float.
+        ValueError: `x` not 2-D, `y` of another shape or device, or `alpha` not finite
+            and > 0.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> x, y = torch.randn(6, 8), torch.randn(6, 8)
+        >>> a = ck.alignment_loss(x, y)
+        >>> torch.allclose(a, ck.reference.alignment_loss(x, y), atol=1e-5)
+        True
+        >>> bool(ck.alignment_loss(x, 3 * x) < 1e-6)     # same directions
+        True
+    """
     x, y, alpha = check_alignment(x, y, alpha)
     xn = torch.nn.functional.normalize(x, dim=1)
     yn = torch.nn.functional.normalize(y, dim=1)

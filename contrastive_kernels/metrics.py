@@ -1,9 +1,11 @@
 """Retrieval metrics (recall@k, MRR, mean and median rank) without the N x M scores.
 
 The rank of query i is 1 + the number of valid non-positive keys that score strictly
-higher than its best positive (docs/DESIGN.md, "Retrieval metrics"). It takes two tiled
-passes over the keys: the best positive score of each row, then the count.
+higher than its best positive. It takes two tiled passes over the keys: the best
+positive score of each row, then the count.
 """
+from typing import Dict, Optional, Sequence
+
 import torch
 
 from .backends import REGISTRY
@@ -14,28 +16,59 @@ ROW_TILE = 2048
 KEY_TILE = 2048
 
 
-def retrieval_metrics(query, key=None, *, positive_index=None, labels=None, key_labels=None,
-                      ks=(1, 5, 10), backend="auto"):
-    """Recall@k, MRR, mean and median rank of retrieving each query's positive among the
-    keys by the score s_ij = <q_i, k_j>, without holding the N x M scores.
+def retrieval_metrics(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
+                      positive_index: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None,
+                      key_labels: Optional[torch.Tensor] = None,
+                      ks: Sequence[int] = (1, 5, 10),
+                      backend: str = "auto") -> Dict[str, torch.Tensor]:
+    """Recall@k, MRR, mean and median rank of retrieving each query's positive.
 
-    Positives as for info_nce: `positive_index` (one key per query), or every same-label
-    pair (`labels`, `key_labels`), or by default the diagonal (key given, M >= N) or the
-    NT-Xent pairing (i + N/2) % N (key=None). With key=None the keys are the queries and
-    j = i is never a candidate. rank_i = 1 + #{valid non-positive j: s_ij > max over the
-    positives of s_ip}: 1-based, ties go to the positive. Rows with no positive are left
-    out; if no row has one, ValueError.
+    Keys are ranked by the score s_ij = <q_i, k_j>, tile by tile, without holding the
+    N x M scores. rank_i = 1 + #{valid non-positive j: s_ij > max over the positives p
+    of s_ip}: 1-based, and ties go to the positive. Rows with no positive are left out.
+    Scores are computed in float32 (float64 for float64 inputs) with autocast off; on
+    CUDA a float32 GEMM follows torch.backends.cuda.matmul.allow_tf32. Memory: the
+    inputs plus one 2048 x 2048 tile of scores (ROW_TILE x KEY_TILE). No gradient is recorded.
 
-    Returns {"recall@k" for k in ks, "mrr", "mean_rank", "median_rank"} (the lower
-    middle rank, as torch.median), each a 0-dim tensor on the inputs' device: float64
-    for float64 inputs, else float32. Scores are computed in float32 (float64 for
-    float64 inputs), with autocast off; on CUDA a float32 GEMM follows
-    torch.backends.cuda.matmul.allow_tf32. Memory: the inputs, plus one tile of
-    ROW_TILE x KEY_TILE scores.
+    Args:
+        query: (N, D) float16, bfloat16, float32 or float64 tensor.
+        key: (M, D) tensor, same dtype and device. None: the keys are the queries and
+            j = i is never a candidate.
+        positive_index: integer tensor (N,), each query's positive key. Default: the
+            diagonal arange(N) (key given, M >= N) or the NT-Xent pairing
+            (i + N/2) % N (key=None, N even).
+        labels: integer tensor (N,): every same-label key is a positive. Not together
+            with `positive_index`.
+        key_labels: integer tensor (M,); default `labels` (needs M == N). Must be None
+            when key is None.
+        ks: the k of each recall@k, ints >= 1.
+        backend: "auto" or a name from `contrastive_kernels.available_backends(device)`.
+            Only checked: every backend shares one tiled torch routine (a GEMM and a
+            compare per tile).
 
-    The ranking is one tiled torch routine (GEMM and compare, no transcendental math,
-    so a custom kernel would gain little) shared by every backend: `backend` ("auto" or
-    a name from available_backends(device)) is only checked.
+    Returns:
+        A dict {"recall@k" for each k in ks, "mrr", "mean_rank", "median_rank"}, each a
+        0-dim tensor on the inputs' device, float64 for float64 inputs, else float32.
+        "median_rank" is the lower middle rank, as torch.median.
+
+    Raises:
+        TypeError: `query`/`key` not floating tensors or of different dtypes, index or
+            label tensors not integer, `ks` not a tuple or list of ints, or a
+            non-string `backend`.
+        ValueError: wrong shapes or devices, `positive_index` out of range (or a query
+            pointing at itself under key=None), empty `ks` or a k < 1, an unknown
+            `backend`, an odd N under key=None without labels, or no row with a
+            positive.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> q = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+        >>> m = ck.retrieval_metrics(q, q.clone(), ks=(1, 5))   # each key is its query
+        >>> sorted(m)
+        ['mean_rank', 'median_rank', 'mrr', 'recall@1', 'recall@5']
+        >>> float(m["recall@1"]), float(m["mrr"]), float(m["median_rank"])
+        (1.0, 1.0, 1.0)
     """
     q, k, pos_index, lab, key_lab, has_pos, ks = check_metrics(
         query, key, positive_index, labels, key_labels, ks, backend)

@@ -180,7 +180,7 @@ def _backward(ctx, grads):
             ds if need_s else None, None, dsh if need_sh else None) + (None,) * 14
 
 
-info_nce_stats.register_autograd(_backward, setup_context=_setup_context)
+info_nce_stats.register_autograd(engine.first_order(_backward), setup_context=_setup_context)
 
 
 # The Python body of each op: a dispatch mode that wants to see the operations inside
@@ -306,7 +306,7 @@ def _siglip_backward(ctx, grads):
             db) + (None,) * 10
 
 
-siglip_stats.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)
+siglip_stats.register_autograd(engine.first_order(_siglip_backward), setup_context=_siglip_setup_context)
 
 
 def siglip_fused_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
@@ -328,8 +328,8 @@ def siglip_fused_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
         (r, t, a, p), (dq, dk, ds, db) = engine.siglip_forward(
             spec, query.detach(), key.detach(), s, b, targets, blocks, need_dq, need_k)
         total = (r.sum() - s * a.sum() - b * p.sum()).reshape(1)
-    empty = query.new_empty(0, dtype=total.dtype)
-    return [total, dq if need_q else empty, dk if need_k else empty, ds.reshape(1),
+    empty = lambda: query.new_empty(0, dtype=total.dtype)     # outputs must not alias
+    return [total, dq if need_q else empty(), dk if need_k else empty(), ds.reshape(1),
             db.reshape(1)]
 
 
@@ -365,7 +365,7 @@ def _fused_backward(ctx, grads):
             (db * c).to(bt).reshape(bs) if need_b else None) + (None,) * 13
 
 
-siglip_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+siglip_fused.register_autograd(engine.first_order(_fused_backward), setup_context=_fused_setup_context)
 
 BODIES.update({torch.ops.contrastive_kernels.siglip_stats.default: siglip_stats_impl,
                torch.ops.contrastive_kernels.siglip_grads.default: siglip_grads_impl,
@@ -469,7 +469,7 @@ def _teacher_backward(ctx, grads):
     return (dq if need_q else None, dk if (need_k and key is not None) else None) + (None,) * 11
 
 
-teacher_dots.register_autograd(_teacher_backward, setup_context=_teacher_setup_context)
+teacher_dots.register_autograd(engine.first_order(_teacher_backward), setup_context=_teacher_setup_context)
 
 BODIES.update({torch.ops.contrastive_kernels.teacher_dots.default: teacher_dots_impl,
                torch.ops.contrastive_kernels.teacher_grads.default: teacher_grads_impl})

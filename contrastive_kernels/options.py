@@ -10,7 +10,7 @@
   low_memory     True: the backward writes the final gradients in the input dtype,
                  without float32 N x D buffers (backends that declare "low_memory").
   algorithm      "auto", "fused" (the tiled kernels) or "blocked" (GEMMs on row blocks,
-                 Triton only; docs/DESIGN.md section 5).
+                 Triton only).
   workspace      bytes for the blocked algorithm's blocks of S (0: its default).
 
 A value left None comes from the environment (read once, at import), else the default:
@@ -19,6 +19,7 @@ CK_WORKSPACE=<bytes>.
 """
 import dataclasses
 import os
+from typing import Any, Tuple
 
 import torch
 
@@ -28,13 +29,40 @@ ALGORITHMS = ("auto", "fused", "blocked")
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    """The kernel options of one call, checked and resolved (see `make_options`).
+
+    The losses build it from their keyword arguments; pass those rather than an
+    Options. The fields are the options of the module docstring, with their defaults.
+
+    Args:
+        deterministic: True: the same bits on every run (no float atomics, no
+            autotuning).
+        precision: "ieee" or "tf32" (float32 inputs may use TF32 tensor cores).
+        low_memory: True: backward writes the gradients in the input dtype, without
+            float32 N x D buffers (backends that support it).
+        algorithm: "auto", "fused" or "blocked" (Triton only).
+        workspace: bytes for the blocked algorithm's blocks (0: its default).
+
+    Returns:
+        An immutable (frozen) dataclass; `as_args()` gives the values in field order.
+
+    Raises:
+        TypeError: an unknown field (Options itself checks no value: `make_options`
+            does).
+
+    Example:
+        >>> import contrastive_kernels as ck
+        >>> opts = ck.Options(precision="tf32")
+        >>> opts.precision, opts.as_args()
+        ('tf32', (False, 'tf32', False, 'auto', 0))
+    """
     deterministic: bool = False
     precision: str = "ieee"
     low_memory: bool = False
     algorithm: str = "auto"
     workspace: int = 0
 
-    def as_args(self):
+    def as_args(self) -> Tuple[Any, ...]:
         """The values in field order (arguments of the custom ops)."""
         return dataclasses.astuple(self)
 
@@ -77,10 +105,34 @@ def _bytes(name, v):
     return v
 
 
-def make_options(**kwargs):
-    """Options from the public API's keyword arguments (None: the environment's default).
+def make_options(**kwargs: Any) -> Options:
+    """Check and resolve the kernel options given as keyword arguments.
 
-    Unknown names raise a TypeError that lists the known ones."""
+    A value that is None or absent comes from the environment (CK_DETERMINISTIC,
+    CK_PRECISION, CK_LOW_MEMORY, CK_ALGORITHM, CK_WORKSPACE, read at import), else the
+    default. torch.use_deterministic_algorithms(True) turns deterministic on as well.
+
+    Args:
+        **kwargs: any of deterministic (bool), precision ("ieee" or "tf32"),
+            low_memory (bool), algorithm ("auto", "fused" or "blocked") and workspace
+            (int bytes >= 0, or a string of digits).
+
+    Returns:
+        The resolved `Options`.
+
+    Raises:
+        TypeError: an unknown name (the message lists the known ones), or a value of
+            the wrong type.
+        ValueError: a value out of range (an unknown precision or algorithm, a
+            negative workspace).
+
+    Example:
+        >>> import contrastive_kernels as ck
+        >>> ck.make_options(precision="tf32", deterministic=True).precision
+        'tf32'
+        >>> ck.make_options(algorithm="fused").algorithm
+        'fused'
+    """
     unknown = sorted(set(kwargs) - set(NAMES))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the kernel options are "

@@ -7,6 +7,9 @@ Python scalars): traceable by torch.compile. `check_values` checks what needs th
 any kernel. Every error names the argument.
 """
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -68,6 +71,7 @@ class Problem:
 def check_matrix(name, x):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_dense(name, x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() != 2:
@@ -78,9 +82,16 @@ def check_matrix(name, x):
         raise ValueError(f"{name} must have a non-zero embedding dim, got shape {tuple(x.shape)}")
 
 
+def _check_dense(name, x):
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; "
+                        f"pass {name}.to_dense()")
+
+
 def check_int_vector(name, x, length, length_name, device):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(x).__name__}")
+    _check_dense(name, x)
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
     if x.dim() != 1 or x.shape[0] != length:
@@ -122,6 +133,25 @@ def check_scale(name, x, n, device):
             raise ValueError(f"{name} is on {x.device} but query is on {device}")
         return x
     return _check_scalar(name, x, device, positive=True)
+
+
+def _check_reciprocal(t, scale):
+    """A temperature > 0 whose reciprocal overflows: a float beyond float32's range (the
+    kernels' scale), or a CPU tensor in its own dtype (a GPU one is not read: a sync)."""
+    if torch.is_tensor(t):
+        if t.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        dtype, tv = t.dtype, t.detach().double()
+        bad = torch.isfinite(tv) & (tv > 0) & ~torch.isfinite(scale.detach())
+        if not bool(bad.any()):
+            return
+        value = float(tv[bad][0])
+    elif 0 < t and 1.0 / t > torch.finfo(torch.float32).max:
+        dtype, value = torch.float32, t
+    else:
+        return
+    raise ValueError(f"temperature must be > 0 with a finite reciprocal in {dtype}, got "
+                     f"{value} (1 / temperature overflows)")
 
 
 def _check_value(name, value, positive):
@@ -201,9 +231,10 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                  logit_scale, logit_bias, symmetric, label_smoothing, reduction,
                  global_index=False, margin=0.0, decoupled=False, teacher=None,
                  teacher_logit_scale=None, teacher_weight=1.0,
-                 teacher_weighting="softmax") -> Problem:
+                 teacher_weighting="softmax", softmax=True) -> Problem:
     """The Problem of one call (module docstring). global_index: positive_index points
-    into the keys of every rank (the ring checks the global sizes)."""
+    into the keys of every rank (the ring checks the global sizes). softmax: an InfoNCE
+    loss (a learnable logit_bias warns: it cancels)."""
     margin, decoupled = check_variants(margin, decoupled)
     check_matrix("query", query)
     n, d = query.shape
@@ -227,15 +258,24 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
+    if temperature is not None and logit_scale is not None:
+        raise ValueError("give either temperature or logit_scale, not both (logit_scale is "
+                         "1 / temperature)")
     scale_name = "logit_scale"
     if logit_scale is not None:
         scale = check_scale("logit_scale", logit_scale, n, dev)
+        if not torch.is_tensor(scale) and scale > torch.finfo(torch.float32).max:
+            raise ValueError(f"logit_scale must be finite in float32 (the kernels' scale), "
+                             f"got {scale}")
     else:
         scale_name = "temperature"
         t = DEFAULT_TEMPERATURE if temperature is None else temperature
         t = check_scale("temperature", t, n, dev)
         scale = 1.0 / t
+        _check_reciprocal(t, scale)
     bias = 0.0 if logit_bias is None else _check_scalar("logit_bias", logit_bias, dev, positive=False)
+    if softmax:
+        warn_bias(logit_bias)
 
     if positive_index is not None and labels is not None:
         raise ValueError("give either positive_index or labels, not both")
@@ -306,7 +346,8 @@ def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, lo
     if logit_bias is None:
         raise TypeError("logit_bias must be a float or a 0-dim tensor, got None")
     p = check_inputs(query, key, positive_index, labels, key_labels, None, logit_scale,
-                     logit_bias, False, 0.0, reduction, global_index=global_index)
+                     logit_bias, False, 0.0, reduction, global_index=global_index,
+                     softmax=False)
     if p.per_row:
         raise ValueError(f"logit_scale must be a float or a 0-dim tensor for siglip_loss, got "
                          f"shape {tuple(logit_scale.shape)}")
@@ -362,3 +403,35 @@ def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias
             # the worst value: a non-finite one, else the smallest
             bad = v[~torch.isfinite(v)]
             _check_value(name, float(bad[0] if bad.numel() else v.min()), positive)
+
+
+_WARNED = set()
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)),
+             os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def warn_user(message, category=UserWarning):
+    """Warn, attributed to the user's line: the first frame outside this package and
+    torch (a module call, a custom op)."""
+    level, f = 1, sys._getframe(0)
+    while f is not None and f.f_code.co_filename.startswith(_INTERNAL):
+        f, level = f.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def warn_once(key, message, category=UserWarning):
+    """warn_user once per process for `key`."""
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warn_user(message, category)
+
+
+def warn_bias(logit_bias):
+    """logit_bias in a softmax loss: a constant added to every logit of a row cancels in
+    its log-sum-exp, so a learned one gets a zero gradient."""
+    if torch.is_tensor(logit_bias) and logit_bias.requires_grad:
+        warn_once("bias", "contrastive_kernels: logit_bias has no effect on a softmax "
+                  "(InfoNCE) loss: it is added to every logit of a row and cancels in the "
+                  "softmax, so its gradient is always 0. A learned bias matters for the "
+                  "sigmoid loss (siglip_loss) only.")

@@ -1,8 +1,10 @@
 """Materializing reference: the test oracle.
 
 Builds the full N x M logit matrix, the full target distribution and the
-masked log-softmax, exactly as the loss is defined in docs/DESIGN.md. It shares
-no code with the fused path except argument checking.
+masked log-softmax, exactly as the losses are defined, in float64, with plain torch
+ops (so higher-order gradients work). It shares no code with the fused path except
+argument checking. Memory O(N * M): use it for checks, small batches, or a gradient
+penalty (create_graph=True), which the fused losses do not support.
 """
 import math
 
@@ -61,11 +63,29 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
              label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
              teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
              teacher_weighting="softmax", backend="auto", **options):
-    """Same signature and semantics as `contrastive_kernels.info_nce` (kernel options are
-    accepted and ignored).
+    """`contrastive_kernels.info_nce` computed from the materialized N x M logits.
 
-    Materializes N x M logits in float64 (or the input dtype if that is
-    float64); use it only as an oracle.
+    Args:
+        query, key, positive_index, labels, key_labels, temperature, logit_scale,
+            logit_bias, symmetric, label_smoothing, reduction, margin, decoupled,
+            teacher, teacher_logit_scale, teacher_weight, teacher_weighting: as for
+            `contrastive_kernels.info_nce`.
+        backend, **options: accepted and ignored.
+
+    Returns:
+        The loss as `contrastive_kernels.info_nce` returns it (computed in float64,
+        returned in float32, or float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: the argument errors of `contrastive_kernels.info_nce`.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> q = torch.randn(4, 8, requires_grad=True)
+        >>> loss = ck.reference.info_nce(q, torch.randn(4, 8), symmetric=True)
+        >>> g, = torch.autograd.grad(loss, q, create_graph=True)   # double backward works
+        >>> g.shape
+        torch.Size([4, 8])
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
@@ -124,9 +144,28 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
 
 def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_index=None,
                 labels=None, key_labels=None, reduction="mean", backend="auto"):
-    """Same signature and semantics as `contrastive_kernels.siglip_loss`: the sigmoid
-    loss -sum_ij log sigmoid(y_ij z_ij), z = s <q_i, k_j> + b, y = +1 on positives and
-    -1 elsewhere, materialized in float64; use it only as an oracle."""
+    """`contrastive_kernels.siglip_loss` computed from the materialized N x M logits.
+
+    The sigmoid loss -sum_ij log sigmoid(y_ij z_ij), z = s <q_i, k_j> + b, y = +1 on
+    positives and -1 elsewhere, in float64.
+
+    Args:
+        query, key, logit_scale, logit_bias, positive_index, labels, key_labels,
+            reduction: as for `contrastive_kernels.siglip_loss`.
+        backend: accepted and ignored.
+
+    Returns:
+        The loss as `contrastive_kernels.siglip_loss` returns it.
+
+    Raises:
+        TypeError, ValueError: the argument errors of `contrastive_kernels.siglip_loss`.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> loss = ck.reference.siglip_loss(torch.randn(4, 8), torch.randn(6, 8))
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+    """
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
                      logit_bias, reduction)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, False,
@@ -149,8 +188,26 @@ def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_inde
 
 
 def uniformity_loss(x, t=2.0, backend="auto"):
-    """log mean_{i != j} exp(-t ||x_i - x_j||^2) of the normalized rows, from the full
-    matrix of squared distances in float64; an oracle."""
+    """`contrastive_kernels.uniformity_loss` from the full N x N squared distances.
+
+    log mean_{i != j} exp(-t ||x_i - x_j||^2) of the normalized rows, in float64.
+
+    Args:
+        x, t: as for `contrastive_kernels.uniformity_loss`.
+        backend: accepted and ignored.
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError, ValueError: the argument errors of
+            `contrastive_kernels.uniformity_loss`.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> bool(ck.reference.uniformity_loss(torch.randn(5, 3)) <= 0)
+        True
+    """
     x, t = check_uniformity(x, t)
     xn = torch.nn.functional.normalize(x.to(torch.float64), dim=1)
     sq = torch.cdist(xn, xn).pow(2)
@@ -161,7 +218,26 @@ def uniformity_loss(x, t=2.0, backend="auto"):
 
 
 def alignment_loss(x, y, alpha=2.0):
-    """mean_i ||x_i - y_i||^alpha of the normalized rows, in float64; an oracle."""
+    """`contrastive_kernels.alignment_loss` in float64.
+
+    mean_i ||x_i - y_i||^alpha of the normalized rows.
+
+    Args:
+        x, y, alpha: as for `contrastive_kernels.alignment_loss`.
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: the argument errors of
+            `contrastive_kernels.alignment_loss`.
+
+    Example:
+        >>> import torch, contrastive_kernels as ck
+        >>> x = torch.randn(5, 3)
+        >>> bool(ck.reference.alignment_loss(x, 2 * x) < 1e-6)
+        True
+    """
     x, y, alpha = check_alignment(x, y, alpha)
     xn = torch.nn.functional.normalize(x.to(torch.float64), dim=1)
     yn = torch.nn.functional.normalize(y.to(torch.float64), dim=1)

@@ -64,6 +64,12 @@ BAD = [
     ("label_smoothing 1", dict(label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1\)"),
     ("label_smoothing negative", dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in"),
     ("symmetric not bool", dict(symmetric=1), TypeError, r"symmetric must be a bool"),
+    ("temperature and logit_scale", dict(temperature=0.1, logit_scale=10.0), ValueError, r"either temperature or logit_scale, not both"),
+    ("logit_scale overflows float32", dict(logit_scale=1e39), ValueError, r"logit_scale must be finite"),
+    ("temperature reciprocal overflows", dict(temperature=1e-39), ValueError, r"temperature must be > 0 with a finite reciprocal"),
+    ("sparse query", dict(query=torch.randn(4, 3).to_sparse()), TypeError, r"query must be a dense \(strided\) tensor.*to_dense"),
+    ("sparse key", dict(key=torch.randn(4, 3).to_sparse()), TypeError, r"key must be a dense \(strided\) tensor"),
+    ("sparse labels", dict(labels=torch.arange(4).to_sparse()), TypeError, r"labels must be a dense \(strided\) tensor"),
     ("unknown backend", dict(backend="cudnn"), ValueError, r"backend must be 'auto' or one of .*available on"),
     ("backend not a string", dict(backend=None), TypeError, r"backend must be a string"),
 ]
@@ -83,6 +89,15 @@ def test_bad_input(desc, kwargs, exc, pattern):
     if "backend" not in kwargs:
         with pytest.raises(exc, match=pattern):
             ck.reference.info_nce(query, key, **kwargs)
+
+
+def test_half_temperature_whose_reciprocal_overflows():
+    """1e-5 is a float16 number, but 1 / 1e-5 is not: the scale would be inf (NaN loss)."""
+    t = torch.tensor(1e-5, dtype=torch.float16)      # on the CPU: its value is read
+    with pytest.raises(ValueError, match=r"finite reciprocal in torch.float16"):
+        ck.info_nce(q_(), q_(), temperature=t)
+    with pytest.raises(ValueError, match=r"finite reciprocal in torch.float16"):
+        ck.reference.info_nce(q_(), q_(), temperature=t)
 
 
 def test_mixed_devices():

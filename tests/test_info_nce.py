@@ -303,7 +303,9 @@ def test_temperature_and_defaults():
     q, k = _inputs(12, 12, 8, torch.float64, gen)
     a = ck.info_nce(q, k)                           # temperature 0.07
     b = ck.info_nce(q, k, temperature=0.07)
-    c = ck.info_nce(q, k, logit_scale=1 / 0.07, temperature=5.0)   # logit_scale wins
+    c = ck.info_nce(q, k, logit_scale=1 / 0.07)
+    with pytest.raises(ValueError, match="either temperature or logit_scale, not both"):
+        ck.info_nce(q, k, logit_scale=1 / 0.07, temperature=5.0)
     d = ck.reference.info_nce(q, k, logit_scale=1 / 0.07)
     assert torch.allclose(a, b) and torch.allclose(a, c) and torch.allclose(a, d, rtol=1e-10)
     t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)   # learnable temperature

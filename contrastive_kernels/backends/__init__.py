@@ -6,6 +6,8 @@
                                           every backend's reasons
     available_backends(device)            names of the backends built and installed there
 """
+from typing import List, Optional, Union
+
 import torch
 
 from . import cpu, cuda, torch_tiled, triton
@@ -20,10 +22,31 @@ REGISTRY = Registry(
     default_order=("torch",))
 
 
-def available_backends(device=None):
-    """Backends that can run on `device` (a torch.device or string), fastest first.
+def available_backends(device: Optional[Union[str, torch.device]] = None) -> List[str]:
+    """Names of the backends built and installed for `device`, fastest first.
 
-    With device=None: the backends for the CPU, plus those for CUDA if a GPU is visible.
+    Any of them may be passed as `backend=` to the losses; "auto" picks, per call, the
+    first one in this order that can serve the call (dtype, size, variant, options).
+    The "torch" backend (tiled torch ops) runs everywhere and is the last resort.
+
+    Args:
+        device: a torch.device or a device string ("cpu", "cuda", "cuda:1"). None: the
+            backends for the CPU, followed by those for CUDA when a GPU is visible.
+
+    Returns:
+        A list of backend names, e.g. ["cpu", "torch"] on a CPU-only install; "cpu"
+        needs the compiled extension, "triton" the triton package, "cuda" the extension
+        built with CUDA.
+
+    Raises:
+        RuntimeError: `device` is not a valid device (as torch.device raises).
+
+    Example:
+        >>> import contrastive_kernels as ck
+        >>> "torch" in ck.available_backends("cpu")
+        True
+        >>> set(ck.available_backends("cpu")) <= set(ck.available_backends())
+        True
     """
     if device is not None:
         return REGISTRY.available(device)

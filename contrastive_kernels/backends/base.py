@@ -52,9 +52,10 @@ and `reasons(call, options)`, which lists why it cannot serve one call (empty: i
 `select` picks the first backend in the device's preference order with no reasons.
 """
 import dataclasses
-import warnings
 
 import torch
+
+from ..problem import warn_user
 
 # Features a call may need beyond the InfoNCE core (every backend has that: rows and
 # columns, self-masking, any target): a loss other than InfoNCE, or an option.
@@ -210,10 +211,9 @@ class Registry:
         self._warned.add(call.device.type)
         skipped = "; ".join(f"{n!r}: {', '.join(r)}" for n, r in table.items()
                             if n != self.fallback and r)
-        warnings.warn(f"contrastive_kernels: no fused backend can run this call on "
-                      f"{call.device} ({skipped}); falling back to the slower "
-                      f"{self.fallback!r} backend",
-                      RuntimeWarning, stacklevel=5)
+        warn_user(f"contrastive_kernels: no fused backend can run this call on "
+                  f"{call.device} ({skipped}); falling back to the slower "
+                  f"{self.fallback!r} backend", RuntimeWarning)
 
 
 def _describe(call):
