@@ -21,9 +21,10 @@ $PY -m build --no-isolation -o "$work/dist" . > "$work/build.log" 2>&1 || {
 ls -l "$work/dist"
 sdist=$(ls "$work"/dist/*.tar.gz)
 wheel=$(ls "$work"/dist/*.whl)
+tar tzf "$sdist" > "$work/sdist.txt"
 for f in csrc/common/tile_math.h csrc/cuda/lse_kernels.cu csrc/build_flags.json LICENSE \
          contrastive_kernels/py.typed pyproject.toml; do
-    tar tzf "$sdist" | grep -q "/$f\$" || { echo "sdist lacks $f"; exit 1; }
+    grep -q "/$f\$" "$work/sdist.txt" || { echo "sdist lacks $f"; exit 1; }
 done
 $PY - "$wheel" <<'PYEOF'
 import sys, zipfile

@@ -22,6 +22,7 @@ for loss_fn, ref_fn in ((ck.info_nce, ck.reference.info_nce),
     gq, gk = torch.autograd.grad(got, (q, k))
     want = ref_fn(q.double(), k.double())
     wq, wk = torch.autograd.grad(want, (q, k))   # q, k enter the reference as float64 views
+    got, want = got.detach(), want.detach()
     assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), (got, want)
     for a, b in ((gq, wq), (gk, wk)):
         assert (a.double() - b).abs().max() <= 1e-4 * b.abs().max(), "gradient mismatch"
