@@ -13,20 +13,18 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import contrastive_kernels as ck
+from test_distributed import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, DX, DY, HID, EMB = 13, 5, 7, 11, 6
-SPAWN_TIMEOUT_S = 120
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -543,33 +541,10 @@ def _ddp_cases(world, rank):
             torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
 
 
-def _ddp_worker(rank, world, init_file):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        _ddp_cases(world, rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
 
 @pytest.mark.cpu_only
 def test_ddp_syncs_once_and_matches(tmp_path):
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "pg_init")), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"no result after {SPAWN_TIMEOUT_S}s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
+    spawn(2, tmp_path, _ddp_cases)
 
 
 # ----------------------------------------------------------------------------- example

@@ -10,15 +10,14 @@ be equal. gather_distributed runs on 2, 3 and 4 gloo processes (one spawn per wo
 size, with a timeout), against lightly's gather_distributed=True on every rank.
 """
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import compat
 from dispatch import SeeThrough
+from test_distributed import spawn
 
 from contrastive_kernels.integrations import lightly as ours
 
@@ -30,7 +29,6 @@ TOL64 = dict(loss=1e-10, grad=1e-9)
 HALF_TOL = dict(loss=2e-3, grad=1e-2)
 TOL = {torch.float32: TOL32, torch.float64: TOL64}
 D = 8
-SPAWN_TIMEOUT_S = 120
 
 
 def rel(a, b, floor=1e-30):
@@ -201,31 +199,8 @@ def _cases(world, rank):
             same_bank(loss, theirs, where)
 
 
-def _worker(rank, world, init_file):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        _cases(world, rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
 
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_gather_distributed(world, tmp_path):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init")), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"world size {world}: no result after {SPAWN_TIMEOUT_S}s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
+    spawn(world, tmp_path, _cases)
