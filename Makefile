@@ -1,4 +1,5 @@
-# Two commands: `make bench` (the benchmark table and demo) and `make test`.
+# Two commands: `make bench` (the tour: same loss, headline, speed, training; BENCH_ARGS=--full
+# for the full sweep, --targets for the acceptance checks) and `make test`.
 # Both create .venv if needed, install torch if it is missing, and build the extension.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,6 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: test bench build setup clean
 
 $(VENV)/.deps: requirements.txt requirements-compat.txt requirements-integrations.txt
+	@echo "setting up $(VENV): $(TORCH_SPEC) (CPU), the requirements and the test-only libraries (once; about 3 minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -24,8 +26,10 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu cs
 build: setup
 	@if [ ! -f $(VENV)/.built ] || ! ls contrastive_kernels/_C*.so >/dev/null 2>&1 || \
 	    [ -n "$$(find $(SOURCES) $(VENV)/.deps -newer $(VENV)/.built)" ]; then \
-		echo "building the extension"; \
-		$(PY) -m pip install -q -e . --no-build-isolation --no-deps && touch $(VENV)/.built; \
+		echo "building the C++ extension (once per source change; about 1-2 minutes on 2 cores) ..."; \
+		start=$$(date +%s); \
+		$(PY) -m pip install -q -e . --no-build-isolation --no-deps && touch $(VENV)/.built && \
+		echo "built in $$(( $$(date +%s) - start )) s"; \
 	fi
 
 test: build

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packaging (issue 17), after `make test` has set up .venv:
 #  1. `python -m build` makes the sdist, then the wheel from the sdist (a file missing from
-#     the sdist fails the compile here);
+#     the sdist fails the compile here); the wheel ships contrastive_kernels/_build_info.py
+#     (the torch it was compiled against), the sdist does not;
 #  2. in a fresh venv with only torch: an isolated `pip install .` (pyproject path) must
 #     stop with the command to run; the wheel installs and passes tests/package_smoke.py;
 #  3. the sdist installs (compiled in that venv) and passes it too.
@@ -26,6 +27,9 @@ for f in csrc/common/tile_math.h csrc/cuda/lse_kernels.cu csrc/build_flags.json 
          contrastive_kernels/py.typed pyproject.toml; do
     grep -q "/$f\$" "$work/sdist.txt" || { echo "sdist lacks $f"; exit 1; }
 done
+# the build writes the record of its torch: never a stale one from this tree in the sdist
+if grep -q "/contrastive_kernels/_build_info.py\$" "$work/sdist.txt"; then
+    echo "sdist ships contrastive_kernels/_build_info.py"; exit 1; fi
 $PY - "$wheel" <<'PYEOF'
 import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
@@ -35,6 +39,10 @@ meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decod
 pins = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
 assert pins and "==" in pins[0], f"wheel does not pin torch: {pins}"
 print("wheel:", pins[0])
+import torch
+info = z.read("contrastive_kernels/_build_info.py").decode()     # KeyError: not shipped
+assert f"TORCH_VERSION = {str(torch.__version__)!r}" in info, info
+print("wheel: compiled against torch", torch.__version__)
 PYEOF
 
 echo "== fresh venv with $TORCH_SPEC"

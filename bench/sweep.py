@@ -81,7 +81,7 @@ def _inputs(n, d, seed=0):
     return _make_inputs(n, d, seed)
 
 
-def _step_fn(method, n, d):
+def step_fn(method, n, d):
     """A function (q, k) -> None doing one forward + backward of `method`."""
     if method == "gemm":
         rows = max(1, min(n, GEMM_BLOCK_BYTES // (4 * n)))
@@ -135,11 +135,14 @@ def _measure_here(spec):
         torch.set_num_threads(spec["threads"])
     # Warm-up at a tiny size: loads kernels and starts the thread pool.
     small = min(n, 256)
-    _step_fn(method, small, d)(*_inputs(small, d, seed=1))
+    step_fn(method, small, d)(*_inputs(small, d, seed=1))
+    if method == "auto":    # at a tiny size auto computes densely: load the kernel too
+        for b in cpu_backends():
+            step_fn(b, small, d)(*_inputs(small, d, seed=1))
     q, k = _inputs(n, d)
     rss_inputs, _ = status_bytes()
     exact = reset_peak()
-    step = _step_fn(method, n, d)
+    step = step_fn(method, n, d)
     times = []
     for _ in range(repeats):
         q.grad = k.grad = None
@@ -220,7 +223,7 @@ def _context():
     return _ctx
 
 
-def _in_fresh_process(target, spec, timeout):
+def in_fresh_process(target, spec, timeout):
     """Runs target(conn, spec) in a fresh process; its result, or a 'failed' dict."""
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
@@ -250,7 +253,7 @@ def measure(method, n, d, repeats=3, threads=None, timeout=600):
     rss_inputs and above_inputs (bytes), note.
     """
     spec = dict(method=method, n=n, d=d, repeats=repeats, threads=threads)
-    return _in_fresh_process(_worker, spec, timeout)
+    return in_fresh_process(_worker, spec, timeout)
 
 
 def mem_available():
@@ -566,12 +569,26 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m contrastive_kernels.bench",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", choices=["sweep", "memory", "targets", "variants"],
-                   default="sweep")
+    p.add_argument("--case", choices=["tour", "sweep", "memory", "targets", "variants"],
+                   default="tour", help="tour (default): the first two minutes (bench/tour.py)")
+    p.add_argument("--full", action="store_true", help="same as --case sweep: the full sweep")
     p.add_argument("--targets", action="store_true", help="same as --case targets")
-    p.add_argument("--quick", action="store_true", help="N in {1024, 2048, 4096}, 3 repeats")
-    p.add_argument("--min-n", type=int, default=1024)
-    p.add_argument("--max-n", type=int, default=65536)
+    p.add_argument("--quick", action="store_true",
+                   help="the sweep at N in {1024, 2048, 4096}, 3 repeats")
+    p.add_argument("--min-n", type=int, default=None, help="smallest N (tour 256, sweep 1024)")
+    p.add_argument("--max-n", type=int, default=None, help="largest N (tour 4096, sweep 65536)")
+    p.add_argument("--budget-gib", type=float, default=2.0,
+                   help="tour: the memory budget of the headline (GiB)")
+    p.add_argument("--headline-s", type=float, default=30.0,
+                   help="tour: the fused headline batch is halved while its estimated time "
+                        "exceeds this")
+    p.add_argument("--per-n-s", type=float, default=2.0,
+                   help="tour: seconds of interleaved rounds per N in the speed table")
+    p.add_argument("--min-rounds", type=int, default=5, help="tour: rounds per N, at least")
+    p.add_argument("--no-train", action="store_true", help="tour: skip the training demo")
+    p.add_argument("--train-args", default="--batch 8192 --chunk 2048 --steps 12 "
+                   "--print-every 4 --naive-steps 3 --memory-budget 0.1",
+                   help="tour: the arguments of examples/train_clip.py")
     p.add_argument("--d", type=int, default=256, help="embedding size for the sweep")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
     p.add_argument("--budget-s", type=float, default=120.0,
@@ -588,6 +605,11 @@ def parse_args(argv):
     opts = p.parse_args(argv)
     if opts.targets:
         opts.case = "targets"
+    if opts.full or opts.quick:
+        opts.case = "sweep" if opts.case == "tour" else opts.case
+    tour = opts.case == "tour"
+    opts.min_n = opts.min_n or (256 if tour else 1024)
+    opts.max_n = opts.max_n or (4096 if tour else 65536)
     if opts.quick:
         opts.max_n = min(opts.max_n, 4096)
         opts.repeats = min(opts.repeats, 3)
@@ -623,21 +645,34 @@ def main(argv=None, avail_fn=None):
     log(f"CPU backends: {', '.join(backends)}"
         + ("" if cpu_reason is None else f"  (cpu unavailable: {cpu_reason})"))
 
-    demo_spec = dict(n=1024, d=opts.d if opts.case == "sweep" else TARGET_D,
-                     backends=backends, threads=opts.threads)
-    demo = _in_fresh_process(_demo_worker, demo_spec, timeout=300)
+    tour = opts.case == "tour"
+    demo_spec = dict(n=1024, d=opts.d if opts.case in ("sweep", "tour") else TARGET_D,
+                     backends=(["auto"] if tour else []) + backends, threads=opts.threads)
+    demo = in_fresh_process(_demo_worker, demo_spec, timeout=300)
     if "gemm_flops" not in demo:
         log(f"demo failed: {demo.get('error') or demo.get('note')}")
         gemm_flops = 20e9
     else:
         gemm_flops = demo["gemm_flops"]
-        if not opts.no_demo:
+        if tour:
+            log("")
+            log(f"[1/4] the same loss: symmetric CLIP, N={demo['n']}, D={demo['d']}, fp32, "
+                f"against the materialized loss (naive {demo['naive']:.6f})")
+            for name, r in demo["backends"].items():
+                label = "ck.info_nce (auto)" if name == "auto" else f"backend={name!r}"
+                log(f"  {label:22s} ERROR {r['error']}" if "error" in r else
+                    f"  {label:22s} {r['loss']:.6f}   |loss diff| {r['loss_diff']:.1e}   "
+                    f"max |grad diff| {r['grad_diff']:.1e}")
+        elif not opts.no_demo:
             parts = [f"naive {demo['naive']:.6f}"]
             for name, r in demo["backends"].items():
                 parts.append(f"{name} ERROR {r['error']}" if "error" in r else
                              f"{name} {r['loss']:.6f} (|diff| {r['loss_diff']:.1e}, "
                              f"grads max |diff| {r['grad_diff']:.1e})")
             log(f"demo: symmetric CLIP loss, N={demo['n']}, D={demo['d']}, fp32: " + " | ".join(parts))
+    if tour:
+        import tour as tour_mod
+        return tour_mod.main(opts, avail_fn, info, backends, demo)
 
     if opts.case == "sweep":
         sizes, n = [], opts.min_n
@@ -683,7 +718,7 @@ def main(argv=None, avail_fn=None):
         log(format_variants(variant_rows))
     elif opts.case == "variants":
         log(f"no variants: backend 'cpu' unavailable ({cpu_reason})")
-    targets = check_targets(rows, cpu_reason) if opts.case != "variants" else []
+    targets = check_targets(rows, cpu_reason) if opts.case == "targets" else []
     elapsed = time.perf_counter() - t0
     if targets:
         log("")

@@ -26,9 +26,37 @@ queries, and of the local keys. The loss equals ``info_nce`` on that global batc
   SupCon ``labels``/``key_labels`` are compared across ranks.
 * ``key=None`` (NT-Xent / SupCon over the global batch) is supported by the ring
   (the global diagonal is masked); "gather" mode raises a ValueError for it.
-* local sizes may differ between ranks (sizes are exchanged first by a small
-  all_gather; so are argument errors: if the arguments are invalid on any rank,
-  every rank raises instead of waiting forever).
+* local sizes may differ between ranks, and a rank may have no rows at all (N_r = 0,
+  or keys but no queries): it still takes part (forwards the ring's blocks, gets
+  empty or zero gradients). Sizes are exchanged first by a small all_gather; so are
+  argument errors: if the arguments are invalid on any rank, every rank raises
+  instead of waiting forever.
+* ``symmetric=True`` with more keys than queries (hard negatives, the default pairing
+  or a global ``positive_index``): the columns whose key is no query's positive are
+  left out of the column mean, as in ``info_nce``.
+* ``normalize=True`` L2-normalizes query and key (not a teacher) before anything, on
+  every rank (the ranks must agree on it).
+
+Faults and timeouts
+-------------------
+Every rank of the group must call the loss, and call its backward. A call first
+checks in to the process group's store (one compare_set, one wait, one multi_get and
+one delete per call, and the same per communicating backward node), then runs its
+collectives, each waited with ``timeout`` on gloo (default: the group's own timeout).
+
+* A rank that does not come (it raised before the call, skipped it, or skipped
+  backward) is named, after ``timeout``, by a ``CollectiveFault`` (a RuntimeError) on
+  every rank that waited; nothing was sent, so the process group stays usable (a rank
+  that arrives late skips the abandoned check-in and joins the next call). Ranks at
+  different calls (one in backward, another in the next forward) all raise at once.
+* A rank that dies or fails inside the call: the ranks that wait on it raise a
+  ``CollectiveFault`` within ``timeout`` (at once where gloo sees the connection
+  close), after a short grace (``REPORT_GRACE_S``) in which every failing rank records
+  in the store what it saw; the message names the ranks that recorded nothing (dead,
+  hung, or stopped outside the call), the peers whose connections closed, and what a
+  rank that raised inside the call raised. The process group may then be unusable
+  (destroy it, or end the job). With NCCL only the check-in is timed here: inside the
+  call, NCCL's own watchdog (the group's timeout) applies.
 
 Gradient contract (what makes DDP work)
 ---------------------------------------
@@ -68,6 +96,8 @@ most two remote key blocks (the current one and the next one in flight); ``RING_
 records the peak.
 """
 import dataclasses
+import datetime
+import functools
 from typing import Any, Optional, Tuple, Union
 
 import torch
@@ -75,6 +105,7 @@ import torch.distributed as dist
 
 from . import engine
 from .backends import REGISTRY, Call
+from .faults import REPORT_GRACE_S, CollectiveFault, Pending, Sync, check_timeout
 from .loss import (check_variant_options, info_nce, linear_teacher_dots, op_inputs,
                    positive_shift, siglip_loss, siglip_options, teacher_operands)
 from .options import make_options
@@ -83,7 +114,7 @@ from .problem import (FLOAT_DTYPES, REDUCTIONS, SIGLIP_BIAS, SIGLIP_SCALE, check
 from .targets import Targets
 
 __all__ = ["ring_info_nce", "gather_info_nce", "ring_siglip_loss", "gather_siglip_loss",
-           "RING_STATS", "reset_ring_stats"]
+           "RING_STATS", "reset_ring_stats", "CollectiveFault", "REPORT_GRACE_S"]
 
 # Peaks over every ring pass since the last reset_ring_stats():
 #   remote_key_blocks: remote key blocks held at once (the bound is 2);
@@ -146,6 +177,8 @@ class _Setup:
     dev: torch.device
     any_key_grad: bool = True   # some rank's keys need a gradient (the dk ring must run)
     any_grad: bool = False      # some rank needs a gradient (the sigmoid loss's schedule)
+    sync: Optional[Sync] = None     # check-in, timed waits, fault reports (faults.Sync)
+    opts: object = None             # the kernel options (options.Options)
 
     @property
     def n_global(self):
@@ -156,12 +189,16 @@ class _Setup:
         return sum(self.sizes_m)
 
 
-def _raise_together(err, group, world, cdev, what):
+def _raise_together(err, sync, cdev):
     """Every rank raises if `err` is set on any rank (its own error where it has one)."""
     flag = torch.tensor([0 if err is None else 1], dtype=torch.int64, device=cdev)
-    flags = [torch.empty_like(flag) for _ in range(world)]
-    dist.all_gather(flags, flag, group=group)
-    bad = [r for r, f in enumerate(flags) if int(f)]
+    flags = [torch.empty_like(flag) for _ in range(sync.world)]
+    sync.collective(dist.all_gather, "the set-up's value checks (all_gather)", flags, flag)
+    _raise_if_bad(sync.what, err, [r for r, f in enumerate(flags) if int(f)])
+
+
+def _raise_if_bad(what, err, bad):
+    """Raise this rank's error `err`, else a ValueError if ranks `bad` had one."""
     if err is not None:
         raise err
     if bad:
@@ -169,29 +206,63 @@ def _raise_together(err, group, world, cdev, what):
                          f"there); every rank raises so that none waits forever")
 
 
-def _setup(what, query, key, group, world, positive_index, labels, key_labels, temperature,
-           logit_scale, logit_bias, symmetric, label_smoothing, reduction, margin=0.0,
-           decoupled=False, teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
-           teacher_weighting="softmax", allow_self=True, options=None):
+def _local(fn, query, key, normalize, timeout, **kwargs):
+    """The loss without a process group (or with one rank): `fn` on this rank's batch."""
+    check_timeout(timeout)
+    return fn(query, key, normalize=normalize, **kwargs)
+
+
+def _info_nce_call(what, run, query, key, group, normalize, timeout, backend, options,
+                   kwargs):
+    """ring_info_nce / gather_info_nce (kwargs: info_nce's loss arguments): the local
+    `info_nce` without a process group or with one rank; else the check-in and set-up
+    on every rank (_agree), then run(st) guarded (an error inside the call is recorded
+    for the other ranks)."""
+    world = _process_group_size(group, what)
+    if world is None or world == 1:
+        return _local(info_nce, query, key, normalize, timeout, backend=backend, **kwargs,
+                      **options)
+    gather = what.startswith("gather")
+
     def check():        # the options too: a bad one on any rank raises on every rank
-        p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
-                         logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                         global_index=True, margin=margin, decoupled=decoupled,
-                         teacher=teacher, teacher_logit_scale=teacher_logit_scale,
-                         teacher_weight=teacher_weight, teacher_weighting=teacher_weighting)
-        if options is not None:
-            check_variant_options(p, options)
-        if p.teacher is not None and what.startswith("gather"):
+        opts = make_options(**options)
+        p = check_inputs(query, key, shard=True, normalize=normalize, **kwargs)
+        check_variant_options(p, opts)
+        if p.teacher is not None and gather:
             raise ValueError(f"{what}: a teacher is not supported in 'gather' mode; use "
                              f"ring_info_nce")
-        if p.per_row and p.symmetric and (what.startswith("gather") or p.margin):
+        if p.per_row and p.symmetric and (gather or p.margin):
             # a column's target needs its positive rows' scales, held by other ranks
             raise ValueError(f"{what}: a per-query temperature with symmetric=True is not "
                              f"supported{' with a margin' if p.margin else ''} here; use "
-                             f"{'ring_info_nce' if what.startswith('gather') else 'margin=0'}"
+                             f"{'ring_info_nce' if gather else 'margin=0'}"
                              f" or symmetric=False")
-        return p
-    return _agree(what, query, group, world, check, allow_self)
+        return p, opts
+    st = _agree(what, query, group, world, check, allow_self=not gather,
+                normalize=normalize, timeout=timeout)
+    with st.sync.guard():
+        return run(st)
+
+
+def _siglip_call(what, run, query, key, group, normalize, timeout, backend, passes,
+                 options, kwargs):
+    """ring_siglip_loss / gather_siglip_loss, as _info_nce_call (kwargs: siglip_loss's
+    loss arguments)."""
+    world = _process_group_size(group, what)
+    if world is None or world == 1:
+        return _local(siglip_loss, query, key, normalize, timeout, backend=backend,
+                      passes=passes, **kwargs, **options)
+    wants = torch.is_grad_enabled() and any(
+        torch.is_tensor(x) and x.requires_grad
+        for x in (query, key, kwargs["logit_scale"], kwargs["logit_bias"]))
+
+    def check():        # the options too: a bad one on any rank raises on every rank
+        opts = siglip_options(backend, passes, options)
+        return check_siglip(query, key, shard=True, normalize=normalize, **kwargs), opts
+    st = _agree(what, query, group, world, check, allow_self=False, wants_grad=wants,
+                normalize=normalize, timeout=timeout)
+    with st.sync.guard():
+        return run(st)
 
 
 def _bits(x):
@@ -209,21 +280,34 @@ def _scalar_key(x):
     return 1, (_bits(x.detach()) if x.device.type == "cpu" else 0)
 
 
-def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
-    """Check the local shard (check() -> Problem), share sizes and settings with one
-    all_gather, and raise on every rank if any rank's arguments are bad or disagree.
-    wants_grad: this rank needs a gradient (shared as _Setup.any_grad)."""
+def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
+           normalize=False, timeout=None):
+    """Check in (Sync.rendezvous), check the local shard (check() -> (Problem, kernel
+    options)), share sizes and settings with one all_gather, and raise on every rank if
+    any rank's arguments are bad or disagree. wants_grad: this rank needs a gradient
+    (shared as _Setup.any_grad). timeout: the call's (checked here; an invalid one raises
+    on every rank)."""
     rank = dist.get_rank(group)
-    # 1. check the local shard, without raising yet (the other ranks must hear of it).
-    err, p, mode = None, None, 0
+    cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
+    t_err = None
     try:
-        p = check()
+        t = check_timeout(timeout)
+    except (TypeError, ValueError) as e:    # raised with the other argument errors
+        t, t_err = None, e
+    sync = Sync(what, group, world, rank, t, cdev)
+    # 0. every rank is in this call (else a CollectiveFault naming the absent ranks)
+    sync.rendezvous(what)
+    # 1. check the local shard, without raising yet (the other ranks must hear of it).
+    err, p, opts, mode = None, None, None, 0
+    try:
+        if t_err is not None:
+            raise t_err
+        p, opts = check()
         mode = 2 if p.labels is not None else (1 if p.index_given else 0)
     except (TypeError, ValueError) as e:
         err, p = e, None
-    cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
     if p is None:
-        row = [0] * 21
+        row = [0] * 22
     else:
         n, d = p.query.shape
         keys = p.query if p.self_contrast else p.key
@@ -231,17 +315,14 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
                mode, int(p.symmetric), REDUCTIONS.index(p.reduction), int(keys.requires_grad),
                int(wants_grad), _bits(p.margin), int(p.decoupled), _bits(p.label_smoothing),
                *_scalar_key(p.scale), *_scalar_key(p.bias), int(p.teacher is not None),
-               _bits(p.teacher_weight), WEIGHTINGS.index(p.teacher_weighting)]
+               _bits(p.teacher_weight), WEIGHTINGS.index(p.teacher_weighting),
+               int(normalize)]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(table, mine, group=group)
+    sync.collective(dist.all_gather, "the set-up (all_gather of sizes and settings)",
+                table, mine)
     table = [t.tolist() for t in table]
-    bad = [r for r, t in enumerate(table) if not t[0]]
-    if err is not None:
-        raise err
-    if bad:
-        raise ValueError(f"{what}: invalid arguments on rank(s) {bad} (see the error raised "
-                         f"there); every rank raises so that none waits forever")
+    _raise_if_bad(what, err, [r for r, t in enumerate(table) if not t[0]])
     # 2. global checks: every rank sees the same table and raises the same error.
     names = {3: "embedding dim", 4: "dtype", 5: "key=None (self-contrast)",
              6: "the kind of positives (default / positive_index / labels)",
@@ -249,7 +330,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
              13: "label_smoothing", 14: "the kind of scale (float / tensor / per-row)",
              15: "the logit scale (1 / temperature)", 16: "the kind of logit_bias",
              17: "logit_bias", 18: "teacher (given or not)", 19: "teacher_weight",
-             20: "teacher_weighting"}
+             20: "teacher_weighting", 21: "normalize"}
     floats = (11, 13, 15, 17, 19)
     for col, name in names.items():
         vals = [t[col] for t in table]
@@ -262,6 +343,8 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
                 vals = [("float", "tensor", "per-row tensor")[v] for v in vals]
             if col == 20:
                 vals = [WEIGHTINGS[v] for v in vals]
+            if col == 21:
+                vals = [bool(v) for v in vals]
             raise ValueError(f"{what}: {name} must be the same on every rank, got {vals} "
                              f"(by rank)")
     sizes_n = [t[1] for t in table]
@@ -269,10 +352,6 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
     if p.self_contrast and not allow_self:
         raise ValueError(f"{what}: key=None (self-contrast) is not supported in 'gather' "
                          f"mode; use distributed='ring'")
-    if p.symmetric and mode == 1 and sum(sizes_n) != sum(sizes_m):
-        raise ValueError(f"{what}: symmetric=True with positive_index needs as many keys as "
-                         f"queries in the global batch, got {sum(sizes_n)} queries and "
-                         f"{sum(sizes_m)} keys")
     offs_n = [sum(sizes_n[:r]) for r in range(world)]
     offs_m = [sum(sizes_m[:r]) for r in range(world)]
     # 3. the positive_index in global terms, and the checks that read data.
@@ -286,12 +365,13 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False):
                      where=" (global indices into the keys of all ranks)")
     except ValueError as e:
         err = e
-    _raise_together(err, group, world, cdev, what)
+    _raise_together(err, sync, cdev)
     # A key block's dk gathers every rank's share on its way round the ring: if any rank
     # trains its keys, every rank takes part (and one whose keys are frozen drops its own).
     any_key_grad = any(t[9] for t in table)
+    sync.agreed = True
     return _Setup(p, world, rank, sizes_n, sizes_m, offs_n, offs_m, group, cdev, any_key_grad,
-                  any(t[10] for t in table))
+                  any(t[10] for t in table), sync, opts)
 
 
 # ----------------------------------------------------------------------------- ring
@@ -339,19 +419,25 @@ class RingBlocks:
     def prev(self):
         return _global_rank(self.st.group, (self.st.rank - 1) % self.st.world)
 
-    def _exchange(self, sends, recvs):
+    def _exchange(self, sends, recvs, step):
         """Start sends to the next rank and receives from the previous one (same order on
-        both sides); returns the requests."""
-        g = self.st.group
+        both sides); returns the pending transfers (`Pending`, waited with the call's
+        timeout; `step` names them in a fault)."""
+        st = self.st
+        g = st.group
         ops = [dist.P2POp(dist.isend, t, self.next, g) for t in sends]
         ops += [dist.P2POp(dist.irecv, t, self.prev, g) for t in recvs]
         # interleave as send, recv pairs so both ends post in the same order
         ops = [op for pair in zip(ops[:len(sends)], ops[len(sends):]) for op in pair]
         reqs = dist.batch_isend_irecv(ops) if ops else []
+        nxt, prv = (st.rank + 1) % st.world, (st.rank - 1) % st.world
+        # the peer of each request (one request per op unless the backend coalesced them)
+        peers = [nxt if op.op is dist.isend else prv for op in ops] \
+            if len(reqs) == len(ops) else None
+        pending = Pending(st.sync, reqs, step, peers)
         if not self.overlap:
-            _wait(reqs)
-            return []
-        return reqs
+            pending.wait()
+        return pending
 
     def _block(self, t, kb, lab):
         owner = (self.st.rank - t) % self.st.world
@@ -390,10 +476,10 @@ class RingBlocks:
                 col_in = torch.empty(st.sizes_m[owner], 4, dtype=self.acc, device=k.device)
                 sends.append(col_prev)
                 recvs.append(col_in)
-            reqs = self._exchange(sends, recvs)
+            reqs = self._exchange(sends, recvs, f"ring step {t + 1} of {world} (statistics pass)")
             blk = self._block(t, cur_k, cur_lab)
             yield blk, cur_k
-            _wait(reqs)
+            reqs.wait()
             if symmetric:
                 col = _pack(blk.cols, cur_k.shape[0], self.acc, k.device)
                 col_prev = col if col_in is None else _merge_packed(col_in, col)
@@ -403,7 +489,7 @@ class RingBlocks:
         if symmetric:
             # the block held last belongs to the next rank: send its stats home
             col_own = torch.empty(k.shape[0], 4, dtype=self.acc, device=k.device)
-            _wait(self._exchange([col_prev], [col_own]))
+            self._exchange([col_prev], [col_own], "the last hop of the statistics pass").wait()
             self.cols_home = _unpack(col_own, self.present)
         RING_STATS["passes"] += 1
 
@@ -435,7 +521,7 @@ class RingBlocks:
                 bufs.acquire()
                 sends.append(dk_prev)
                 recvs.append(dk_in)
-            reqs = self._exchange(sends, recvs)
+            reqs = self._exchange(sends, recvs, f"ring step {t + 1} of {world} (gradient pass)")
             blk = self._block(t, cur_k, cur_lab)
             blk.col_pack = None if cur_pack is None else _unpack(cur_pack, present)
             blk.dk = None
@@ -446,7 +532,7 @@ class RingBlocks:
                     dk_b = torch.zeros(cur_k.shape[0], self.d_grad, dtype=dk_dtype,
                                        device=k.device)
                 bufs.acquire()
-            _wait(reqs)
+            reqs.wait()
             if dk_prev is not None:
                 bufs.release()  # sent
             if dk_in is not None:
@@ -461,13 +547,19 @@ class RingBlocks:
             return
         # the accumulator held last belongs to the next rank: one more hop brings it home
         dk = torch.empty(k.shape[0], self.d_grad, dtype=dk_dtype, device=k.device)
-        _wait(self._exchange([dk_prev], [dk]))
+        self._exchange([dk_prev], [dk], "the last hop of the gradient pass").wait()
         self.dk_home = dk
 
 
-def _wait(reqs):
-    for r in reqs:
-        r.wait()
+def _collective_backward(backward):
+    """A backward node that communicates: check in first (every rank must call backward;
+    else a CollectiveFault naming the ranks that did not), then run it guarded."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        st = ctx.st if hasattr(ctx, "st") else ctx.run["st"]
+        with st.sync.backward():
+            return backward(ctx, *grads)
+    return run
 
 
 class _RingStats(torch.autograd.Function):
@@ -498,6 +590,7 @@ class _RingStats(torch.autograd.Function):
     @staticmethod
     @engine.first_order
     @torch.autograd.function.once_differentiable
+    @_collective_backward
     def backward(ctx, g_r, g_a, _g_p, g_b, g_c, g_ac, _g_pc, g_bc):
         q, k, scale, shift, lse_r, lse_c, a_c = ctx.saved_tensors
         run = ctx.run
@@ -580,6 +673,7 @@ class _RingTeacher(torch.autograd.Function):
     @staticmethod
     @engine.first_order
     @torch.autograd.function.once_differentiable
+    @_collective_backward
     def backward(ctx, c_r, c_c):
         q, k, lse_t, lse_tc = ctx.saved_tensors
         run = ctx.run
@@ -608,6 +702,26 @@ class _RingTeacher(torch.autograd.Function):
                 dk.to(k.dtype) if (need_k and dk is not None) else None, None)
 
 
+class _AllReduce(torch.autograd.Function):
+    """The sum over ranks of x; backward sums the gradients the same way (as
+    torch.distributed.nn.functional.all_reduce, with the call's check-in and timeouts)."""
+
+    @staticmethod
+    def forward(ctx, x, st):
+        ctx.st = st
+        x = x.clone().contiguous()
+        st.sync.collective(dist.all_reduce, "the all_reduce of the linear teacher's sums", x)
+        return x
+
+    @staticmethod
+    @_collective_backward
+    def backward(ctx, g):
+        g = g.clone().contiguous()
+        ctx.st.sync.collective(dist.all_reduce, "the backward all_reduce of the linear "
+                    "teacher's sums", g)
+        return g, None
+
+
 def _ring_teacher_dots(st, p, q, k, self_c, masked, be, opts, overlap):
     """(X, X^c or None) of the teacher over the global batch: the softmax weighting by
     _RingTeacher, the linear one by all-reduced sums (loss.linear_teacher_dots)."""
@@ -615,11 +729,9 @@ def _ring_teacher_dots(st, p, q, k, self_c, masked, be, opts, overlap):
         return None, None
     tq, tk, ts = teacher_operands(p)
     if p.teacher_weighting == "linear":
-        from torch.distributed.nn.functional import all_reduce
-
         def total(xs):      # summed over the ranks, with gradient (each rank gets the sum)
             flat = torch.cat([x.reshape(-1) for x in xs])
-            flat = all_reduce(flat.to(st.dev), group=st.group).to(q.device)
+            flat = _AllReduce.apply(flat.to(st.dev), st).to(q.device)
             out, i = [], 0
             for x in xs:
                 out.append(flat[i:i + x.numel()].reshape(x.shape))
@@ -638,6 +750,155 @@ def _ring_teacher_dots(st, p, q, k, self_c, masked, be, opts, overlap):
     return x_r, (x_c if p.symmetric else None)
 
 
+# ----------------------------------------------------------------------------- public API
+
+# Docstring parts shared by the four public functions (composed at import by _doc, so
+# that help() shows each function's complete text and each part is written once).
+_DOC_PARTS = {
+    "INFO_NCE_ARGS": """\
+        query: (N_r, D) float tensor, this rank's queries. Sizes may differ by rank; a
+            rank may have none (N_r = 0).
+        key: (M_r, D) tensor, this rank's keys (M_r may differ from N_r and may be 0),
+            or None for self-contrast over the global batch (NT-Xent / SupCon; the
+            global diagonal is masked; 'ring' mode only).
+        group: the process group (None: the default group).
+        positive_index: integer tensor (N_r,): GLOBAL indices into the keys of all
+            ranks concatenated in rank order (the queries for key=None). Default: the
+            pairing within each rank, query i <-> key i of the same rank (needs
+            M_r >= N_r; the other keys are hard negatives).
+        labels: integer tensor (N_r,): same-label keys are positives, compared across
+            ranks (SupCon over the global batch).
+        key_labels: integer tensor (M_r,); default `labels`.
+        temperature, logit_scale, logit_bias, symmetric, label_smoothing, reduction,
+            margin, decoupled: as for `contrastive_kernels.info_nce` (default
+            symmetric=False, temperature 0.07); the same on every rank. With
+            symmetric=True the columns whose key is no query's positive (hard
+            negatives) are left out of the column mean.
+""",
+    "SIGLIP_ARGS": """\
+        query: (N_r, D) float tensor, this rank's first-tower embeddings. Sizes may
+            differ by rank; a rank may have none (N_r = 0).
+        key: (M_r, D) tensor, this rank's second-tower embeddings. Required.
+        group: the process group (None: the default group).
+        logit_scale: the exponentiated scale, float > 0 or 0-dim tensor (replicated:
+            each rank's gradient is a share). Default 10.0.
+        logit_bias: float or 0-dim tensor. Default -10.0.
+        positive_index: integer tensor (N_r,) of GLOBAL key indices. Default: the
+            pairing within each rank (query i <-> key i of the same rank).
+        labels: integer tensor (N_r,): same-label pairs are positives, across ranks.
+        key_labels: integer tensor (M_r,); default `labels`.
+        reduction: "mean", "sum" or "none", as for `siglip_loss`.
+""",
+    "FAULT_ARGS": """\
+        normalize: True L2-normalizes `query` and `key` first,
+            torch.nn.functional.normalize(x, dim=-1); the gradients flow through it (a
+            teacher is not normalized). The same on every rank. Default False.
+        timeout: seconds (float) or a datetime.timedelta: how long this rank waits for
+            the others (at the check-in before the first collective, in backward, and on
+            gloo for each collective and ring transfer) before it raises a RuntimeError
+            naming the ranks that did not arrive or died. Default None: the process
+            group's own timeout (init_process_group's `timeout`).
+""",
+    "FAULT_RAISES": """\
+        RuntimeError (contrastive_kernels.distributed.CollectiveFault): on the ranks
+            that waited, when a rank of `group` did not call this loss within
+            `timeout` (or called another one), did not call backward, or died or failed
+            during the call; the message names those ranks where torch.distributed can
+            tell. After a check-in fault the process group is still usable; after a
+            fault inside the call it may not be (destroy it, or end the job).
+        RuntimeError: in backward with create_graph=True (double backward is not
+            supported).
+""",
+}
+
+
+def _doc(fn):
+    """Fill fn's docstring's `[NAME]` lines with _DOC_PARTS[NAME] (None under -OO)."""
+    if fn.__doc__:
+        for name, text in _DOC_PARTS.items():
+            fn.__doc__ = fn.__doc__.replace(f"        [{name}]\n", text)
+    return fn
+
+
+def _empty_safe(st, be):
+    """The backend, behind _EmptySafe when some rank's shard has no rows."""
+    return _EmptySafe(be) if (0 in st.sizes_n or 0 in st.sizes_m) else be
+
+
+def _bind(names, args, kwargs):
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    return out
+
+
+class _EmptySafe:
+    """A backend whose contract functions (backends/base.py) answer for an empty side
+    (no query rows, or a key block without rows: a rank with an empty shard) without a
+    kernel: log-sum-exps -inf, sums and gradients 0, of the contract's shapes."""
+
+    _LSE_BACKWARD = ("q", "k", "scale", "self_mask", "lse_r", "lse_c", "g_r", "g_c",
+                     "need_dq", "need_dk", "options", "shift", "need_dshift", "prod")
+    _INPUT_GRADS = ("q", "k", "scale", "self_mask", "lse_r", "lse_c", "g_r", "g_c", "w",
+                    "need_dq", "need_dk", "need_ds", "options")
+    _SIGLIP = ("q", "k", "scale", "bias", "g_r", "sums", "need_dq", "need_dk", "options")
+
+    def __init__(self, backend):
+        self._be = backend
+
+    def __getattr__(self, name):
+        return getattr(self._be, name)
+
+    @staticmethod
+    def _empty(q, k):
+        return q.shape[0] == 0 or k.shape[0] == 0
+
+    def lse_forward(self, q, k, *args, **kwargs):
+        if not self._empty(q, k):
+            return self._be.lse_forward(q, k, *args, **kwargs)
+        cols = _bind(("scale", "self_mask", "cols"), args, kwargs)["cols"]
+        acc = engine.acc_dtype(q.dtype)
+        inf = lambda n: torch.full((n,), float("-inf"), dtype=acc, device=q.device)
+        return inf(q.shape[0]), (inf(k.shape[0]) if cols else None)
+
+    def lse_backward(self, q, k, *args, **kwargs):
+        if not self._empty(q, k):
+            return self._be.lse_backward(q, k, *args, **kwargs)
+        a = _bind(self._LSE_BACKWARD[2:], args, kwargs)
+        acc = engine.acc_dtype(q.dtype)
+        pq, pk = a.get("prod") or (q, k)
+        dq = torch.zeros(q.shape[0], pk.shape[1], dtype=acc, device=q.device) \
+            if a["need_dq"] else None
+        dk = torch.zeros(k.shape[0], pq.shape[1], dtype=acc, device=q.device) \
+            if a["need_dk"] else None
+        if a.get("shift") is None:
+            return dq, dk
+        dsh = torch.zeros(q.shape[0], dtype=acc, device=q.device) \
+            if a.get("need_dshift") else None
+        return dq, dk, dsh
+
+    def input_grads(self, q, k, *args, **kwargs):
+        if not self._empty(q, k):
+            return self._be.input_grads(q, k, *args, **kwargs)
+        a = _bind(self._INPUT_GRADS[2:], args, kwargs)
+        dq = torch.zeros_like(q) if a["need_dq"] else None
+        dk = torch.zeros_like(k) if (a["need_dk"] and not a["self_mask"]) else None
+        ds = torch.zeros((), dtype=engine.acc_dtype(q.dtype), device=q.device) \
+            if a["need_ds"] else None
+        return dq, dk, ds
+
+    def siglip_tiles(self, q, k, *args, **kwargs):
+        if not self._empty(q, k):
+            return self._be.siglip_tiles(q, k, *args, **kwargs)
+        a = _bind(self._SIGLIP[2:], args, kwargs)
+        acc = engine.acc_dtype(q.dtype)
+        z = lambda *shape: torch.zeros(*shape, dtype=acc, device=q.device)
+        sums = z(q.shape[0]) if a["sums"] else None
+        return (sums, None if sums is None else z(q.shape[0]),
+                z(q.shape[0], q.shape[1]) if a["need_dq"] else None,
+                z(k.shape[0], k.shape[1]) if a["need_dk"] else None)
+
+
+@_doc
 def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                   group: Optional[Any] = None, positive_index: Optional[torch.Tensor] = None,
                   labels: Optional[torch.Tensor] = None,
@@ -651,6 +912,8 @@ def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                                           Tuple[torch.Tensor, torch.Tensor]]] = None,
                   teacher_logit_scale: Optional[Union[float, torch.Tensor]] = None,
                   teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
+                  normalize: bool = False,
+                  timeout: Optional[Union[float, datetime.timedelta]] = None,
                   backend: str = "auto", overlap: bool = True,
                   **options: Any) -> torch.Tensor:
     """`info_nce` over the global batch of a data-parallel job, by a ring of transfers.
@@ -658,27 +921,17 @@ def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
     Each rank passes its own shard; key blocks travel around the ring by point-to-point
     messages, so a rank never holds the global keys (its shard plus at most two remote
     blocks). The loss is `info_nce` on the ranks' shards concatenated in rank order;
-    see the module docstring (contrastive_kernels.distributed) for the semantics and
-    the gradient contract. Collective: every rank of `group` must call it, and call
-    backward. Without an initialized process group it warns once (UserWarning) and
-    returns the local `info_nce`; with world size 1 it returns the local loss.
+    see the module docstring (contrastive_kernels.distributed) for the semantics, the
+    gradient contract and what happens when a rank fails. Collective: every rank of
+    `group` must call it, and call backward. Without an initialized process group it
+    warns once (UserWarning) and returns the local `info_nce`; with world size 1 it
+    returns the local loss.
 
     Args:
-        query: (N_r, D) float tensor, this rank's queries (sizes may differ by rank).
-        key: (M_r, D) tensor, this rank's keys, or None for self-contrast over the
-            global batch (NT-Xent / SupCon; the global diagonal is masked).
-        group: the process group (None: the default group).
-        positive_index: integer tensor (N_r,): GLOBAL indices into the keys of all
-            ranks concatenated in rank order (the queries for key=None). Default: the
-            diagonal within each rank.
-        labels: integer tensor (N_r,): same-label keys are positives, compared across
-            ranks (SupCon over the global batch).
-        key_labels: integer tensor (M_r,); default `labels`.
-        temperature, logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-            margin, decoupled: as for `contrastive_kernels.info_nce` (default
-            symmetric=False, temperature 0.07); the same on every rank.
+        [INFO_NCE_ARGS]
         teacher, teacher_logit_scale, teacher_weight, teacher_weighting: this rank's
             teacher embeddings and the teacher settings, as for `info_nce`.
+        [FAULT_ARGS]
         backend: "auto" or a backend name, for the per-block kernels.
         overlap: True overlaps each transfer with the compute on the current block;
             False waits for it (for benchmarks).
@@ -698,15 +951,14 @@ def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
         ValueError: an invalid argument on any rank (every rank raises, none waits),
             settings that differ between ranks, or a per-query temperature with
             symmetric=True and a margin.
-        RuntimeError: in backward with create_graph=True (double backward is not
-            supported).
+        [FAULT_RAISES]
 
     Example:
         Run on every rank after torch.distributed.init_process_group (for instance
         under torchrun); image_emb and text_emb are this rank's shards:
 
             loss = ck.ring_info_nce(image_emb, text_emb, symmetric=True,
-                                    logit_scale=logit_scale.exp())
+                                    logit_scale=logit_scale.exp(), timeout=600)
             loss.backward()     # collective as well
     """
     kwargs = dict(positive_index=positive_index, labels=labels, key_labels=key_labels,
@@ -715,12 +967,12 @@ def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                   margin=margin, decoupled=decoupled, teacher=teacher,
                   teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
                   teacher_weighting=teacher_weighting)
-    world = _process_group_size(group, "ring_info_nce")
-    if world is None or world == 1:
-        return info_nce(query, key, backend=backend, **kwargs, **options)
-    opts = make_options(**options)
-    st = _setup("ring_info_nce", query, key, group, world, **kwargs, options=opts)
-    p = st.p
+    return _info_nce_call("ring_info_nce", lambda st: _ring_info_nce(st, backend, overlap),
+                          query, key, group, normalize, timeout, backend, options, kwargs)
+
+
+def _ring_info_nce(st, backend, overlap):
+    p, opts = st.p, st.opts
     # a per-query scale is folded into the queries (loss.op_inputs); under key=None the
     # keys are then the unscaled queries, the own block's diagonal masked
     q, k, scale_t, side_scale = op_inputs(p)
@@ -732,8 +984,9 @@ def ring_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
     extra = (("shift",) if p.shifted else ()) + (
         ("teacher",) if (p.teacher is not None and p.teacher_weighting == "softmax"
                          and p.teacher_weight > 0) else ())
-    be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, self_c,
-                                       p.symmetric, extra=extra), opts)
+    be = _empty_safe(st, REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d,
+                                                       self_c, p.symmetric, extra=extra),
+                                         opts))
     kl = None
     if p.labels is not None:
         kl = (p.labels if p.self_contrast else p.key_labels).contiguous()
@@ -765,7 +1018,7 @@ def _finish(st, rows, col, reduction):
     column) losses."""
     def counts(cnt):
         cnt = cnt.to(st.dev)
-        dist.all_reduce(cnt, group=st.group)
+        st.sync.collective(dist.all_reduce, "the all_reduce of the global counts", cnt)
         return cnt.to(rows[0].device)
 
     loss = engine.reduce(rows, col, reduction, counts=counts)
@@ -794,6 +1047,7 @@ class _RingSigLIPStats(torch.autograd.Function):
     @staticmethod
     @engine.first_order
     @torch.autograd.function.once_differentiable
+    @_collective_backward
     def backward(ctx, g_r, _g_t, g_a, _g_p):
         q, k, scale, bias, t = ctx.saved_tensors
         run = ctx.run
@@ -834,13 +1088,15 @@ class _RingSigLIPFused(torch.autograd.Function):
     @staticmethod
     @engine.first_order
     @torch.autograd.function.once_differentiable
+    @_collective_backward
     def backward(ctx, c):
         dq, dk, ds, db = ctx.saved_tensors
         q, k, scale, bias = ctx.like
         st = ctx.st
         cs = c.detach().reshape(1).to(st.dev, torch.float64)
         every = [torch.empty_like(cs) for _ in range(st.world)]
-        dist.all_gather(every, cs, group=st.group)
+        st.sync.collective(dist.all_gather, "the backward all_gather of the upstream "
+                    "gradients", every, cs)
         if len({float(x) for x in every}) > 1:
             raise RuntimeError(
                 "ring_siglip_loss(passes=3): the upstream gradient of the loss differs between "
@@ -855,12 +1111,15 @@ class _RingSigLIPFused(torch.autograd.Function):
                 (db * c).to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
 
 
+@_doc
 def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[Any] = None,
                      logit_scale: Union[float, torch.Tensor] = SIGLIP_SCALE,
                      logit_bias: Union[float, torch.Tensor] = SIGLIP_BIAS,
                      positive_index: Optional[torch.Tensor] = None,
                      labels: Optional[torch.Tensor] = None,
                      key_labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+                     normalize: bool = False,
+                     timeout: Optional[Union[float, datetime.timedelta]] = None,
                      backend: str = "auto", passes: Optional[int] = None,
                      overlap: bool = True, **options: Any) -> torch.Tensor:
     """`siglip_loss` over the global batch (the ranks' shards concatenated), by a ring of
@@ -874,17 +1133,8 @@ def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[
     returns the local `siglip_loss`; with world size 1 it returns the local loss.
 
     Args:
-        query: (N_r, D) float tensor, this rank's first-tower embeddings.
-        key: (M_r, D) tensor, this rank's second-tower embeddings. Required.
-        group: the process group (None: the default group).
-        logit_scale: the exponentiated scale, float > 0 or 0-dim tensor (replicated:
-            each rank's gradient is a share). Default 10.0.
-        logit_bias: float or 0-dim tensor. Default -10.0.
-        positive_index: integer tensor (N_r,) of GLOBAL key indices. Default: the
-            diagonal within each rank.
-        labels: integer tensor (N_r,): same-label pairs are positives, across ranks.
-        key_labels: integer tensor (M_r,); default `labels`.
-        reduction: "mean", "sum" or "none", as for `siglip_loss`.
+        [SIGLIP_ARGS]
+        [FAULT_ARGS]
         backend: "auto" or a backend name.
         passes: None, 3 or 4, as for `siglip_loss`.
         overlap: False waits for each transfer before computing (for benchmarks).
@@ -900,8 +1150,7 @@ def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[
         TypeError: `key` None or an argument of the wrong type (as `siglip_loss`).
         ValueError: an invalid argument on any rank (every rank raises), or settings
             that differ between ranks.
-        RuntimeError: in backward with create_graph=True (double backward is not
-            supported).
+        [FAULT_RAISES]
 
     Example:
         Run on every rank after torch.distributed.init_process_group:
@@ -910,27 +1159,20 @@ def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[
                                        logit_bias=b)
             loss.backward()     # collective as well
     """
-    world = _process_group_size(group, "ring_siglip_loss")
-    kw = dict(logit_scale=logit_scale, logit_bias=logit_bias, positive_index=positive_index,
-              labels=labels, key_labels=key_labels, reduction=reduction)
-    if world is None or world == 1:
-        return siglip_loss(query, key, backend=backend, passes=passes, **kw, **options)
-    grad = torch.is_grad_enabled()
-    wants = grad and any(torch.is_tensor(x) and x.requires_grad
-                         for x in (query, key, logit_scale, logit_bias))
-    opts = []
+    kwargs = dict(logit_scale=logit_scale, logit_bias=logit_bias,
+                  positive_index=positive_index, labels=labels, key_labels=key_labels,
+                  reduction=reduction)
+    return _siglip_call("ring_siglip_loss",
+                        lambda st: _ring_siglip(st, backend, passes, overlap), query, key,
+                        group, normalize, timeout, backend, passes, options, kwargs)
 
-    def check():        # the options too: a bad one on any rank raises on every rank
-        opts.append(siglip_options(backend, passes, options))
-        return check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
-                            logit_bias, reduction, global_index=True)
-    st = _agree("ring_siglip_loss", query, group, world, check, allow_self=False,
-                wants_grad=wants)
-    p, opts = st.p, opts[0]
+
+def _ring_siglip(st, backend, passes, overlap):
+    p, world, opts = st.p, st.world, st.opts
     q, k = p.query.contiguous(), p.key.contiguous()
     n, d = q.shape
-    be = REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d, loss="siglip"),
-                         opts)
+    be = _empty_safe(st, REGISTRY.select(
+        backend, Call(q.device, q.dtype, n, k.shape[0], d, loss="siglip"), opts))
     acc = p.out_dtype
     as_tensor = lambda x: x if torch.is_tensor(x) else torch.tensor(x, dtype=acc,
                                                                     device=q.device)
@@ -950,7 +1192,7 @@ def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[
         if p.reduction == "none":
             return rows
         total = rows.sum()
-    return total if p.reduction == "sum" else total * (world / st.n_global)
+    return total if p.reduction == "sum" else total * (world / max(st.n_global, 1))
 
 
 # ----------------------------------------------------------------------------- gather
@@ -965,10 +1207,12 @@ class _AllGather(torch.autograd.Function):
         return _gather_rows(x, st, sizes)
 
     @staticmethod
+    @_collective_backward
     def backward(ctx, g):
         st, sizes = ctx.st, ctx.sizes
         g = g.contiguous().to(st.dev)
-        dist.all_reduce(g, group=st.group)
+        st.sync.collective(dist.all_reduce, "the backward all_reduce of the gathered rows",
+                    g)
         off = sum(sizes[:st.rank])
         return g[off:off + sizes[st.rank]].to(ctx.device_), None, None
 
@@ -978,10 +1222,11 @@ def _gather_rows(x, st, sizes):
     pad = x.new_zeros((mx,) + tuple(x.shape[1:])).to(st.dev)
     pad[:x.shape[0]] = x
     parts = [torch.empty_like(pad) for _ in range(st.world)]
-    dist.all_gather(parts, pad, group=st.group)
+    st.sync.collective(dist.all_gather, "the all_gather of every rank's rows", parts, pad)
     return torch.cat([t[:n] for t, n in zip(parts, sizes)]).to(x.device)
 
 
+@_doc
 def gather_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                     group: Optional[Any] = None,
                     positive_index: Optional[torch.Tensor] = None,
@@ -996,32 +1241,24 @@ def gather_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                                             Tuple[torch.Tensor, torch.Tensor]]] = None,
                     teacher_logit_scale: Optional[Union[float, torch.Tensor]] = None,
                     teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
+                    normalize: bool = False,
+                    timeout: Optional[Union[float, datetime.timedelta]] = None,
                     backend: str = "auto", **options: Any) -> torch.Tensor:
     """`info_nce` over the global batch by an all-gather (with gradient) of the keys.
 
     Local queries against all keys (and, if symmetric, local keys against all queries),
     as open_clip's local_loss=True, gather_with_grad=True; memory O(global batch * D).
-    Same values and gradient contract as `ring_info_nce`. Collective: every rank of
-    `group` must call it, and call backward. Without an initialized process group it
-    warns once (UserWarning) and returns the local `info_nce`; with world size 1 it
-    returns the local loss.
+    Same values, gradient contract and fault handling as `ring_info_nce`. Collective:
+    every rank of `group` must call it, and call backward. Without an initialized
+    process group it warns once (UserWarning) and returns the local `info_nce`; with
+    world size 1 it returns the local loss.
 
     Args:
-        query: (N_r, D) float tensor, this rank's queries.
-        key: (M_r, D) tensor, this rank's keys. Required with more than one rank.
-        group: the process group (None: the default group).
-        positive_index: integer tensor (N_r,): GLOBAL indices into the keys of all
-            ranks concatenated in rank order (the queries for key=None). Default: the
-            diagonal within each rank.
-        labels: integer tensor (N_r,): same-label keys are positives, compared across
-            ranks (SupCon over the global batch).
-        key_labels: integer tensor (M_r,); default `labels`.
-        temperature, logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-            margin, decoupled: as for `contrastive_kernels.info_nce` (default
-            symmetric=False, temperature 0.07); the same on every rank.
+        [INFO_NCE_ARGS]
         teacher, teacher_logit_scale, teacher_weight, teacher_weighting: accepted for
             the local loss only; a teacher with more than one rank raises (use
             `ring_info_nce`).
+        [FAULT_ARGS]
         backend: "auto" or a backend name, for every local call.
         **options: kernel options, for every local call.
 
@@ -1033,8 +1270,7 @@ def gather_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
         ValueError: an invalid argument on any rank (every rank raises), settings that
             differ between ranks, and with more than one rank: key=None, a teacher, or
             a per-query temperature with symmetric=True.
-        RuntimeError: in backward with create_graph=True (double backward is not
-            supported).
+        [FAULT_RAISES]
 
     Example:
         Run on every rank after torch.distributed.init_process_group:
@@ -1049,24 +1285,46 @@ def gather_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                   margin=margin, decoupled=decoupled, teacher=teacher,
                   teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
                   teacher_weighting=teacher_weighting)
-    world = _process_group_size(group, "gather_info_nce")
-    if world is None or world == 1:
-        return info_nce(query, key, backend=backend, **kwargs, **options)
-    opts = make_options(**options)
-    st = _setup("gather_info_nce", query, key, group, world, allow_self=False, **kwargs,
-                options=opts)
-    p = st.p
     common = dict(temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias,
                   symmetric=False, label_smoothing=label_smoothing, reduction="none",
                   margin=margin, decoupled=decoupled, backend=backend, **options)
+    return _info_nce_call("gather_info_nce", lambda st: _gather_info_nce(st, common),
+                          query, key, group, normalize, timeout, backend, options, kwargs)
+
+
+def _zero_losses(n, dtype, *inputs):
+    """(n,) zeros that depend on `inputs` (all-gathered tensors): a rank with nothing to
+    compute still backpropagates through them, so that every rank's backward takes part
+    in their collectives."""
+    tie = sum(x.reshape(-1)[:0].sum() for x in inputs)
+    return torch.zeros(n, dtype=dtype, device=inputs[0].device) + tie.to(dtype)
+
+
+def _local_loss(fn, x, y, dtype, tie=(), **kwargs):
+    """fn(x, y, **kwargs): the local loss of this rank's rows `x` against the gathered
+    `y`, or zeros (_zero_losses of y, x and `tie`; summed unless reduction "none") when
+    either has no rows."""
+    if x.shape[0] and y.shape[0]:
+        return fn(x, y, **kwargs)
+    out = _zero_losses(x.shape[0], dtype, y, x, *tie)
+    return out if kwargs["reduction"] == "none" else out.sum()
+
+
+def _gather_info_nce(st, common):
+    p, acc = st.p, st.p.out_dtype
+    n = p.query.shape[0]
+    tie = (p.scale,) if p.per_row else ()     # an empty per-row scale gets its gradient
     k_all = _AllGather.apply(p.key, st, st.sizes_m)
     if p.labels is not None:
         kl_all = _gather_rows(p.key_labels, st, st.sizes_m)
-        row = info_nce(p.query, k_all, labels=p.labels, key_labels=kl_all, **common)
-        row_ok = _has_loss(p.labels, kl_all, decoupled)
+        row = _local_loss(info_nce, p.query, k_all, acc, tie, labels=p.labels,
+                          key_labels=kl_all, **common)
+        row_ok = _has_loss(p.labels, kl_all, p.decoupled)
     else:
-        row = info_nce(p.query, k_all, positive_index=p.positive_index, **common)
-        row_ok = torch.full_like(row, not decoupled or st.m_global > 1, dtype=torch.bool)
+        row = _local_loss(info_nce, p.query, k_all, acc, tie,
+                          positive_index=p.positive_index, **common)
+        row_ok = torch.full_like(row, bool(n and st.m_global) and
+                                 (not p.decoupled or st.m_global > 1), dtype=torch.bool)
     col = None
     if p.symmetric:
         q_all = _AllGather.apply(p.query, st, st.sizes_n)
@@ -1078,13 +1336,16 @@ def gather_info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
             dev = p.key.device
             col_lab = torch.arange(st.sizes_m[st.rank], device=dev) + st.offs_m[st.rank]
             q_lab = _gather_rows(p.positive_index, st, st.sizes_n)
-        col = (info_nce(p.key, q_all, labels=col_lab, key_labels=q_lab, **common),
-               _has_loss(col_lab, q_lab, decoupled))
+        c = _local_loss(info_nce, p.key, q_all, acc, labels=col_lab, key_labels=q_lab,
+                        **common)
+        col = (c, _has_loss(col_lab, q_lab, p.decoupled))
     return _finish(st, (row, row_ok), col, p.reduction)
 
 
 def _has_loss(labels, other, decoupled):
     """Rows (by label) with a positive among `other`, and (decoupled) a negative too."""
+    if labels.numel() == 0 or other.numel() == 0:
+        return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     vals, counts = torch.unique(other, return_counts=True)
     at = torch.searchsorted(vals, labels).clamp_max(vals.numel() - 1)
     same = torch.where(vals[at] == labels, counts[at], torch.zeros_like(counts[at]))
@@ -1092,6 +1353,7 @@ def _has_loss(labels, other, decoupled):
     return ok & (same < other.numel()) if decoupled else ok
 
 
+@_doc
 def gather_siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
                        group: Optional[Any] = None,
                        logit_scale: Union[float, torch.Tensor] = SIGLIP_SCALE,
@@ -1099,27 +1361,23 @@ def gather_siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
                        positive_index: Optional[torch.Tensor] = None,
                        labels: Optional[torch.Tensor] = None,
                        key_labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+                       normalize: bool = False,
+                       timeout: Optional[Union[float, datetime.timedelta]] = None,
                        backend: str = "auto", passes: Optional[int] = None,
                        **options: Any) -> torch.Tensor:
     """`siglip_loss` over the global batch by an all-gather (with gradient) of the keys.
 
-    Local queries against all keys, memory O(global batch * D); the values and gradient
-    contract of `ring_siglip_loss`, for comparison with it. Collective: every rank of
-    `group` must call it, and call backward. Without an initialized process group it
-    warns once (UserWarning) and returns the local `siglip_loss`; with world size 1 it
-    returns the local loss.
+    Local queries against all keys, memory O(global batch * D); the values, gradient
+    contract and fault handling of `ring_siglip_loss`, for comparison with it.
+    Collective: every rank of `group` must call it, and call backward. Without an
+    initialized process group it warns once (UserWarning) and returns the local
+    `siglip_loss`; with world size 1 it returns the local loss.
 
     Args:
-        query: (N_r, D) float tensor, this rank's first-tower embeddings.
-        key: (M_r, D) tensor, this rank's second-tower embeddings. Required.
-        group: the process group (None: the default group).
-        logit_scale, logit_bias, reduction, passes: as for `siglip_loss` (defaults
-            10.0, -10.0, "mean", None).
-        positive_index: integer tensor (N_r,) of GLOBAL key indices. Default: the
-            diagonal within each rank.
-        labels: integer tensor (N_r,): same-label pairs are positives, across ranks.
-        key_labels: integer tensor (M_r,); default `labels`.
+        [SIGLIP_ARGS]
+        [FAULT_ARGS]
         backend: "auto" or a backend name, for every local call.
+        passes: None, 3 or 4, as for `siglip_loss`, for every local call.
         **options: kernel options deterministic and precision.
 
     Returns:
@@ -1129,8 +1387,7 @@ def gather_siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
         TypeError: `key` None or an argument of the wrong type (as `siglip_loss`).
         ValueError: an invalid argument on any rank (every rank raises), or settings
             that differ between ranks.
-        RuntimeError: in backward with create_graph=True (double backward is not
-            supported).
+        [FAULT_RAISES]
 
     Example:
         Run on every rank after torch.distributed.init_process_group:
@@ -1139,26 +1396,22 @@ def gather_siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
                                          logit_bias=-10.0)
             loss.backward()     # collective as well
     """
-    world = _process_group_size(group, "gather_siglip_loss")
-    kw = dict(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend, passes=passes)
-    if world is None or world == 1:
-        return siglip_loss(query, key, positive_index=positive_index, labels=labels,
-                           key_labels=key_labels, reduction=reduction, **kw, **options)
+    kwargs = dict(logit_scale=logit_scale, logit_bias=logit_bias,
+                  positive_index=positive_index, labels=labels, key_labels=key_labels,
+                  reduction=reduction)
+    common = dict(logit_scale=logit_scale, logit_bias=logit_bias, backend=backend,
+                  passes=passes, **options)
+    return _siglip_call("gather_siglip_loss", lambda st: _gather_siglip(st, common), query,
+                        key, group, normalize, timeout, backend, passes, options, kwargs)
 
-    def check():
-        siglip_options(backend, passes, options)
-        return check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
-                            logit_bias, reduction, global_index=True)
-    st = _agree("gather_siglip_loss", query, group, world, check, allow_self=False)
-    p = st.p
+
+def _gather_siglip(st, common):
+    p, world = st.p, st.world
     k_all = _AllGather.apply(p.key, st, st.sizes_m)
-    local = "none" if p.reduction == "none" else "sum"
     if p.labels is not None:
-        out = siglip_loss(p.query, k_all, labels=p.labels,
-                          key_labels=_gather_rows(p.key_labels, st, st.sizes_m),
-                          reduction=local, **kw, **options)
+        pos = dict(labels=p.labels, key_labels=_gather_rows(p.key_labels, st, st.sizes_m))
     else:
-        out = siglip_loss(p.query, k_all, positive_index=p.positive_index, reduction=local,
-                          **kw, **options)
-    return out * (world / st.n_global) if p.reduction == "mean" else out
-
+        pos = dict(positive_index=p.positive_index)
+    out = _local_loss(siglip_loss, p.query, k_all, p.out_dtype, **pos, **common,
+                      reduction="none" if p.reduction == "none" else "sum")
+    return out * (world / max(st.n_global, 1)) if p.reduction == "mean" else out

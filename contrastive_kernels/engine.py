@@ -258,9 +258,10 @@ def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=F
         ok = torch.ones_like(ok)
     if decoupled:
         ok = ok & (lse != float("-inf"))    # a row with no negative has no loss
-    t = (1 - eps) * a / p.clamp_min(1)
+    # (each op costs a few microseconds, which small batches see: the no-op ones are skipped)
+    t = a / p.clamp_min(1)
     if eps:
-        t = t + eps * b / max(nvalid, 1)
+        t = (1 - eps) * t + eps * b / max(nvalid, 1)
     target = scale * t
     if margin is not None:
         target = target + margin * ((1 - eps) + (eps / max(nvalid, 1)) * p)
@@ -269,7 +270,8 @@ def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=F
         target = (1 - alpha) * target + alpha * (scale * x)
     if nvalid == 0:         # no key at all: nothing to predict
         ok = ok & False
-    return torch.where(ok, (lse + bias) - (target + bias), torch.zeros_like(lse)), ok
+    loss = (lse + bias) - (target + bias) if torch.is_tensor(bias) else lse - target
+    return torch.where(ok, loss, 0.0), ok
 
 
 def reduce(rows, cols, reduction, counts=None):
@@ -277,17 +279,19 @@ def reduce(rows, cols, reduction, counts=None):
     (loss, ok). "mean" divides each side by its number of rows with a positive (given by
     counts(local counts) in the ring, where the global counts are summed over ranks) and
     averages the two sides; "none" returns the rows then the columns, each weighted 1/2."""
-    sides = [rows] if cols is None else [rows, cols]
-    w = 1.0 if cols is None else 0.5
     if reduction == "none":
-        return torch.cat([w * loss for loss, _ in sides]) if cols is not None else rows[0]
+        return rows[0] if cols is None else torch.cat([rows[0], cols[0]]) * 0.5
     if reduction == "sum":
-        return sum(w * loss.sum() for loss, _ in sides)
-    cnt = torch.stack([ok.sum() for _, ok in sides])
-    if counts is not None:
-        cnt = counts(cnt)
-    cnt = cnt.clamp_min(1).to(rows[0].dtype)
-    return sum(w * loss.sum() / c for (loss, _), c in zip(sides, cnt.unbind(0)))
+        return rows[0].sum() if cols is None else (rows[0].sum() + cols[0].sum()) * 0.5
+    if counts is None:
+        sides = [loss.sum() / ok.sum().clamp_min(1) for loss, ok in
+                 ([rows] if cols is None else [rows, cols])]
+    else:
+        sides = [rows] if cols is None else [rows, cols]
+        cnt = counts(torch.stack([ok.sum() for _, ok in sides]))
+        cnt = cnt.clamp_min(1).to(rows[0].dtype)
+        sides = [loss.sum() / c for (loss, _), c in zip(sides, cnt.unbind(0))]
+    return sides[0] if cols is None else (sides[0] + sides[1]) * 0.5
 
 
 # ---- teacher soft targets, the softmax weighting: X_i = sum_j w^T_ij <q_i, k_j> with

@@ -2,17 +2,46 @@
 
 Importing the package never fails because of it: backends that need it report
 themselves unavailable, with the reason below.
+
+A C++ extension only works with the torch it was compiled against (torch's C++ ABI
+changes between releases, and between the CPU and CUDA builds of one release). The
+build records that torch in `_build_info.py` beside `_C` (setup.py); under any other
+torch `_C` is not imported at all (it could fail with an undefined symbol, or load and
+misbehave), and the backends that need it say why. The whole version string is
+compared, local tag included ("2.13.0+cpu" is not "2.13.0+cu130"). Without a record (a
+build by other means) the import is tried, and its failure is reported the same way.
 """
 import torch
 
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.contrastive_kernels.*)
-    LOAD_ERROR = None
-except Exception as e:  # ImportError, or an undefined symbol after a torch upgrade
-    _C = None
-    LOAD_ERROR = f"{type(e).__name__}: {e}"
-
 BUILD_HINT = "build it with `pip install -e . --no-build-isolation` (torch must be installed first)"
+REBUILD_HINT = ("rebuild it against this torch: `pip install --no-build-isolation .` (or "
+                "`pip install --no-build-isolation -e .` for an editable install)")
+
+
+def _compiled_against():
+    """The torch version `_C` was compiled against, or None where unrecorded."""
+    try:
+        from ._build_info import TORCH_VERSION
+    except Exception:    # no record (not built by setup.py), or an unreadable one
+        return None
+    return str(TORCH_VERSION)
+
+
+COMPILED_TORCH = _compiled_against()
+RUNNING_TORCH = str(torch.__version__)
+TORCH_MISMATCH = COMPILED_TORCH is not None and COMPILED_TORCH != RUNNING_TORCH
+
+if TORCH_MISMATCH:
+    _C = None
+    LOAD_ERROR = (f"compiled against torch {COMPILED_TORCH}, running torch {RUNNING_TORCH} "
+                  f"(not loaded): {REBUILD_HINT}")
+else:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.contrastive_kernels.*)
+        LOAD_ERROR = None
+    except Exception as e:  # ImportError, or an undefined symbol after a torch upgrade
+        _C = None
+        LOAD_ERROR = f"{type(e).__name__}: {e}"
 
 
 def loaded():
@@ -26,7 +55,11 @@ def has_kernel(op, dispatch_key):
 
 
 def missing_reason():
-    return f"the C++ extension is not built or failed to load ({LOAD_ERROR}); {BUILD_HINT}"
+    if TORCH_MISMATCH:
+        return f"the C++ extension was {LOAD_ERROR}"
+    # an unrecorded build under another torch fails here, with an undefined symbol
+    hint = REBUILD_HINT if "undefined symbol" in str(LOAD_ERROR) else BUILD_HINT
+    return f"the C++ extension is not built or failed to load ({LOAD_ERROR}); {hint}"
 
 
 # The C++ ops: the dispatcher picks the CPU or the CUDA kernel by the tensors' device.

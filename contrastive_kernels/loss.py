@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from . import engine, ops
+from . import dense, engine, ops
 from .options import make_options
 from .problem import (SIGLIP_BIAS, SIGLIP_SCALE, check_alignment, check_inputs, check_siglip,
                       check_uniformity, check_values)
@@ -30,7 +30,8 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
              teacher: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
              teacher_logit_scale: Optional[Union[float, torch.Tensor]] = None,
              teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
-             backend: str = "auto", **options: Any) -> torch.Tensor:
+             normalize: bool = False, backend: str = "auto",
+             **options: Any) -> torch.Tensor:
     """Fused InfoNCE loss (CLIP, NT-Xent / SimCLR, SupCon) without the N x M logits.
 
     With logits S_ij = s <q_i, k_j> + b (s = 1 / temperature, or logit_scale), row i's loss
@@ -38,7 +39,7 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
     the keys (uniform over row i's positives, then label smoothing and a teacher mixed in).
     Values and gradients are those of the materializing
     `contrastive_kernels.reference.info_nce`; the logits are only ever held one tile at a
-    time. The embeddings are used as given (not normalized).
+    time. The embeddings are used as given unless normalize=True.
 
     NOTE: symmetric defaults to False here: the one-sided loss, queries against keys.
     `FusedInfoNCE` defaults to symmetric=True (the CLIP loss, as open_clip's ClipLoss).
@@ -64,8 +65,9 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
         logit_bias: float or 0-dim tensor b added to every logit. It cancels in the
             softmax: no effect on the loss, and a tensor requiring grad warns once.
         symmetric: False (default): the row (query -> key) loss. True: the average of
-            the row loss and the column (key -> query) loss, the CLIP loss; needs
-            M == N unless `labels` are given.
+            the row loss and the column (key -> query) loss, the CLIP loss. With
+            M != N the columns whose key is no query's positive (e.g. hard negatives
+            M > N) are left out of the column mean.
         label_smoothing: eps in [0, 1): targets (1 - eps) w + eps * uniform over the
             row's valid keys.
         reduction: "mean" (over the rows with a positive; with symmetric=True the mean
@@ -83,8 +85,12 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
         teacher_weight: in [0, 1], the teacher's share of the targets.
         teacher_weighting: "softmax" (w_teacher = softmax of teacher_logit_scale
             <tq_i, tk_j>) or "linear" (CWCL: (1 + <tq_i, tk_j>) / 2, normalized per row).
-        backend: "auto" (the fastest backend that can serve this call) or a name from
-            `contrastive_kernels.available_backends()`.
+        normalize: True L2-normalizes `query` and `key` first,
+            torch.nn.functional.normalize(x, dim=-1) (eps 1e-12); the gradients flow
+            through it. The teacher is not normalized. Default False.
+        backend: "auto" (the fastest backend that can serve this call; on the CPU a
+            plain call with N * M <= 2^20 logits is computed from one materialized
+            tile, faster there) or a name from `contrastive_kernels.available_backends()`.
         **options: kernel options, each None for the environment's default:
             deterministic (bool), precision ("ieee" or "tf32"), low_memory (bool),
             algorithm ("auto", "fused" or "blocked") and workspace (bytes); see
@@ -94,13 +100,14 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
         The loss, float32 (float64 for float64 inputs): a 0-dim tensor for "mean" and
         "sum"; for "none" the row losses (N,), or with symmetric=True the row losses then
         the column losses, each weighted 1/2, shape (N + M,), so that .sum() equals
-        reduction="sum". A row with no positive has loss 0 and is left out of the mean.
+        reduction="sum". A row (or column) with no positive has loss 0 and is left out
+        of the mean.
 
     Raises:
         TypeError: an argument of the wrong type: a non-tensor or non-floating
             `query`/`key`, `key` of another dtype, non-integer index or label tensors,
-            a non-bool `symmetric`/`decoupled`, a non-string `backend`, or an unknown
-            keyword option.
+            a non-bool `symmetric`/`decoupled`/`normalize`, a non-string `backend`, or
+            an unknown keyword option.
         ValueError: wrong shapes or devices, out-of-range values (temperature <= 0,
             label_smoothing outside [0, 1), positive_index out of range, an unknown
             reduction), `temperature` together with `logit_scale`, `positive_index`
@@ -132,12 +139,16 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
         >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])       # SupCon
         >>> ck.info_nce(q, k, labels=labels, reduction="none").shape
         torch.Size([8])
+        >>> raw = torch.randn(8, 16)                 # not unit vectors: normalize=True
+        >>> torch.allclose(ck.info_nce(raw, k, normalize=True),
+        ...                ck.info_nce(torch.nn.functional.normalize(raw, dim=-1), k))
+        True
     """
     p = check_inputs(query, key, positive_index, labels, key_labels, temperature,
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
                      margin=margin, decoupled=decoupled, teacher=teacher,
                      teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
-                     teacher_weighting=teacher_weighting)
+                     teacher_weighting=teacher_weighting, normalize=normalize)
     opts = make_options(**options)
     check_variant_options(p, opts)
     if not isinstance(backend, str):
@@ -145,10 +156,15 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
     q_op, k_op, scale_t, side_scale = op_inputs(p)
     bias_t = p.bias if torch.is_tensor(p.bias) else None
     margin_t, shift = positive_shift(p, p.scale if p.per_row else scale_t)
-    stats = ops.info_nce_stats(q_op, k_op, scale_t, bias_t, shift, p.positive_index, p.labels,
-                               p.key_labels, p.scale_name, p.index_given, p.label_smoothing,
-                               p.symmetric, p.per_row and p.self_contrast, backend,
-                               *opts.as_args())
+    if dense.eligible(p, opts, backend):     # small problems on the CPU: one tile
+        check_values(p.positive_index if p.index_given else None, p.n_keys, 0,
+                     p.self_contrast, p.scale, p.bias, p.scale_name)
+        stats = dense.info_nce_stats(p, scale_t)
+    else:
+        stats = ops.info_nce_stats(q_op, k_op, scale_t, bias_t, shift, p.positive_index,
+                                   p.labels, p.key_labels, p.scale_name, p.index_given,
+                                   p.label_smoothing, p.symmetric,
+                                   p.per_row and p.self_contrast, backend, *opts.as_args())
     eps = p.label_smoothing
     sub = 1 if p.self_contrast else 0
     x_r, x_c = teacher_dots(p, q_op, k_op, backend, opts)
@@ -304,13 +320,14 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
                 positive_index: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 key_labels: Optional[torch.Tensor] = None, reduction: str = "mean",
-                backend: str = "auto", passes: Optional[int] = None,
-                **options: Any) -> torch.Tensor:
+                normalize: bool = False, backend: str = "auto",
+                passes: Optional[int] = None, **options: Any) -> torch.Tensor:
     """Fused sigmoid contrastive loss (SigLIP) without the N x M logits.
 
     The loss is -sum_ij log sigmoid(y_ij z_ij) with z_ij = logit_scale <q_i, k_j> +
     logit_bias and y_ij = +1 on positive pairs, -1 elsewhere. Values and gradients are
-    those of `contrastive_kernels.reference.siglip_loss`.
+    those of `contrastive_kernels.reference.siglip_loss`. The embeddings are used as
+    given unless normalize=True.
 
     Args:
         query: (N, D) float16, bfloat16, float32 or float64 tensor (the first tower).
@@ -325,6 +342,9 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
         key_labels: integer tensor (M,); default `labels` (needs M == N).
         reduction: "mean" (the sum over pairs divided by N, as open_clip and
             big_vision), "sum", or "none" (the per-query row sums, shape (N,)).
+        normalize: True L2-normalizes `query` and `key` first,
+            torch.nn.functional.normalize(x, dim=-1) (eps 1e-12); the gradients flow
+            through it. Default False.
         backend: "auto" or a name from `contrastive_kernels.available_backends()`.
         passes: 3 computes the gradients during forward (one pass over the tiles
             fewer; holds float32 dq and dk until backward), 4 recomputes the tiles in
@@ -340,7 +360,8 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
 
     Raises:
         TypeError: `key`, `logit_scale` or `logit_bias` None, an argument of the wrong
-            type or dtype, a non-string `backend`, or an unknown keyword option.
+            type or dtype, a non-bool `normalize`, a non-string `backend`, or an unknown
+            keyword option.
         ValueError: wrong shapes or devices, a non-finite or non-positive
             `logit_scale`, a (N,) `logit_scale`, `positive_index` together with
             `labels`, `passes` not None, 3 or 4, the info_nce-only options
@@ -364,7 +385,7 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
         (torch.Size([8, 16]), torch.Size([]), torch.Size([]))
     """
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
-                     logit_bias, reduction)
+                     logit_bias, reduction, normalize=normalize)
     opts = siglip_options(backend, passes, options)
     q, k = p.query, p.key
     acc = p.out_dtype

@@ -6,7 +6,7 @@ import torch
 from . import distributed
 from .loss import info_nce, siglip_loss
 from .options import make_options
-from .problem import DEFAULT_TEMPERATURE, check_teacher, check_variants
+from .problem import DEFAULT_TEMPERATURE, check_normalize, check_teacher, check_variants
 
 
 class FusedInfoNCE(torch.nn.Module):
@@ -39,6 +39,9 @@ class FusedInfoNCE(torch.nn.Module):
         distributed: None (the local loss), "ring" (`ring_info_nce`) or "gather"
             (`gather_info_nce`): the loss over the global batch of torch.distributed.
         group: the process group of the distributed loss (None: the default group).
+        normalize: True L2-normalizes query and key in every forward,
+            torch.nn.functional.normalize(x, dim=-1) (eps 1e-12), gradients flowing
+            through it; the teacher is not normalized. Default False.
         **options: kernel options (deterministic, precision, low_memory, algorithm,
             workspace) passed to every call; see `contrastive_kernels.make_options`.
 
@@ -47,7 +50,7 @@ class FusedInfoNCE(torch.nn.Module):
 
     Raises:
         TypeError: an unknown or ill-typed kernel option, a non-float `margin`, a
-            non-bool `decoupled`, or a non-float `teacher_weight`.
+            non-bool `decoupled` or `normalize`, or a non-float `teacher_weight`.
         ValueError: `distributed` not None, "ring" or "gather", an invalid option
             value, a non-finite `margin`, `teacher_weight` outside [0, 1] or an unknown
             `teacher_weighting`. The other settings are checked at the first forward
@@ -69,11 +72,13 @@ class FusedInfoNCE(torch.nn.Module):
                  reduction: str = "mean", margin: float = 0.0, decoupled: bool = False,
                  teacher_weight: float = 1.0, teacher_weighting: str = "softmax",
                  backend: str = "auto", distributed: Optional[str] = None,
-                 group: Optional[Any] = None, **options: Any) -> None:
+                 group: Optional[Any] = None, normalize: bool = False,
+                 **options: Any) -> None:
         super().__init__()
         if distributed not in (None, "ring", "gather"):
             raise ValueError(f"distributed must be None, 'ring' or 'gather', got {distributed!r}")
         make_options(**options)       # unknown or invalid options fail here, not at forward
+        self.normalize = check_normalize(normalize)
         self.margin, self.decoupled = check_variants(margin, decoupled)
         check_teacher(None, None, 0, 0, None, None, None, teacher_weight, teacher_weighting,
                       margin)
@@ -130,8 +135,8 @@ class FusedInfoNCE(torch.nn.Module):
         Raises:
             TypeError: arguments of the wrong type or dtype (see `info_nce`).
             ValueError: wrong shapes, devices or values (see `info_nce`), e.g. an odd N
-                under key=None, M != N with symmetric=True and no labels, or a
-                `backend` that cannot serve the call.
+                under key=None, M < N without labels or positive_index, or a `backend`
+                that cannot serve the call.
             RuntimeError: in backward with create_graph=True (double backward is not
                 supported); use `contrastive_kernels.reference.info_nce` for that.
 
@@ -155,6 +160,8 @@ class FusedInfoNCE(torch.nn.Module):
                       label_smoothing=self.label_smoothing, reduction=self.reduction,
                       margin=self.margin, decoupled=self.decoupled, backend=self.backend,
                       **self.options)
+        if self.normalize:      # (passed only when set: the distributed losses take it too)
+            kwargs["normalize"] = True
         if teacher is not None or teacher_logit_scale is not None:
             kwargs.update(teacher=teacher, teacher_logit_scale=teacher_logit_scale,
                           teacher_weight=self.teacher_weight,
@@ -169,7 +176,8 @@ class FusedInfoNCE(torch.nn.Module):
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
                 f"margin={self.margin}, decoupled={self.decoupled}, "
-                f"backend={self.backend!r}, distributed={self.distributed!r}{opts}")
+                f"normalize={self.normalize}, backend={self.backend!r}, "
+                f"distributed={self.distributed!r}{opts}")
 
 
 class FusedSigLIPLoss(torch.nn.Module):
@@ -187,13 +195,16 @@ class FusedSigLIPLoss(torch.nn.Module):
         group: the process group of the ring (None: the default group).
         passes: None, 3 or 4, the schedule of `siglip_loss`.
         reduction: "mean" (sum over pairs / N), "sum" or "none" (row sums, (N,)).
+        normalize: True L2-normalizes both towers' features in every forward,
+            torch.nn.functional.normalize(x, dim=-1) (eps 1e-12), gradients flowing
+            through it. Default False (open_clip normalizes in the model).
         **options: kernel options (deterministic, precision) passed to every call.
 
     Returns:
         Calling the module returns the loss, see `FusedSigLIPLoss.forward`.
 
     Raises:
-        TypeError: an unknown or ill-typed kernel option.
+        TypeError: an unknown or ill-typed kernel option, or a non-bool `normalize`.
         ValueError: `distributed` not None or "ring", or an invalid option value. The
             other settings are checked at the first forward.
 
@@ -209,11 +220,13 @@ class FusedSigLIPLoss(torch.nn.Module):
 
     def __init__(self, backend: str = "auto", distributed: Optional[str] = None,
                  group: Optional[Any] = None, passes: Optional[int] = None,
-                 reduction: str = "mean", **options: Any) -> None:
+                 reduction: str = "mean", normalize: bool = False,
+                 **options: Any) -> None:
         super().__init__()
         if distributed not in (None, "ring"):
             raise ValueError(f"distributed must be None or 'ring', got {distributed!r}")
         make_options(**options)
+        self.normalize = check_normalize(normalize)
         self.backend, self.distributed, self.group = backend, distributed, group
         self.passes, self.reduction, self.options = passes, reduction, dict(options)
 
@@ -266,6 +279,8 @@ class FusedSigLIPLoss(torch.nn.Module):
                       positive_index=positive_index, labels=labels, key_labels=key_labels,
                       reduction=self.reduction, backend=self.backend, passes=self.passes,
                       **self.options)
+        if self.normalize:      # (passed only when set: the distributed loss takes it too)
+            kwargs["normalize"] = True
         if self.distributed is None:
             loss = siglip_loss(image_features, text_features, **kwargs)
         else:
@@ -276,4 +291,5 @@ class FusedSigLIPLoss(torch.nn.Module):
     def extra_repr(self):
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (f"backend={self.backend!r}, distributed={self.distributed!r}, "
-                f"passes={self.passes!r}, reduction={self.reduction!r}{opts}")
+                f"passes={self.passes!r}, reduction={self.reduction!r}, "
+                f"normalize={self.normalize}{opts}")

@@ -68,7 +68,9 @@ class Problem:
         return torch.float64 if self.query.dtype == torch.float64 else torch.float32
 
 
-def check_matrix(name, x):
+def check_matrix(name, x, empty_ok=False):
+    """A dense (rows, dim) float tensor with dim > 0, and rows > 0 unless `empty_ok` (a
+    rank's shard in a distributed loss may have no rows)."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     _check_dense(name, x)
@@ -76,7 +78,7 @@ def check_matrix(name, x):
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not empty_ok:
         raise ValueError(f"{name} must have at least one row, got shape {tuple(x.shape)}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} must have a non-zero embedding dim, got shape {tuple(x.shape)}")
@@ -161,6 +163,24 @@ def _check_value(name, value, positive):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def check_normalize(normalize):
+    """The `normalize` flag of a loss: a bool (TypeError naming it otherwise)."""
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    return normalize
+
+
+def normalize_inputs(query, key=None):
+    """(query, key) L2-normalized along the embedding dim, as
+    torch.nn.functional.normalize(x, dim=-1) (eps 1e-12) in the inputs' dtype; plain
+    torch ops, so autograd carries the gradients through (O(N D)). key None stays None.
+    A teacher is not normalized by this."""
+    query = torch.nn.functional.normalize(query, dim=-1)
+    if key is not None:
+        key = torch.nn.functional.normalize(key, dim=-1)
+    return query, key
+
+
 def check_variants(margin, decoupled):
     """(margin, decoupled) of info_nce: a finite float and a bool."""
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
@@ -175,11 +195,13 @@ def check_variants(margin, decoupled):
 WEIGHTINGS = ("softmax", "linear")
 
 
-def check_teacher(teacher, key, n, m, device, dtype, scale, weight, weighting, margin):
+def check_teacher(teacher, key, n, m, device, dtype, scale, weight, weighting, margin,
+                  empty_ok=False):
     """The teacher arguments of info_nce: (teacher_query, teacher_key) with a key, or
     teacher_query alone under key=None (the teacher keys are its rows); matrices of N and
     M rows of any width, on the queries' device, treated as detached (cast to the
-    queries' dtype). Returns (teacher pair, scale, weight, weighting)."""
+    queries' dtype; empty_ok: as check_matrix). Returns (teacher pair, scale, weight,
+    weighting)."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise TypeError(f"teacher_weight must be a float, got {type(weight).__name__}")
     if not 0.0 <= weight <= 1.0:
@@ -200,14 +222,14 @@ def check_teacher(teacher, key, n, m, device, dtype, scale, weight, weighting, m
             raise TypeError("teacher must be a pair (teacher_query, teacher_key) when key is "
                             f"given, got {type(teacher).__name__}")
         tq, tk = teacher
-    check_matrix("teacher query", tq)
+    check_matrix("teacher query", tq, empty_ok)
     if tq.shape[0] != n:
         raise ValueError(f"teacher query must have {n} rows (one per query), got "
                          f"{tq.shape[0]}")
     if tq.device != device:
         raise ValueError(f"teacher query is on {tq.device} but query is on {device}")
     if tk is not None:
-        check_matrix("teacher key", tk)
+        check_matrix("teacher key", tk, empty_ok)
         if tk.shape[0] != m:
             raise ValueError(f"teacher key must have {m} rows (one per key), got {tk.shape[0]}")
         if tk.shape[1] != tq.shape[1]:
@@ -229,18 +251,22 @@ def check_teacher(teacher, key, n, m, device, dtype, scale, weight, weighting, m
 
 def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                  logit_scale, logit_bias, symmetric, label_smoothing, reduction,
-                 global_index=False, margin=0.0, decoupled=False, teacher=None,
+                 shard=False, margin=0.0, decoupled=False, teacher=None,
                  teacher_logit_scale=None, teacher_weight=1.0,
-                 teacher_weighting="softmax", softmax=True) -> Problem:
-    """The Problem of one call (module docstring). global_index: positive_index points
-    into the keys of every rank (the ring checks the global sizes). softmax: an InfoNCE
-    loss (a learnable logit_bias warns: it cancels)."""
+                 teacher_weighting="softmax", softmax=True, normalize=False) -> Problem:
+    """The Problem of one call (module docstring). shard: one rank's shard of a
+    distributed loss, which may have no query or key rows; its positive_index points
+    into the keys of every rank (the caller checks it against the global sizes), and
+    the default one is arange(N) within the shard. softmax: an InfoNCE
+    loss (a learnable logit_bias warns: it cancels). normalize: the Problem holds the
+    L2-normalized query and key (`normalize_inputs`)."""
+    check_normalize(normalize)
     margin, decoupled = check_variants(margin, decoupled)
-    check_matrix("query", query)
+    check_matrix("query", query, shard)
     n, d = query.shape
     dev = query.device
     if key is not None:
-        check_matrix("key", key)
+        check_matrix("key", key, shard)
         if key.shape[1] != d:
             raise ValueError(f"key has embedding dim {key.shape[1]} but query has {d}")
         if key.device != dev:
@@ -248,6 +274,8 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
         if key.dtype != query.dtype:
             raise TypeError(f"key has dtype {key.dtype} but query has {query.dtype}")
     m = n if key is None else key.shape[0]
+    if normalize:
+        query, key = normalize_inputs(query, key)
 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -297,10 +325,8 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
         else:
             key_labels = check_int_vector("key_labels", key_labels, m, "key rows", dev)
     else:
-        if symmetric and key is not None and m != n and not (global_index and
-                                                              positive_index is not None):
-            raise ValueError(f"symmetric=True needs as many keys as queries unless labels are "
-                             f"given, got query rows {n} and key rows {m}")
+        # symmetric with M != N (docs/DESIGN.md section 1): the columns whose key is no
+        # query's positive (hard negatives, M > N) are left out.
         if positive_index is None:
             if key is None:
                 if n % 2:
@@ -323,7 +349,7 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                          "positive_index")
     pair, t_scale, t_weight, t_weighting = check_teacher(
         teacher, key, n, m, dev, query.dtype, teacher_logit_scale, teacher_weight,
-        teacher_weighting, margin)
+        teacher_weighting, margin, shard)
     return Problem(query, key, positive_index, labels, key_labels, scale, bias,
                    symmetric, float(label_smoothing), reduction, scale_name,
                    index_given=given_index, margin=margin, decoupled=decoupled,
@@ -336,9 +362,11 @@ SIGLIP_BIAS = -10.0
 
 
 def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, logit_bias,
-                 reduction, global_index=False) -> Problem:
+                 reduction, shard=False, normalize=False) -> Problem:
     """The Problem of a sigmoid-loss call: the InfoNCE checks with a required key, a
-    required (exponentiated) logit_scale and a logit_bias."""
+    required (exponentiated) logit_scale and a logit_bias (shard, normalize: as
+    check_inputs)."""
+    check_normalize(normalize)
     if key is None:
         raise TypeError("siglip_loss needs key (the second tower's embeddings), got None")
     if logit_scale is None:
@@ -346,8 +374,8 @@ def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, lo
     if logit_bias is None:
         raise TypeError("logit_bias must be a float or a 0-dim tensor, got None")
     p = check_inputs(query, key, positive_index, labels, key_labels, None, logit_scale,
-                     logit_bias, False, 0.0, reduction, global_index=global_index,
-                     softmax=False)
+                     logit_bias, False, 0.0, reduction, shard=shard,
+                     softmax=False, normalize=normalize)
     if p.per_row:
         raise ValueError(f"logit_scale must be a float or a 0-dim tensor for siglip_loss, got "
                          f"shape {tuple(logit_scale.shape)}")
@@ -384,7 +412,8 @@ def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias
     """The checks that read data: positive_index within [0, n_keys) and (self-contrast)
     never at the query itself (query i is key i + self_offset); a tensor scale finite and
     > 0 and a tensor bias finite, when on the CPU (on a GPU reading them would cost a
-    device sync every step: they are not checked there)."""
+    device sync every step: they are not checked there) and not empty (a per-row scale
+    of a shard without rows)."""
     if positive_index is not None and positive_index.numel():
         lo, hi = int(positive_index.min()), int(positive_index.max())
         if lo < 0 or hi >= n_keys:
@@ -396,7 +425,7 @@ def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias
                 raise ValueError(f"positive_index must not point a query at itself when key is "
                                  f"None{where}")
     for name, x, positive in ((scale_name, scale, True), ("logit_bias", bias, False)):
-        if torch.is_tensor(x) and x.device.type == "cpu":
+        if torch.is_tensor(x) and x.device.type == "cpu" and x.numel():
             v = x.detach().double().reshape(-1)
             if name == "temperature":          # the scale is 1 / temperature
                 v = torch.where(v != 0, 1.0 / v, torch.full_like(v, float("inf")))

@@ -52,8 +52,9 @@ def _row_losses(logits, valid, pos, smoothing, denom=None, teacher=None):
         w = (1 - alpha) * w + alpha * wt
         if alpha == 1:
             has_pos = (nvalid > 0) & denom.any(1)
-    # w is 0 wherever logp is -inf; keep 0 * -inf out of the sum.
-    terms = torch.where(w > 0, w * logp, torch.zeros_like(logp))
+    # w is 0 wherever logp is -inf; keep 0 * -inf out of the sum (w may be negative: a
+    # linear teacher weighting of non-unit teacher embeddings).
+    terms = torch.where(w != 0, w * logp, torch.zeros_like(logp))
     loss = -terms.sum(1)
     return torch.where(has_pos, loss, torch.zeros_like(loss)), has_pos
 
@@ -62,14 +63,16 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
              temperature=None, logit_scale=None, logit_bias=None, symmetric=False,
              label_smoothing=0.0, reduction="mean", margin=0.0, decoupled=False,
              teacher=None, teacher_logit_scale=None, teacher_weight=1.0,
-             teacher_weighting="softmax", backend="auto", **options):
+             teacher_weighting="softmax", normalize=False, backend="auto", **options):
     """`contrastive_kernels.info_nce` computed from the materialized N x M logits.
 
     Args:
         query, key, positive_index, labels, key_labels, temperature, logit_scale,
             logit_bias, symmetric, label_smoothing, reduction, margin, decoupled,
-            teacher, teacher_logit_scale, teacher_weight, teacher_weighting: as for
-            `contrastive_kernels.info_nce`.
+            teacher, teacher_logit_scale, teacher_weight, teacher_weighting,
+            normalize: as for `contrastive_kernels.info_nce` (normalize=True applies
+            torch.nn.functional.normalize(x, dim=-1) to query and key in their own
+            dtype, before the float64 logits; not to the teacher).
         backend, **options: accepted and ignored.
 
     Returns:
@@ -91,7 +94,7 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
                      margin=margin, decoupled=decoupled, teacher=teacher,
                      teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
-                     teacher_weighting=teacher_weighting)
+                     teacher_weighting=teacher_weighting, normalize=normalize)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, p.self_contrast,
                  p.scale, p.bias, p.scale_name)
     q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
@@ -143,7 +146,8 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
 
 
 def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_index=None,
-                labels=None, key_labels=None, reduction="mean", backend="auto"):
+                labels=None, key_labels=None, reduction="mean", normalize=False,
+                backend="auto"):
     """`contrastive_kernels.siglip_loss` computed from the materialized N x M logits.
 
     The sigmoid loss -sum_ij log sigmoid(y_ij z_ij), z = s <q_i, k_j> + b, y = +1 on
@@ -151,7 +155,7 @@ def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_inde
 
     Args:
         query, key, logit_scale, logit_bias, positive_index, labels, key_labels,
-            reduction: as for `contrastive_kernels.siglip_loss`.
+            reduction, normalize: as for `contrastive_kernels.siglip_loss`.
         backend: accepted and ignored.
 
     Returns:
@@ -167,7 +171,7 @@ def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_inde
         (torch.Size([]), torch.float32)
     """
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
-                     logit_bias, reduction)
+                     logit_bias, reduction, normalize=normalize)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, False,
                  p.scale, p.bias, p.scale_name)
     f64 = lambda x: x.to(torch.float64) if torch.is_tensor(x) else x

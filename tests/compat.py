@@ -17,6 +17,9 @@ raises when built is registered for the import. Afterwards every sys.modules ent
 loader added (the bare packages, the loaded lightly modules, the stand-ins) is removed
 again, so no other test (transformers probes for torchvision) can see them; the loaded
 modules keep their references to one another.
+
+`check_against` compares an adapter's (value, gradients...) with the library's own loss
+on the same inputs (the lightly and pytorch-metric-learning tests).
 """
 import functools
 import importlib
@@ -25,6 +28,8 @@ import importlib.util
 import os
 import sys
 import types
+
+import torch
 
 
 def _module(package, name):
@@ -103,3 +108,28 @@ def lightly_ntxent():
                     del sys.modules[name]
     except Exception:
         return None
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def rel(a, b, floor=1e-30):
+    """max |a - b| relative to max |b| (at least `floor`); a must be finite."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(floor)) if b.numel() else 0.0
+
+
+def check_against(got, want, tol, where="", names=()):
+    """An adapter's result against the library's: `got` and `want` are (value, gradient,
+    gradient, ...), as the tests' run() returns them. The value must agree within
+    tol["loss"] relative to max(|want|, 1), each gradient within tol["grad"] relative to
+    its largest entry, and a gradient must be None in both or in neither. names: the
+    gradients' names in the messages (by default their positions)."""
+    assert len(got) == len(want), (where, len(got), len(want))
+    assert rel(got[0], want[0], floor=1.0) <= tol["loss"], (where, got[0], want[0])
+    for i, (g, w) in enumerate(zip(got[1:], want[1:])):
+        name = names[i] if i < len(names) else f"gradient {i}"
+        assert (g is None) == (w is None), (where, name)
+        if w is not None:
+            assert rel(g, w) <= tol["grad"], (where, name, rel(g, w))

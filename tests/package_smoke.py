@@ -10,6 +10,9 @@ import contrastive_kernels as ck
 here = os.path.dirname(os.path.abspath(ck.__file__))
 assert "site-packages" in here, f"imported from {here}, not from the installed package"
 assert os.path.exists(os.path.join(here, "py.typed")), "py.typed is missing"
+assert os.path.exists(os.path.join(here, "_build_info.py")), "_build_info.py is missing"
+assert ck.extension.COMPILED_TORCH == str(torch.__version__), (
+    f"compiled against torch {ck.extension.COMPILED_TORCH}, running {torch.__version__}")
 assert ck.extension.loaded(), f"the C++ extension did not load: {ck.extension.LOAD_ERROR}"
 assert "cpu" in ck.available_backends(torch.device("cpu"))
 

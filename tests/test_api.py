@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
-from contrastive_kernels import extension, backends
+from contrastive_kernels import backends, dense, extension
 from conftest import DEVICE
 
 
@@ -58,7 +58,7 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     monkeypatch.setattr(extension, "LOAD_ERROR", "ImportError: simulated")
     monkeypatch.setattr(backends.REGISTRY, "_warned", set())
     monkeypatch.setitem(backends.REGISTRY.order, "cpu", ("cpu", "torch"))
-    q = torch.randn(6, 4)
+    q = torch.randn(int(dense.DENSE_MAX ** 0.5) + 1, 4)   # above DENSE_MAX: auto needs a backend
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         ck.info_nce(q, q)

@@ -18,7 +18,7 @@ def _rows(path):
 
 
 def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
-    rc = bench.main(["--min-n", "256", "--max-n", "512", "--d", "32", "--repeats", "1",
+    rc = bench.main(["--full", "--min-n", "256", "--max-n", "512", "--d", "32", "--repeats", "1",
                      "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -52,6 +52,55 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path, capsys):
             assert any(t[:1] == [m] for t in table), m
 
 
+def test_tour_is_the_default_and_shows_headline_speed_and_training(tmp_path, capsys):
+    # the default case at tiny sizes: a 2 MiB budget, N = 64..96, a 3-step training run
+    rc = bench.main(["--budget-gib", str(2 / 1024), "--headline-s", "5", "--min-n", "64",
+                     "--max-n", "96", "--d", "16", "--per-n-s", "0", "--min-rounds", "3",
+                     "--train-args", "--batch 256 --chunk 64 --steps 3 --naive-steps 2 "
+                     "--memory-budget 0.002 --hidden 32 --dim 16",
+                     "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for section in ("[1/4] the same loss", "[2/4] the headline", "[3/4] speed",
+                    "[4/4] training"):
+        assert section in out
+    assert "PASS" not in out and "FAIL" not in out       # targets only under --targets
+    with open(tmp_path / "tour.json") as f:
+        data = json.load(f)
+    head = data["headline"]
+    # the naive loss's largest batch in the budget, and a larger one only the fused loss runs
+    n_naive, n_big = head["n_naive"], head["n_big"]
+    assert bench.need_bytes("naive", n_naive, 128) <= 2 << 20 < bench.need_bytes(
+        "naive", 2 * n_naive, 128)
+    assert n_big > n_naive
+    rows = {(r["method"], r["n"]): r for r in head["rows"]}
+    assert rows[("naive", n_naive)]["status"] == "ok"
+    assert rows[("naive", n_big)]["status"] == "skipped"
+    assert rows[("auto", n_big)]["status"] == "ok" and rows[("auto", n_big)]["time_s"] > 0
+    assert "in the same budget the fused loss runs N=" in out
+    speed = data["speed"]
+    assert [r["n"] for r in speed] == [64, 96]
+    for r in speed:
+        assert r["rounds"] >= 3 and set(r["time_s"]) >= {"naive", "auto", "gemm"}
+        assert r["auto_path"] == "dense"                 # 96 x 96 is under DENSE_MAX
+    assert data["training"]["status"] == "ok"
+    assert any("fused loss decreased" in line or "fused loss did not decrease" in line
+               for line in data["training"]["output"])
+    assert (tmp_path / "tour.png").stat().st_size > 0
+
+
+def test_speed_sizes_and_crossover():
+    import tour
+    assert tour.speed_sizes(256, 4096) == [256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    rows = [dict(n=n, time_s=dict(naive=1.0, cpu=c)) for n, c in
+            ((256, 2.0), (512, 0.9), (1024, 1.1), (2048, 0.5), (4096, 0.4))]
+    assert tour.crossover(rows, "cpu") == 2048          # from there on, never slower
+    assert tour.crossover(rows[:1], "cpu") is None
+    # 2 GiB, D = 128: naive fits 8192 (5 N^2 fp32), the fused batch is 4x unless too slow
+    assert tour.headline_sizes(2 * GiB, 128, 1e12, 60) == (8192, 32768)
+    assert tour.headline_sizes(2 * GiB, 128, 1e9, 60) == (8192, 8192)
+
+
 def test_memory_skip_estimates():
     # N = 32768: the naive loss needs several 4 GiB buffers; the fused one a few tiles.
     assert bench.need_bytes("naive", 32768, 128) > 12 * GiB
@@ -64,7 +113,7 @@ def test_memory_skip_estimates():
 
 def test_naive_skipped_when_memory_is_short(tmp_path, capsys):
     # 4 MiB "available": the naive loss at N = 512 needs ~5 MiB, one gemm 1 MiB.
-    rc = bench.main(["--min-n", "512", "--max-n", "512", "--d", "32", "--repeats", "1",
+    rc = bench.main(["--full", "--min-n", "512", "--max-n", "512", "--d", "32", "--repeats", "1",
                      "--methods", "naive,gemm", "--no-demo", "--out", str(tmp_path)],
                     avail_fn=lambda: 4 * (1 << 20))
     assert rc == 0
@@ -77,7 +126,7 @@ def test_naive_skipped_when_memory_is_short(tmp_path, capsys):
 
 
 def test_skipped_when_over_time_budget(tmp_path, capsys):
-    rc = bench.main(["--min-n", "256", "--max-n", "256", "--d", "32", "--budget-s", "1e-9",
+    rc = bench.main(["--full", "--min-n", "256", "--max-n", "256", "--d", "32", "--budget-s", "1e-9",
                      "--no-demo", "--out", str(tmp_path)])
     assert rc == 0
     _, rows = _rows(tmp_path / "sweep.json")

@@ -4,6 +4,7 @@ the concatenated global batch.
 Each world size (2, 3, 4) runs ALL its cases in one spawn of processes (starting
 processes and importing torch costs seconds); a hang fails the test after a timeout.
 """
+import datetime
 import math
 import time
 
@@ -361,42 +362,48 @@ class _forbidden:
         return False
 
 
-def _worker(rank, world, init_file, cases=None):
+def _worker(rank, world, init_file, cases=None, pg_timeout_s=None):
     torch.set_num_threads(1)
+    kw = {} if pg_timeout_s is None else dict(timeout=datetime.timedelta(seconds=pg_timeout_s))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, **kw)
     try:
-        (cases or _cases)(world, rank)
-        dist.barrier()
+        closing = (cases or _cases)(world, rank)
+        # every rank got here (a case that ended a rank returns the survivors' group)
+        dist.barrier(group=closing if isinstance(closing, dist.ProcessGroup) else None)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(world, tmp_path, cases=None):
-    """Run cases(world, rank) on `world` gloo processes; fail after SPAWN_TIMEOUT_S.
+def spawn(world, tmp_path, cases=None, pg_timeout_s=None, timeout_s=None):
+    """Run cases(world, rank) on `world` gloo processes (process group timeout
+    pg_timeout_s, None: torch's default); fail after timeout_s (SPAWN_TIMEOUT_S).
+    cases returns None, or the process group of the ranks still alive (a case may end a
+    rank with os._exit(0)): the closing barrier runs on it.
 
     A process killed by a signal (not a failed check, which exits with status 1) is run
     once more: under load, gloo has aborted a process with "terminate called without an
     active exception" about once in 50 runs (seen with 2 and 3 processes, not
     reproducible alone). A second abort, or any failed check, fails the test."""
+    limit = SPAWN_TIMEOUT_S if timeout_s is None else timeout_s
     try:
-        _spawn_once(world, tmp_path / "pg_init", cases)
+        _spawn_once(world, tmp_path / "pg_init", cases, pg_timeout_s, limit)
     except mp.ProcessExitedException as e:
         if e.signal_name is None:
             raise
         print(f"world size {world}: process {e.error_index} died by {e.signal_name}; "
               f"running once more")
-        _spawn_once(world, tmp_path / "pg_init_again", cases)
+        _spawn_once(world, tmp_path / "pg_init_again", cases, pg_timeout_s, limit)
 
 
-def _spawn_once(world, init_file, cases):
-    ctx = mp.start_processes(_worker, args=(world, str(init_file), cases),
+def _spawn_once(world, init_file, cases, pg_timeout_s=None, limit=SPAWN_TIMEOUT_S):
+    ctx = mp.start_processes(_worker, args=(world, str(init_file), cases, pg_timeout_s),
                              nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    deadline = time.monotonic() + limit
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"world size {world}: no result after {SPAWN_TIMEOUT_S}s (hang?)")
+                pytest.fail(f"world size {world}: no result after {limit}s (hang?)")
     finally:
         for p in ctx.processes:
             if p.is_alive():

@@ -158,6 +158,14 @@ def _disagreeing_options(world, rank):
          "teacher_weighting must be the same"),
         (lambda: ckd.ring_info_nce(q, k, teacher=(q, k) if odd else None, backend="torch"),
          "teacher (given or not) must be the same"),
+        (lambda: ckd.ring_info_nce(q, k, normalize=odd, backend="torch"),
+         "normalize must be the same"),
+        (lambda: ckd.gather_info_nce(q, k, normalize=odd, backend="torch"),
+         "normalize must be the same"),
+        (lambda: ckd.ring_siglip_loss(q, k, normalize=odd, backend="torch"),
+         "normalize must be the same"),
+        (lambda: ckd.gather_siglip_loss(q, k, normalize=odd, backend="torch"),
+         "normalize must be the same"),
     ]
     for fn, match in cases:
         _expect_value_error_everywhere(fn, match)

@@ -31,13 +31,6 @@ TOL = {torch.float32: TOL32, torch.float64: TOL64}
 D = 8
 
 
-def rel(a, b, floor=1e-30):
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.isfinite(a).all()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(floor)) if b.numel() else 0.0
-
-
 def run(loss, a, b, grad=True, no_grad=False):
     """(value, d out0, d out1) of one call on fresh leaves (that require a gradient if
     grad); no_grad: the call under torch.no_grad(), no backward."""
@@ -51,16 +44,12 @@ def run(loss, a, b, grad=True, no_grad=False):
 
 
 def check(got, want, tol, where=""):
-    assert rel(got[0], want[0], floor=1.0) <= tol["loss"], (where, got[0], want[0])
-    for name, g, w in zip(("out0", "out1"), got[1:], want[1:]):
-        assert (g is None) == (w is None), (where, name)
-        if w is not None:
-            assert rel(g, w) <= tol["grad"], (where, name, rel(g, w))
+    compat.check_against(got, want, tol, where, names=("out0", "out1"))
 
 
 def same_bank(mine, theirs, where=""):
     assert torch.equal(mine.memory_bank.bank_ptr, theirs.memory_bank.bank_ptr), where
-    assert rel(mine.memory_bank.bank, theirs.memory_bank.bank) <= 1e-6, where
+    assert compat.rel(mine.memory_bank.bank, theirs.memory_bank.bank) <= 1e-6, where
 
 
 def copy_bank(mine, theirs):
@@ -136,9 +125,12 @@ class MaxSize(SeeThrough):
 
 
 @pytest.mark.parametrize("size", [0, (200, 4)])
-def test_never_builds_logits(size):
+def test_never_builds_logits(size, monkeypatch):
     """No op makes a tensor larger than an input (the bank, or the 2B x D stacked
-    views): the logits would be 2B x 2B = 1764, or B x K = 4200."""
+    views): the logits would be 2B x 2B = 1764, or B x K = 4200. (auto's small-problem
+    path materializes by design, up to dense.DENSE_MAX logits: switched off here.)"""
+    from contrastive_kernels import dense
+    monkeypatch.setattr(dense, "DENSE_MAX", 0)
     gen = torch.Generator().manual_seed(0)
     a, c = randn(gen, 21, 4, dtype=torch.float32), randn(gen, 21, 4, dtype=torch.float32)
     loss = ours.NTXentLoss(memory_bank_size=size)

@@ -1,19 +1,17 @@
 """contrastive_kernels.integrations.sentence_transformers against the installed
 sentence-transformers losses: loss values and every parameter gradient of a tiny, randomly
 initialised SentenceTransformer (a one-layer BERT built from a config, a word-level vocab
-written here: no downloads), in one process and over gloo (2, 3 and 4 processes, one
-spawn), and both losses as the loss of SentenceTransformerTrainer.
+written here: no downloads), in one process and over gloo (2, 3 and 4 processes, spawned
+by test_distributed.spawn), and both losses as the loss of SentenceTransformerTrainer.
 """
+import functools
 import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -24,13 +22,13 @@ from sentence_transformers import util  # noqa: E402
 from sentence_transformers.sentence_transformer import losses  # noqa: E402
 
 from contrastive_kernels.integrations import sentence_transformers as cks  # noqa: E402
+from test_distributed import spawn  # noqa: E402
 
 pytestmark = pytest.mark.cpu_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [f"w{i}" for i in range(40)]
 ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-SPAWN_TIMEOUT_S = 240
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -355,42 +353,20 @@ def _dist_cases(model, world, rank):
     return errors
 
 
-def _worker(rank, world_max, tmp, model_dir):
-    torch.set_num_threads(1)
-    model = load_model(model_dir)
-    errors = []
-    for world in range(2, world_max + 1):
-        if rank >= world:
-            continue
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg_{world}", rank=rank,
-                                world_size=world)
-        try:
-            errors += _dist_cases(model, world, rank)
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+def _dist_check(model_dir, world, rank):
+    """One rank of test_distributed.spawn: every case, then its mismatches (if any)."""
+    errors = _dist_cases(load_model(model_dir), world, rank)
     if errors:
         raise AssertionError("\n".join(errors))
 
 
 @pytest.mark.no_poison
-def test_gather_across_devices(model_dir, tmp_path):
-    """gloo, world sizes 2, 3 and 4 in ONE spawn of 4 processes (the process group is made
-    again for each size; imports cost seconds per process): per-rank loss and parameter
-    gradients equal sentence-transformers' gather_across_devices=True (all_gather with
-    gradient) for the plain and the cached loss."""
-    ctx = mp.start_processes(_worker, args=(4, str(tmp_path), model_dir), nprocs=4,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"no result after {SPAWN_TIMEOUT_S}s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gather_across_devices(model_dir, world, tmp_path):
+    """gloo, `world` processes: per-rank loss and parameter gradients equal
+    sentence-transformers' gather_across_devices=True (all_gather with gradient) for the
+    plain and the cached loss."""
+    spawn(world, tmp_path, functools.partial(_dist_check, model_dir))
 
 
 # ----------------------------------------------------------------------------- example

@@ -618,3 +618,31 @@ def test_teacher_matches_open_clip_distill_clip_loss():
         gw = torch.autograd.grad(want, [img, txt, s], retain_graph=True)
         for a, b in zip(g, gw):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("self_c", [False, True], ids=["two_towers", "self"])
+def test_linear_teacher_with_non_unit_rows(self_c):
+    # (1 + <tq, tk>) / 2 goes negative for non-unit teacher rows: signed weights, the same
+    # in the fused loss and the reference (which once dropped the negative ones)
+    g = torch.Generator().manual_seed(seed_for("linear_non_unit", self_c))
+    n, d, dt = 14, 9, 5
+    q = torch.randn(n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(n, d, generator=g, dtype=torch.float64)
+    tq = 2 * torch.randn(n, dt, generator=g, dtype=torch.float64)
+    tk = 2 * torch.randn(n, dt, generator=g, dtype=torch.float64)
+    teacher = tq if self_c else (tq, tk)
+    assert ((1 + tq @ (tq if self_c else tk).T) < 0).any()
+    kw = dict(teacher=teacher, teacher_weighting="linear", teacher_weight=0.5,
+              symmetric=True)
+    for be in [b for b in ck.available_backends("cpu") if b != "triton"]:
+        qa = q.clone().requires_grad_()
+        ka = None if self_c else k.clone().requires_grad_()
+        qr = q.clone().requires_grad_()
+        kr = None if self_c else k.clone().requires_grad_()
+        got = ck.info_nce(qa, ka, backend=be, **kw)
+        want = ck.reference.info_nce(qr, kr, **kw)
+        assert rel_err(got, want, floor=1.0) <= TOL[torch.float64]["loss"], be
+        ga = torch.autograd.grad(got, [x for x in (qa, ka) if x is not None])
+        gr = torch.autograd.grad(want, [x for x in (qr, kr) if x is not None])
+        for a, r in zip(ga, gr):
+            assert rel_err(a, r, floor=1e-2) <= TOL[torch.float64]["grad"], be
