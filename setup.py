@@ -29,16 +29,20 @@ except ImportError:
 
 # Commands that compile the extension (the others, egg_info, dist_info, sdist, need no torch).
 BUILDS = {"build", "build_ext", "bdist_wheel", "bdist", "install", "develop", "editable_wheel"}
-NO_TORCH = """
-contrastive_kernels: torch is not importable in this build environment.
-The C++ extension is compiled against the torch you have installed, so it must be built
-without pip's build isolation (which hides that torch). Run:
 
-    pip install torch            # if it is not installed yet
-    pip install --no-build-isolation .          (or: pip install --no-build-isolation -e .)
-"""
+
+def _no_torch_message():
+    """The message of csrc/build_backend.py, the pyproject build backend."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build_backend.py")
+    spec = importlib.util.spec_from_file_location("_ck_build_backend", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NO_TORCH
+
+
 if torch is None and BUILDS & set(sys.argv[1:]):
-    sys.exit(NO_TORCH)
+    sys.exit(_no_torch_message())
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "csrc", "build_flags.json")) as f:

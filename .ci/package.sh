@@ -4,7 +4,9 @@
 #     the sdist fails the compile here); the wheel ships contrastive_kernels/_build_info.py
 #     (the torch it was compiled against), the sdist does not;
 #  2. in a fresh venv with only torch: an isolated `pip install .` (pyproject path) must
-#     stop with the command to run; the wheel installs and passes tests/package_smoke.py;
+#     stop with the command to run in under 2 s, and an isolated `python -m build --sdist`
+#     must work (the sdist needs no torch); the wheel installs and passes
+#     tests/package_smoke.py;
 #  3. the sdist installs (compiled in that venv) and passes it too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +60,15 @@ fi
 end=$(date +%s%N)
 grep -q "pip install --no-build-isolation" "$work/isolated.log" || {
     tail -30 "$work/isolated.log"; echo "no build command in the message"; exit 1; }
-echo "stopped with the message after $(( (end - start) / 1000000 )) ms (pip's isolated" \
-     "environment included)"
+ms=$(( (end - start) / 1000000 ))
+echo "stopped with the message after $ms ms (pip's isolated environment included)"
+[ "$ms" -lt 2000 ] || { echo "the isolated failure took $ms ms, over 2 s"; exit 1; }
+
+echo "== isolated python -m build --sdist (needs no torch)"
+quiet $V/pip install -q build
+$V/python -m build --sdist -o "$work/isolated" "$ROOT" > "$work/isolated_sdist.log" 2>&1 || {
+    tail -30 "$work/isolated_sdist.log"; echo "isolated sdist build failed"; exit 1; }
+ls "$work"/isolated/*.tar.gz
 
 echo "== the wheel"
 quiet $V/pip install -q "$wheel"

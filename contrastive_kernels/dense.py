@@ -5,7 +5,9 @@ larger than the arithmetic, and the materialized loss wins. There `auto` compute
 forward statistics of `ops.info_nce_stats` (the rows' and columns' log-sum-exps and
 target dots) from one materialized N x M tile: a few small N x M buffers, at most
 DENSE_MAX elements each (4 MiB in float32), so the memory contract holds. The losses
-and the reduction after them are the shared stages (engine.side_losses, engine.reduce).
+and the reduction after them are the shared stages (engine.side_losses, engine.reduce),
+and the backward is their closed-form gradients (engine.reduce_vjp,
+engine.side_losses_vjp) then the tile's: one autograd node per call.
 
 Not taken under torch.compile (the custom ops trace as one node there), nor for the
 variants (margin, decoupled, per-query temperature, teacher), half types, or options
@@ -31,10 +33,8 @@ def eligible(p, opts, backend):
             and not torch.compiler.is_compiling())
 
 
-def info_nce_stats(p, scale):
-    """The 8 statistics of ops.info_nce_stats ([lse, A, P, B] of the rows, then of the
-    columns; column ones empty unless symmetric, column lse empty under self-contrast),
-    differentiable in q, k and `scale` (a 0-dim tensor)."""
+def info_nce(p):
+    """The loss of an eligible call, as one autograd node."""
     q, self_c = p.query, p.key is None
     if p.labels is not None:
         pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
@@ -44,93 +44,147 @@ def info_nce_stats(p, scale):
         pos = p.positive_index              # (N,): one positive per row
     else:
         pos = None                          # the default: key i is query i's positive
-    args = (q, p.key, scale.to(q.dtype).reshape(()), pos, p.symmetric, bool(p.label_smoothing))
+    sub = 1 if self_c else 0
+    bias = p.bias if torch.is_tensor(p.bias) else None
+    scale = p.scale.to(q.dtype) if torch.is_tensor(p.scale) else p.scale     # 0-dim
+    args = (q, p.key, scale, bias, pos, p.symmetric, p.label_smoothing, p.n_keys - sub,
+            q.shape[0] - sub, p.reduction)
     if torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):      # full precision, as the kernels
-            return list(_Stats.apply(*args))
-    return list(_Stats.apply(*args))
+            return _Loss.apply(*args)
+    return _Loss.apply(*args)
 
 
-class _Stats(torch.autograd.Function):
+class _Loss(torch.autograd.Function):
+    """The tile's statistics -> engine.side_losses -> engine.reduce in the forward, and
+    their gradients in closed form (engine.reduce_vjp, engine.side_losses_vjp, then the
+    tile's) in the backward: one autograd node, where the stages' own ops would be a few
+    dozen small ones, which small problems see."""
+
     @staticmethod
-    def forward(ctx, q, k, scale, pos, symmetric, smoothing):
+    def forward(ctx, q, k, scale, bias, pos, symmetric, eps, nvalid_r, nvalid_c, reduction):
         self_c = k is None
         kk = q if self_c else k
-        n, m = q.shape[0], kk.shape[0]
-        r = q @ kk.T                                        # raw dots
-        s = r * scale
-        if self_c:
-            s.fill_diagonal_(float("-inf"))
-        pr, lse = _softmax(s, 1)
-        pc = lse_c = None
-        if symmetric and not self_c:
-            pc, lse_c = _softmax(s, 0)
-        del s
-        zeros = q.new_zeros
-        if pos is None:                                     # positives on the diagonal
-            a = r.diagonal().clone()
-            npos = torch.ones_like(a)
-            a_c = a if m == n else torch.cat([a, zeros(m - n)])
-            npos_c = npos if m == n else torch.cat([npos, zeros(m - n)])
-        elif pos.dim() == 1:                                # positive_index
-            a = r.gather(1, pos[:, None]).squeeze(1)
-            npos = torch.ones_like(a)
-            a_c = zeros(m).index_add_(0, pos, a)
-            npos_c = zeros(m).index_add_(0, pos, npos)
-        else:                                               # labels: a boolean mask
-            posf = pos.to(q.dtype)
-            rp = r * posf
-            a, npos, a_c, npos_c = rp.sum(1), posf.sum(1), rp.sum(0), posf.sum(0)
-        b = b_c = None
-        if smoothing:
-            if self_c:
-                r.fill_diagonal_(0)
-            b, b_c = r.sum(1), r.sum(0)
-        out = [lse, a, npos, zeros(n) if b is None else b]
-        if symmetric:
-            out += [zeros(0) if self_c else lse_c, a_c, npos_c, zeros(m) if b_c is None else b_c]
-        else:
-            out += [zeros(0) for _ in range(4)]
-        ctx.symmetric, ctx.self_c, ctx.smoothing = symmetric, self_c, smoothing
-        ctx.save_for_backward(q, kk, scale, r, pr, pc, pos)
-        ctx.mark_non_differentiable(out[2], out[6])
-        return tuple(out)
+        r, pr, pc, st_r, st_c = _stats(q, kk, self_c, scale, pos, symmetric, bool(eps))
+        side_bias = 0.0 if bias is None else bias
+        rows = engine.side_losses(*st_r, scale, side_bias, eps, nvalid_r)
+        cols = None
+        if st_c is not None:
+            cols = engine.side_losses(*st_c, scale, side_bias, eps, nvalid_c)
+        ctx.options = (self_c, eps, nvalid_r, nvalid_c, reduction)
+        ctx.scale = None if torch.is_tensor(scale) else scale
+        ctx.bias = None if bias is None else (bias.shape, bias.dtype, bias.device)
+        ctx.sides = (rows[0].shape[0], None if cols is None else cols[0].shape[0])
+        ctx.save_for_backward(q, kk, scale if ctx.scale is None else None, r, pr, pc, pos,
+                              *st_r[1:], rows[1],
+                              *((None,) * 4 if cols is None else (*st_c[1:], cols[1])))
+        return engine.reduce(rows, cols, reduction)
 
     @staticmethod
     @engine.first_order
-    def backward(ctx, *grads):
+    def backward(ctx, g):
         if torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
-                return _Stats._backward(ctx, *grads)
-        return _Stats._backward(ctx, *grads)
+                return _Loss._backward(ctx, g)
+        return _Loss._backward(ctx, g)
 
     @staticmethod
-    def _backward(ctx, g_lse, g_a, _gp, g_b, g_lse_c, g_ac, _gpc, g_bc):
-        q, kk, scale, r, pr, pc, pos = ctx.saved_tensors
-        sym, self_c = ctx.symmetric, ctx.self_c
-        # (saved tensors stay unchanged: backward may run again under retain_graph)
-        ds = pr * g_lse[:, None]                            # d loss / d S
-        if pc is not None:
-            ds.addcmul_(pc, g_lse_c[None, :])
-        d_scale = torch.vdot(ds.view(-1), r.view(-1)) if ctx.needs_input_grad[2] else None
-        dr = ds.mul_(scale)
-        if pos is None:
-            n = q.shape[0]
-            dr.diagonal().add_(g_a + g_ac[:n] if sym else g_a)
-        elif pos.dim() == 1:
-            g = g_a + g_ac[pos] if sym else g_a
-            dr[torch.arange(pos.shape[0], device=pos.device), pos] += g
-        else:
-            dr.add_(pos.to(dr.dtype) * (g_a[:, None] + g_ac[None, :] if sym else g_a[:, None]))
-        if ctx.smoothing:
-            dr.add_(g_b[:, None] + g_bc[None, :] if sym else g_b[:, None])
-            if self_c:
-                dr.fill_diagonal_(0)
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def _backward(ctx, g):
+        self_c, eps, nvalid_r, nvalid_c, reduction = ctx.options
+        (q, kk, scale_t, r, pr, pc, pos, a, npos, b, ok,
+         a_c, npos_c, b_c, ok_c) = ctx.saved_tensors
+        scale = ctx.scale if scale_t is None else scale_t
+        n_r, n_c = ctx.sides
+        cols = None if n_c is None else (n_c, ok_c)
+        w_r, w_c = engine.reduce_vjp((n_r, ok), cols, reduction, g)
+        need_scale = ctx.needs_input_grad[2]
+        g_lse, g_a, g_b, d_scale = engine.side_losses_vjp(w_r, ok, a, npos, b, scale, eps,
+                                                          nvalid_r, need_scale)
+        g_lse_c = g_ac = g_bc = None
+        if cols is not None:
+            g_lse_c, g_ac, g_bc, d_scale_c = engine.side_losses_vjp(
+                w_c, ok_c, a_c, npos_c, b_c, scale, eps, nvalid_c, need_scale)
+            if need_scale:
+                d_scale = d_scale + d_scale_c
+            if self_c:                  # the columns' log-sum-exps are the rows'
+                g_lse, g_lse_c = g_lse + g_lse_c, None
+        dq, dk, d_scale_s = _stats_backward(q, kk, self_c, scale, r, pr, pc, pos, g_lse, g_a,
+                                            g_b, g_lse_c, g_ac, g_bc, need_scale,
+                                            ctx.needs_input_grad[1])
+        d_scale = (d_scale + d_scale_s).reshape(scale_t.shape) if need_scale else None
+        d_bias = None
+        if ctx.bias is not None and ctx.needs_input_grad[3]:     # the bias cancels
+            shape, dtype, device = ctx.bias
+            d_bias = torch.zeros(shape, dtype=dtype, device=device)
+        return dq, dk, d_scale, d_bias, None, None, None, None, None, None
+
+
+def _stats(q, kk, self_c, scale, pos, symmetric, smoothing):
+    """(R = q kk^T, the row softmax of S = s R, its column softmax (symmetric, not under
+    self-contrast) or None, the rows' statistics (lse, A, P, B), the columns' or None):
+    P None where every row has one positive, B None without smoothing."""
+    n, m = q.shape[0], kk.shape[0]
+    r = q @ kk.T                                        # raw dots
+    s = r * scale
+    if self_c:
+        s.fill_diagonal_(float("-inf"))
+    pr, lse = _softmax(s, 1)
+    pc = lse_c = None
+    if symmetric and not self_c:
+        pc, lse_c = _softmax(s, 0)
+    elif symmetric:
+        lse_c = lse                                     # S is symmetric
+    del s
+    a_c = npos_c = None
+    if pos is None:                                     # positives on the diagonal
+        a, npos = r.diagonal(), None
+        a_c = a
+        if m > n:                                       # keys without a query
+            a_c = torch.cat([a, r.new_zeros(m - n)])
+            npos_c = torch.cat([r.new_ones(n), r.new_zeros(m - n)])
+    elif pos.dim() == 1:                                # positive_index
+        a, npos = r.gather(1, pos[:, None]).squeeze(1), None
+        if symmetric:
+            a_c = r.new_zeros(m).index_add_(0, pos, a)
+            npos_c = r.new_zeros(m).index_add_(0, pos, r.new_ones(n))
+    else:                                               # labels: a boolean mask
+        posf = pos.to(q.dtype)
+        rp = r * posf
+        a, npos, a_c, npos_c = rp.sum(1), posf.sum(1), rp.sum(0), posf.sum(0)
+    b = b_c = None
+    if smoothing:
         if self_c:
-            return torch.addmm(dr @ kk, dr.T, q), None, d_scale, None, None, None
-        return (dr @ kk if need_q else None), (dr.T @ q if need_k else None), d_scale, \
-            None, None, None
+            r.fill_diagonal_(0)     # (the backward's uses of R see a zero dS there)
+        b, b_c = r.sum(1), r.sum(0)
+    return r, pr, pc, (lse, a, npos, b), ((lse_c, a_c, npos_c, b_c) if symmetric else None)
+
+
+def _stats_backward(q, kk, self_c, scale, r, pr, pc, pos, g_lse, g_a, g_b, g_lse_c, g_ac,
+                    g_bc, need_scale, need_k):
+    """(dq, dk, d scale) of sum g * statistics; the column terms None when not symmetric,
+    g_lse_c None under self-contrast (folded into g_lse by the caller)."""
+    sym = g_ac is not None
+    # (saved tensors stay unchanged: backward may run again under retain_graph)
+    ds = pr * g_lse[:, None]                            # d loss / d S
+    if pc is not None:
+        ds.addcmul_(pc, g_lse_c[None, :])
+    d_scale = torch.vdot(ds.view(-1), r.view(-1)) if need_scale else None
+    dr = ds.mul_(scale)
+    if pos is None:
+        n = q.shape[0]
+        dr.diagonal().add_(g_a + g_ac[:n] if sym else g_a)
+    elif pos.dim() == 1:
+        g = g_a + g_ac[pos] if sym else g_a
+        dr[torch.arange(pos.shape[0], device=pos.device), pos] += g
+    else:
+        dr.add_(pos.to(dr.dtype) * (g_a[:, None] + g_ac[None, :] if sym else g_a[:, None]))
+    if g_b is not None:
+        dr.add_(g_b[:, None] + g_bc[None, :] if sym else g_b[:, None])
+        if self_c:
+            dr.fill_diagonal_(0)
+    if self_c:
+        return torch.addmm(dr @ kk, dr.T, q), None, d_scale
+    return dr @ kk, (dr.T @ q if need_k else None), d_scale
 
 
 def _softmax(s, dim):

@@ -7,6 +7,8 @@
     backward(...)               per key block: the backend's gradients (or, with
                                 low_memory, its final ones) plus the target gradients
     side_losses / reduce        the per-row losses and the reduction
+    reduce_vjp / side_losses_vjp  their gradients in closed form (the dense path's
+                                one-node backward, dense.py)
 
 Where the key blocks come from is a `Blocks` object: `LocalBlocks` (one block: the keys)
 here, the ring's transport in distributed.py. `blocks.forward(k)` visits the blocks and
@@ -252,26 +254,34 @@ def side_losses(lse, a, p, b, scale, bias, eps, nvalid, margin=None, decoupled=F
     decoupled, a non-empty log-sum-exp). margin: the shift of a positive logit (-s m),
     which the target's positive terms carry, or None. teacher: (X, alpha), the
     teacher-weighted dots: target = (1 - alpha) target + alpha s X, and with alpha = 1
-    every row has a target. The bias cancels but keeps its (zero) gradient."""
-    ok = p > 0
+    every row has a target. The bias cancels but keeps its (zero) gradient.
+    p None: every row has exactly one positive (P = 1); the mask is then None (all)."""
+    ok = None if p is None else p > 0
     if teacher is not None and teacher[1] == 1.0:
-        ok = torch.ones_like(ok)
+        ok = None
     if decoupled:
-        ok = ok & (lse != float("-inf"))    # a row with no negative has no loss
+        live = lse != float("-inf")         # a row with no negative has no loss
+        ok = live if ok is None else ok & live
+    if nvalid == 0:         # no key at all: nothing to predict
+        ok = torch.zeros(lse.shape, dtype=torch.bool, device=lse.device)
     # (each op costs a few microseconds, which small batches see: the no-op ones are skipped)
-    t = a / p.clamp_min(1)
+    t = a if p is None else a / p.clamp_min(1)
     if eps:
         t = (1 - eps) * t + eps * b / max(nvalid, 1)
     target = scale * t
     if margin is not None:
-        target = target + margin * ((1 - eps) + (eps / max(nvalid, 1)) * p)
+        target = target + margin * ((1 - eps) + (eps / max(nvalid, 1)) * (1 if p is None else p))
     if teacher is not None:
         x, alpha = teacher
         target = (1 - alpha) * target + alpha * (scale * x)
-    if nvalid == 0:         # no key at all: nothing to predict
-        ok = ok & False
     loss = (lse + bias) - (target + bias) if torch.is_tensor(bias) else lse - target
-    return torch.where(ok, loss, 0.0), ok
+    return (loss if ok is None else torch.where(ok, loss, 0.0)), ok
+
+
+def _count(side):
+    """The rows of a side (loss, ok) with a loss: a tensor, or an int when all have one."""
+    loss, ok = side
+    return loss.shape[0] if ok is None else ok.sum()
 
 
 def reduce(rows, cols, reduction, counts=None):
@@ -283,15 +293,58 @@ def reduce(rows, cols, reduction, counts=None):
         return rows[0] if cols is None else torch.cat([rows[0], cols[0]]) * 0.5
     if reduction == "sum":
         return rows[0].sum() if cols is None else (rows[0].sum() + cols[0].sum()) * 0.5
+    sides = [rows] if cols is None else [rows, cols]
     if counts is None:
-        sides = [loss.sum() / ok.sum().clamp_min(1) for loss, ok in
-                 ([rows] if cols is None else [rows, cols])]
+        sides = [loss.sum() / max(loss.shape[0], 1) if ok is None
+                 else loss.sum() / ok.sum().clamp_min(1) for loss, ok in sides]
     else:
-        sides = [rows] if cols is None else [rows, cols]
-        cnt = counts(torch.stack([ok.sum() for _, ok in sides]))
-        cnt = cnt.clamp_min(1).to(rows[0].dtype)
+        local = torch.stack([torch.as_tensor(_count(s), device=s[0].device) for s in sides])
+        cnt = counts(local).clamp_min(1).to(rows[0].dtype)
         sides = [loss.sum() / c for (loss, _), c in zip(sides, cnt.unbind(0))]
     return sides[0] if cols is None else (sides[0] + sides[1]) * 0.5
+
+
+def reduce_vjp(rows, cols, reduction, g):
+    """The gradient of reduce(rows, cols, reduction) (local counts) with respect to each
+    row loss and (cols given) each column loss, for the upstream gradient g; rows and
+    cols are pairs (number of losses, ok) of the sides."""
+    half = 0.5 if cols is not None else 1.0
+    if reduction == "none":
+        return (g, None) if cols is None else (g[:rows[0]] * half, g[rows[0]:] * half)
+    out = []
+    for side in (rows, cols):
+        if side is not None:
+            n, ok = side
+            if reduction == "sum" or ok is None:
+                w = g * (half / (1 if reduction == "sum" else max(n, 1)))
+            else:
+                w = g * half / ok.sum().clamp_min(1)
+            side = w.expand(n)
+        out.append(side)
+    return tuple(out)
+
+
+def side_losses_vjp(w, ok, a, p, b, scale, eps, nvalid, need_scale=True):
+    """The gradient of side_losses (without margin, decoupled or teacher) with respect to
+    its statistics (lse, A, B) and (need_scale) its scale, for the upstream gradient w of
+    each loss: d/dLSE = w, d/dA = -w s (1 - eps) / P, d/dB = -w s eps / nvalid,
+    d/ds = -sum w t, where the row has a loss (ok; None: all), 0 elsewhere; B's None
+    without smoothing. The bias has gradient 0."""
+    if ok is not None:
+        w = torch.where(ok, w, 0.0)
+    inv_p = None if p is None else 1 / p.clamp_min(1)
+    ws = w * (-scale)
+    g_a = ws if p is None else ws * inv_p
+    if eps:
+        g_a = g_a * (1 - eps)
+    g_b = ws * (eps / max(nvalid, 1)) if eps else None
+    d_scale = None
+    if need_scale:
+        t = a if p is None else a * inv_p
+        if eps:
+            t = (1 - eps) * t + eps * b / max(nvalid, 1)
+        d_scale = -torch.dot(w.reshape(-1), t)
+    return w, g_a, g_b, d_scale
 
 
 # ---- teacher soft targets, the softmax weighting: X_i = sum_j w^T_ij <q_i, k_j> with

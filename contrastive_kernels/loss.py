@@ -153,18 +153,17 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
     check_variant_options(p, opts)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    q_op, k_op, scale_t, side_scale = op_inputs(p)
-    bias_t = p.bias if torch.is_tensor(p.bias) else None
-    margin_t, shift = positive_shift(p, p.scale if p.per_row else scale_t)
     if dense.eligible(p, opts, backend):     # small problems on the CPU: one tile
         check_values(p.positive_index if p.index_given else None, p.n_keys, 0,
                      p.self_contrast, p.scale, p.bias, p.scale_name)
-        stats = dense.info_nce_stats(p, scale_t)
-    else:
-        stats = ops.info_nce_stats(q_op, k_op, scale_t, bias_t, shift, p.positive_index,
-                                   p.labels, p.key_labels, p.scale_name, p.index_given,
-                                   p.label_smoothing, p.symmetric,
-                                   p.per_row and p.self_contrast, backend, *opts.as_args())
+        return dense.info_nce(p)
+    q_op, k_op, scale_t, side_scale = op_inputs(p)
+    bias_t = p.bias if torch.is_tensor(p.bias) else None
+    margin_t, shift = positive_shift(p, p.scale if p.per_row else scale_t)
+    stats = ops.info_nce_stats(q_op, k_op, scale_t, bias_t, shift, p.positive_index,
+                               p.labels, p.key_labels, p.scale_name, p.index_given,
+                               p.label_smoothing, p.symmetric,
+                               p.per_row and p.self_contrast, backend, *opts.as_args())
     eps = p.label_smoothing
     sub = 1 if p.self_contrast else 0
     x_r, x_c = teacher_dots(p, q_op, k_op, backend, opts)

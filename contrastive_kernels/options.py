@@ -133,6 +133,18 @@ def make_options(**kwargs: Any) -> Options:
         >>> ck.make_options(algorithm="fused").algorithm
         'fused'
     """
+    if not kwargs:          # the defaults: resolved once (while they stay the same)
+        key = (torch.are_deterministic_algorithms_enabled(), *ENV_DEFAULTS.values())
+        if _DEFAULT[0] != key:
+            _DEFAULT[:] = [key, _resolve({}, key[0])]
+        return _DEFAULT[1]
+    return _resolve(kwargs, torch.are_deterministic_algorithms_enabled())
+
+
+_DEFAULT = [None, None]      # (its key, the Options of no keyword argument)
+
+
+def _resolve(kwargs, torch_deterministic):
     unknown = sorted(set(kwargs) - set(NAMES))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the kernel options are "
@@ -140,8 +152,7 @@ def make_options(**kwargs: Any) -> Options:
     v = {name: (ENV_DEFAULTS[name] if kwargs.get(name) is None else kwargs[name])
          for name in NAMES}
     return Options(
-        deterministic=_flag("deterministic", v["deterministic"])
-        or torch.are_deterministic_algorithms_enabled(),
+        deterministic=_flag("deterministic", v["deterministic"]) or torch_deterministic,
         precision=_choice("precision", v["precision"], PRECISIONS),
         low_memory=_flag("low_memory", v["low_memory"]),
         algorithm=_choice("algorithm", v["algorithm"], ALGORITHMS),

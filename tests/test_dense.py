@@ -15,8 +15,8 @@ pytestmark = pytest.mark.cpu_only
 def calls(monkeypatch):
     """Counts the dense path's calls."""
     seen = []
-    apply = dense._Stats.apply
-    monkeypatch.setattr(dense._Stats, "apply", lambda *a: seen.append(1) or apply(*a))
+    apply = dense._Loss.apply
+    monkeypatch.setattr(dense._Loss, "apply", lambda *a: seen.append(1) or apply(*a))
     return seen
 
 
@@ -151,3 +151,67 @@ def test_tiny_shapes(shape, calls):
     run_and_compare("auto", q, k, dict(positive_index=torch.zeros(n, dtype=torch.long),
                                        symmetric=True), torch.float64)
     assert calls
+
+
+# ---- the closed-form gradients of the shared stages (engine.reduce_vjp, side_losses_vjp)
+
+def _side(n, with_p, smoothing, g):
+    """Random statistics of one side: (lse, A, P or None, B or None)."""
+    lse = torch.randn(n, generator=g, dtype=torch.float64) + 3
+    a = torch.randn(n, generator=g, dtype=torch.float64)
+    p = torch.randint(0, 3, (n,), generator=g).double() if with_p else None
+    b = torch.randn(n, generator=g, dtype=torch.float64) if smoothing else None
+    return lse, a, p, b
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])
+@pytest.mark.parametrize("with_p", [False, True], ids=["one_positive", "counts"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_stage_vjps_match_autograd(reduction, symmetric, with_p, eps, scale_kind):
+    """side_losses -> reduce differentiated by autograd equals the closed forms, for the
+    statistics, the scale and (bias) a zero gradient, on rows without a positive too."""
+    from contrastive_kernels import engine
+    g = torch.Generator().manual_seed(seed_for("vjp", reduction, symmetric, with_p, eps))
+    n, m = 13, 17
+    sides = [_side(n, with_p, eps, g)] + ([_side(m, with_p, eps, g)] if symmetric else [])
+    leaves = [[x.clone().requires_grad_() if x is not None and i != 2 else x
+               for i, x in enumerate(s)] for s in sides]
+    scale = 7.5 if scale_kind == "float" else torch.tensor(7.5, dtype=torch.float64,
+                                                           requires_grad=True)
+    bias = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    nvalid = (m, n)
+    outs = [engine.side_losses(*st, scale, bias, eps, nv) for st, nv in zip(leaves, nvalid)]
+    loss = engine.reduce(outs[0], outs[1] if symmetric else None, reduction)
+    up = torch.randn(loss.shape, generator=g, dtype=torch.float64)
+    wrt = [x for st in leaves for i, x in enumerate(st) if x is not None and i != 2]
+    wrt += [bias] + ([scale] if torch.is_tensor(scale) else [])
+    want = torch.autograd.grad(loss, wrt, up, allow_unused=True)
+
+    side_args = [(len(st[0]), o[1]) for st, o in zip(sides, outs)]
+    w = engine.reduce_vjp(side_args[0], side_args[1] if symmetric else None, reduction, up)
+    got, d_scale = [], 0.0
+    for st, o, wi, nv in zip(sides, outs, w, nvalid):
+        lse, a, p, b = st
+        g_lse, g_a, g_b, ds = engine.side_losses_vjp(wi, o[1], a, p, b, scale, eps, nv)
+        got += [g_lse, g_a] + ([g_b] if eps else [])
+        d_scale = d_scale + ds
+    got += [torch.zeros(())] + ([d_scale] if torch.is_tensor(scale) else [])
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        y = torch.zeros(()) if y is None else y
+        torch.testing.assert_close(x.double().expand(y.shape), y.double(), rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_dense_loss_is_one_autograd_node(calls):
+    """The small-problem path records one node (its backward in closed form), so a
+    step's overhead does not grow with the stages' small ops."""
+    q = torch.randn(32, 8, requires_grad=True)
+    k = torch.randn(32, 8, requires_grad=True)
+    loss = ck.info_nce(q, k, symmetric=True, label_smoothing=0.1)
+    assert calls
+    assert type(loss.grad_fn).__name__ == "_LossBackward"
+    leaves = {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None}
+    assert leaves == {"AccumulateGrad"}
