@@ -3,21 +3,28 @@
 Below DENSE_MAX logits the fused path's fixed cost (custom ops, target bookkeeping) is
 larger than the arithmetic, and the materialized loss wins. There `auto` computes the
 forward statistics of `ops.info_nce_stats` (the rows' and columns' log-sum-exps and
-target dots) from one materialized N x M tile: a few small N x M buffers, at most
-DENSE_MAX elements each (4 MiB in float32), so the memory contract holds. The losses
-and the reduction after them are the shared stages (engine.side_losses, engine.reduce),
-and the backward is their closed-form gradients (engine.reduce_vjp,
-engine.side_losses_vjp) then the tile's: one autograd node per call.
+target dots) from one materialized N x M tile S: it and the backward's dS are N x M
+buffers of at most DENSE_MAX elements (4 MiB in float32), so the memory contract
+holds. The log-sum-exps and dS are one fused pass each (the C++ ops
+contrastive_kernels::dense_lse and dense_grad; torch's logsumexp and exp without the
+extension). The losses and the reduction after them are the shared stages
+(engine.side_losses, engine.reduce), and the backward is their closed-form gradients
+(engine.reduce_vjp, engine.side_losses_vjp) then the tile's: one autograd node per call.
 
 Not taken under torch.compile (the custom ops trace as one node there), nor for the
-variants (margin, decoupled, per-query temperature, teacher), half types, or options
-that ask for a kernel (low_memory, algorithm). Naming a backend skips it.
+variants (margin, decoupled, per-query temperature, teacher), half types, scales
+outside SCALE_RANGE, or options that ask for a kernel (low_memory, algorithm). Naming a
+backend skips it.
 """
 import torch
 
-from . import engine
+from . import engine, extension
 
 DENSE_MAX = 1 << 20          # N * M at or below which auto materializes (1024 x 1024)
+# The scales served: S = s q k^T, then A = S_ii / s and d s = <dR, S> / s^2 stay far from
+# float32's underflow and overflow (any s goes to the fused kernels, which keep R apart).
+SCALE_RANGE = (1e-3, 1e5)
+_OPS = extension.has_kernel("dense_lse", "CPU")      # else torch's log-sum-exp
 
 
 def eligible(p, opts, backend):
@@ -30,7 +37,13 @@ def eligible(p, opts, backend):
             and (p.key is not None or q.shape[0] > 1)      # every row has a valid key
             and not (p.shifted or p.per_row or p.teacher is not None)
             and not opts.low_memory and opts.algorithm == "auto"
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling()
+            and SCALE_RANGE[0] <= _value(p.scale) <= SCALE_RANGE[1])
+
+
+def _value(scale):
+    """A float or 0-dim CPU tensor's value (item(): float() warns when it requires grad)."""
+    return scale.item() if torch.is_tensor(scale) else scale
 
 
 def info_nce(p):
@@ -65,19 +78,19 @@ class _Loss(torch.autograd.Function):
     def forward(ctx, q, k, scale, bias, pos, symmetric, eps, nvalid_r, nvalid_c, reduction):
         self_c = k is None
         kk = q if self_c else k
-        r, pr, pc, st_r, st_c = _stats(q, kk, self_c, scale, pos, symmetric, bool(eps))
+        s, st_r, st_c = _stats(q, kk, self_c, float(scale), pos, symmetric, bool(eps))
         side_bias = 0.0 if bias is None else bias
         rows = engine.side_losses(*st_r, scale, side_bias, eps, nvalid_r)
         cols = None
         if st_c is not None:
             cols = engine.side_losses(*st_c, scale, side_bias, eps, nvalid_c)
-        ctx.options = (self_c, eps, nvalid_r, nvalid_c, reduction)
+        ctx.options = (self_c, eps, nvalid_r, nvalid_c, reduction, float(scale))
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.bias = None if bias is None else (bias.shape, bias.dtype, bias.device)
         ctx.sides = (rows[0].shape[0], None if cols is None else cols[0].shape[0])
-        ctx.save_for_backward(q, kk, scale if ctx.scale is None else None, r, pr, pc, pos,
-                              *st_r[1:], rows[1],
-                              *((None,) * 4 if cols is None else (*st_c[1:], cols[1])))
+        ctx.save_for_backward(q, kk, scale if ctx.scale is None else None, s, pos,
+                              *st_r, rows[1],
+                              *((None,) * 5 if cols is None else (*st_c, cols[1])))
         return engine.reduce(rows, cols, reduction)
 
     @staticmethod
@@ -90,9 +103,9 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        self_c, eps, nvalid_r, nvalid_c, reduction = ctx.options
-        (q, kk, scale_t, r, pr, pc, pos, a, npos, b, ok,
-         a_c, npos_c, b_c, ok_c) = ctx.saved_tensors
+        self_c, eps, nvalid_r, nvalid_c, reduction, alpha = ctx.options
+        (q, kk, scale_t, s, pos, lse, a, npos, b, ok,
+         lse_c, a_c, npos_c, b_c, ok_c) = ctx.saved_tensors
         scale = ctx.scale if scale_t is None else scale_t
         n_r, n_c = ctx.sides
         cols = None if n_c is None else (n_c, ok_c)
@@ -108,8 +121,8 @@ class _Loss(torch.autograd.Function):
                 d_scale = d_scale + d_scale_c
             if self_c:                  # the columns' log-sum-exps are the rows'
                 g_lse, g_lse_c = g_lse + g_lse_c, None
-        dq, dk, d_scale_s = _stats_backward(q, kk, self_c, scale, r, pr, pc, pos, g_lse, g_a,
-                                            g_b, g_lse_c, g_ac, g_bc, need_scale,
+        dq, dk, d_scale_s = _stats_backward(q, kk, self_c, alpha, s, lse, lse_c, pos, g_lse,
+                                            g_a, g_b, g_lse_c, g_ac, g_bc, need_scale,
                                             ctx.needs_input_grad[1])
         d_scale = (d_scale + d_scale_s).reshape(scale_t.shape) if need_scale else None
         d_bias = None
@@ -119,63 +132,80 @@ class _Loss(torch.autograd.Function):
         return dq, dk, d_scale, d_bias, None, None, None, None, None, None
 
 
-def _stats(q, kk, self_c, scale, pos, symmetric, smoothing):
-    """(R = q kk^T, the row softmax of S = s R, its column softmax (symmetric, not under
-    self-contrast) or None, the rows' statistics (lse, A, P, B), the columns' or None):
-    P None where every row has one positive, B None without smoothing."""
+def _stats(q, kk, self_c, alpha, pos, symmetric, smoothing):
+    """(S = alpha q kk^T, its diagonal 0 under self-contrast; the rows' statistics (lse,
+    A, P, B); the columns' or None): A and B in raw dots (S / alpha), P None where every
+    row has one positive, B None without smoothing. The scale is the GEMM's alpha, so S
+    costs no pass of its own."""
     n, m = q.shape[0], kk.shape[0]
-    r = q @ kk.T                                        # raw dots
-    s = r * scale
+    s = q.new_empty(n, m).addmm_(q, kk.T, beta=0, alpha=alpha)     # beta=0: not read
     if self_c:
         s.fill_diagonal_(float("-inf"))
-    pr, lse = _softmax(s, 1)
-    pc = lse_c = None
-    if symmetric and not self_c:
-        pc, lse_c = _softmax(s, 0)
-    elif symmetric:
-        lse_c = lse                                     # S is symmetric
-    del s
+    lse, lse_c = _lse(s, symmetric and not self_c)
+    if self_c:
+        lse_c = lse if symmetric else None              # S is symmetric
+        s.fill_diagonal_(0)         # (B and the backward's d scale see a zero there)
+    inv = 1.0 / alpha
     a_c = npos_c = None
     if pos is None:                                     # positives on the diagonal
-        a, npos = r.diagonal(), None
+        a, npos = s.diagonal() * inv, None
         a_c = a
         if m > n:                                       # keys without a query
-            a_c = torch.cat([a, r.new_zeros(m - n)])
-            npos_c = torch.cat([r.new_ones(n), r.new_zeros(m - n)])
+            a_c = torch.cat([a, s.new_zeros(m - n)])
+            npos_c = torch.cat([s.new_ones(n), s.new_zeros(m - n)])
     elif pos.dim() == 1:                                # positive_index
-        a, npos = r.gather(1, pos[:, None]).squeeze(1), None
+        a, npos = s.gather(1, pos[:, None]).squeeze(1) * inv, None
         if symmetric:
-            a_c = r.new_zeros(m).index_add_(0, pos, a)
-            npos_c = r.new_zeros(m).index_add_(0, pos, r.new_ones(n))
+            a_c = s.new_zeros(m).index_add_(0, pos, a)
+            npos_c = s.new_zeros(m).index_add_(0, pos, s.new_ones(n))
     else:                                               # labels: a boolean mask
         posf = pos.to(q.dtype)
-        rp = r * posf
-        a, npos, a_c, npos_c = rp.sum(1), posf.sum(1), rp.sum(0), posf.sum(0)
+        sp = s * posf
+        a, npos, a_c, npos_c = sp.sum(1) * inv, posf.sum(1), sp.sum(0) * inv, posf.sum(0)
     b = b_c = None
     if smoothing:
-        if self_c:
-            r.fill_diagonal_(0)     # (the backward's uses of R see a zero dS there)
-        b, b_c = r.sum(1), r.sum(0)
-    return r, pr, pc, (lse, a, npos, b), ((lse_c, a_c, npos_c, b_c) if symmetric else None)
+        b, b_c = s.sum(1) * inv, s.sum(0) * inv
+    return s, (lse, a, npos, b), ((lse_c, a_c, npos_c, b_c) if symmetric else None)
 
 
-def _stats_backward(q, kk, self_c, scale, r, pr, pc, pos, g_lse, g_a, g_b, g_lse_c, g_ac,
-                    g_bc, need_scale, need_k):
-    """(dq, dk, d scale) of sum g * statistics; the column terms None when not symmetric,
-    g_lse_c None under self-contrast (folded into g_lse by the caller)."""
+def _lse(s, cols):
+    """(the rows' log-sum-exps, the columns' or None) of the materialized S: the C++ op
+    (one fused pass per side), else torch's."""
+    if _OPS:
+        lse, lse_c = torch.ops.contrastive_kernels.dense_lse(s, cols)
+        return lse, (lse_c if cols else None)
+    return s.logsumexp(1), (s.logsumexp(0) if cols else None)
+
+
+def _softmax_grad(s, lse, g, lse_c, g_c, alpha, self_c):
+    """alpha dS, dS = g_i exp(S_ij - lse_i) + g_c_j exp(S_ij - lse_c_j) (g_c None: rows
+    only), the diagonal 0 under self-contrast: the C++ op (one fused pass), else torch's."""
+    if _OPS:
+        empty = s.new_empty(0)
+        return torch.ops.contrastive_kernels.dense_grad(
+            s, lse, g, empty if g_c is None else lse_c, empty if g_c is None else g_c, alpha,
+            self_c)
+    ds = torch.exp(s - lse[:, None]).mul_(g[:, None] * alpha)
+    if g_c is not None:
+        ds.add_(torch.exp(s - lse_c[None, :]).mul_(g_c[None, :] * alpha))
+    if self_c:
+        ds.fill_diagonal_(0)
+    return ds
+
+
+def _stats_backward(q, kk, self_c, alpha, s, lse, lse_c, pos, g_lse, g_a, g_b, g_lse_c,
+                    g_ac, g_bc, need_scale, need_k):
+    """(dq, dk, d scale or None) of sum g * statistics; the column terms None when not
+    symmetric, g_lse_c None under self-contrast (folded into g_lse by the caller). dR =
+    alpha dL/dS plus the target terms (A and B are raw dots), then dR kk and dR^T q."""
     sym = g_ac is not None
-    # (saved tensors stay unchanged: backward may run again under retain_graph)
-    ds = pr * g_lse[:, None]                            # d loss / d S
-    if pc is not None:
-        ds.addcmul_(pc, g_lse_c[None, :])
-    d_scale = torch.vdot(ds.view(-1), r.view(-1)) if need_scale else None
-    dr = ds.mul_(scale)
+    dr = _softmax_grad(s, lse, g_lse, lse_c, g_lse_c, alpha, self_c)
+    d_scale = torch.vdot(dr.view(-1), s.view(-1)) * alpha ** -2 if need_scale else None
+    n, m = dr.shape
     if pos is None:
-        n = q.shape[0]
-        dr.diagonal().add_(g_a + g_ac[:n] if sym else g_a)
+        dr.diagonal().add_((g_a + (g_ac if m == n else g_ac[:n])) if sym else g_a)
     elif pos.dim() == 1:
-        g = g_a + g_ac[pos] if sym else g_a
-        dr[torch.arange(pos.shape[0], device=pos.device), pos] += g
+        dr[torch.arange(n, device=pos.device), pos] += g_a + g_ac[pos] if sym else g_a
     else:
         dr.add_(pos.to(dr.dtype) * (g_a[:, None] + g_ac[None, :] if sym else g_a[:, None]))
     if g_b is not None:
@@ -185,10 +215,3 @@ def _stats_backward(q, kk, self_c, scale, r, pr, pc, pos, g_lse, g_a, g_b, g_lse
     if self_c:
         return torch.addmm(dr @ kk, dr.T, q), None, d_scale
     return dr @ kk, (dr.T @ q if need_k else None), d_scale
-
-
-def _softmax(s, dim):
-    """(softmax of s along dim, its log-sum-exp), from torch's fused softmax: the largest
-    weight of a line is exp(max - lse) >= 1 / length, so lse = max - log(largest weight)."""
-    p = torch.softmax(s, dim)
-    return p, s.amax(dim) - p.amax(dim).log()

@@ -294,6 +294,11 @@ def reduce(rows, cols, reduction, counts=None):
     if reduction == "sum":
         return rows[0].sum() if cols is None else (rows[0].sum() + cols[0].sum()) * 0.5
     sides = [rows] if cols is None else [rows, cols]
+    if counts is None and all(ok is None and loss.shape[0] == rows[0].shape[0] > 0
+                              for loss, ok in sides):
+        # every loss counts, both sides alike: one mean (ops on 0-dim tensors cost a few
+        # microseconds each, which small batches see)
+        return rows[0].mean() if cols is None else torch.cat([rows[0], cols[0]]).mean()
     if counts is None:
         sides = [loss.sum() / max(loss.shape[0], 1) if ok is None
                  else loss.sum() / ok.sum().clamp_min(1) for loss, ok in sides]
@@ -311,12 +316,14 @@ def reduce_vjp(rows, cols, reduction, g):
     half = 0.5 if cols is not None else 1.0
     if reduction == "none":
         return (g, None) if cols is None else (g[:rows[0]] * half, g[rows[0]:] * half)
-    out = []
+    out, last = [], None
     for side in (rows, cols):
         if side is not None:
             n, ok = side
             if reduction == "sum" or ok is None:
-                w = g * (half / (1 if reduction == "sum" else max(n, 1)))
+                c = half / (1 if reduction == "sum" else max(n, 1))
+                w = last[1] if last is not None and last[0] == c else g * c
+                last = (c, w)
             else:
                 w = g * half / ok.sum().clamp_min(1)
             side = w.expand(n)

@@ -144,6 +144,14 @@ def register_fakes():
                 q.new_empty(q.shape[0] if need_dq else 0, q.shape[1], dtype=acc),
                 q.new_empty(k.shape[0] if need_dk else 0, k.shape[1], dtype=acc))
 
+    @torch.library.register_fake("contrastive_kernels::dense_lse")
+    def _dense_lse(s, cols, poison=False):
+        return s.new_empty(s.shape[0]), s.new_empty(s.shape[1] if cols else 0)
+
+    @torch.library.register_fake("contrastive_kernels::dense_grad")
+    def _dense_grad(s, lse_r, g_r, lse_c, g_c, scale, self_mask, poison=False):
+        return s.new_empty(s.shape)
+
 
 if _C is not None:
     register_fakes()

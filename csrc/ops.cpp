@@ -35,4 +35,12 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   m.def("siglip_tiles(Tensor q, Tensor k, float scale, float bias, Tensor g_r, bool sums, "
         "bool need_dq, bool need_dk, bool deterministic=False, bool tf32=False, "
         "bool poison=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The small-problem path (contrastive_kernels/dense.py), on a materialized S (N x M,
+  // float32/64, contiguous; -inf for a masked entry): the row log-sum-exps (N,) and, with
+  // cols, the columns' (M,), else (0,). CPU only.
+  m.def("dense_lse(Tensor s, bool cols, bool poison=False) -> (Tensor, Tensor)");
+  // scale * dS, dS_ij = g_r[i] exp(S_ij - lse_r[i]) + g_c[j] exp(S_ij - lse_c[j]) (g_c
+  // empty: rows only), a new N x M tensor; self_mask: its diagonal 0. CPU only.
+  m.def("dense_grad(Tensor s, Tensor lse_r, Tensor g_r, Tensor lse_c, Tensor g_c, "
+        "float scale, bool self_mask, bool poison=False) -> Tensor");
 }

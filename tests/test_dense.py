@@ -1,5 +1,7 @@
 """The small-problem path of backend="auto" on the CPU (contrastive_kernels/dense.py):
 values and every gradient against the float64 reference, and when it is (not) taken."""
+import warnings
+
 import pytest
 import torch
 
@@ -51,13 +53,117 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def tile_ops(request, monkeypatch):
+    """The tile's log-sum-exps and gradient: the C++ ops, or torch's (no extension)."""
+    if request.param == "cpp" and not dense._OPS:
+        pytest.skip("the C++ extension is not loaded")
+    monkeypatch.setattr(dense, "_OPS", request.param == "cpp")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_dense_matches_reference(case, dtype, calls):
+def test_dense_matches_reference(case, dtype, calls, tile_ops):
     n, m, kw = CASES[case]
     q, k = _inputs(n, m or n, 23, case)
     run_and_compare("auto", q, k, kw, dtype, scale=9.0)
     assert calls, "auto did not take the dense path"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", ["symmetric", "supcon_self", "hard_negatives"])
+def test_large_logits_stay_finite(case, dtype, calls, tile_ops):
+    """|S| far above 88 (exp overflows float32): values and gradients still match."""
+    n, m, kw = CASES[case]
+    q, k = _inputs(n, m or n, 23, case, "large")
+    run_and_compare("auto", q, k, kw, dtype, scale=400.0)
+    assert calls
+
+
+def test_learnable_scale_warns_nothing(calls):
+    q, k = _inputs(16, 16, 8, "warn")
+    scale = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.info_nce(q.requires_grad_(), k, logit_scale=scale, symmetric=True).backward()
+    assert calls and scale.grad is not None
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e5, 2e-4, 3e5])
+def test_scale_range(scale, calls):
+    """Scales inside SCALE_RANGE are served densely, those outside by the fused kernel;
+    both match the reference (the scale's gradient included)."""
+    q, k = _inputs(21, 21, 9, "scale", scale)
+    q, k = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+    run_and_compare("auto", q, k, dict(symmetric=True), torch.float32, scale=scale)
+    lo, hi = dense.SCALE_RANGE
+    assert bool(calls) == (lo <= scale <= hi)
+
+
+@pytest.mark.skipif(not dense._OPS, reason="the C++ extension is not loaded")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("n,m", [(1, 1), (1, 37), (29, 1), (37, 301), (300, 129), (65, 64)])
+def test_tile_ops_match_torch(n, m, dtype):
+    """contrastive_kernels::dense_lse and dense_grad against float64 torch: odd shapes,
+    masked (-inf) entries, a row and a column with none valid, large logits, broadcast
+    gradients; the suite's poisoning fills their outputs with NaN first."""
+    ops = torch.ops.contrastive_kernels
+    g = torch.Generator().manual_seed(seed_for("tile_ops", n, m))
+    s64 = torch.randn(n, m, generator=g, dtype=torch.float64) * 60       # |S| up to ~300
+    s64[torch.rand(n, m, generator=g) < 0.2] = float("-inf")
+    if n > 1 and m > 1:
+        s64[0, :] = float("-inf")
+        s64[:, 0] = float("-inf")
+    s = s64.to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for cols in (False, True):
+        lse_r, lse_c = ops.dense_lse(s, cols)
+        want_r, want_c = s.double().logsumexp(1), s.double().logsumexp(0)
+        assert torch.equal(lse_r.isinf(), want_r.isinf())
+        fin = want_r.isfinite()
+        assert rel_err(lse_r[fin], want_r[fin], floor=1.0) <= tol
+        assert lse_c.shape == ((m,) if cols else (0,))
+        if cols:
+            assert torch.equal(lse_c.isinf(), want_c.isinf())
+            fin = want_c.isfinite()
+            assert rel_err(lse_c[fin], want_c[fin], floor=1.0) <= tol
+    g_r = torch.randn(n, generator=g, dtype=torch.float64)
+    g_c = torch.randn(m, generator=g, dtype=torch.float64)
+    p_r = torch.softmax(s.double(), 1).nan_to_num(0.0)       # a line with no entry: 0
+    p_c = torch.softmax(s.double(), 0).nan_to_num(0.0)
+    for scale in (1.0, 0.37):
+        want = scale * (g_r[:, None] * p_r + g_c[None, :] * p_c)
+        got = ops.dense_grad(s, lse_r, g_r.to(dtype), lse_c, g_c.to(dtype), scale, False)
+        assert rel_err(got, want) <= (1e-11 if dtype == torch.float64 else 1e-5)
+        rows_only = ops.dense_grad(s, lse_r, g_r.to(dtype), s.new_empty(0), s.new_empty(0),
+                                   scale, False)
+        assert rel_err(rows_only, scale * g_r[:, None] * p_r) <= (
+            1e-11 if dtype == torch.float64 else 1e-5)
+    one = torch.ones((), dtype=dtype).expand(n)                  # a broadcast gradient
+    assert torch.allclose(ops.dense_grad(s, lse_r, one, s.new_empty(0), s.new_empty(0), 1.0,
+                                         False).double(), p_r, atol=1e-6)
+    if n == m:
+        masked = ops.dense_grad(s, lse_r, g_r.to(dtype), lse_c, g_c.to(dtype), 1.0, True)
+        assert not masked.diagonal().any()
+
+
+@pytest.mark.skipif(not dense._OPS, reason="the C++ extension is not loaded")
+def test_tile_ops_propagate_nan_and_reject_bad_input():
+    ops = torch.ops.contrastive_kernels
+    s = torch.randn(5, 40)
+    s[2, 17] = float("nan")
+    lse_r, lse_c = ops.dense_lse(s, True)
+    assert lse_r[2].isnan() and lse_r[[0, 1, 3, 4]].isfinite().all()
+    assert lse_c[17].isnan() and lse_c.isnan().sum() == 1
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.dense_lse(s.half(), False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.dense_lse(s.T, False)
+    with pytest.raises(RuntimeError, match="g_r must be a vector of 5"):
+        ops.dense_grad(s, lse_r, torch.ones(4), lse_c, torch.ones(40), 1.0, False)
+    with pytest.raises(RuntimeError, match="square"):
+        ops.dense_grad(s, lse_r, torch.ones(5), lse_c, torch.ones(40), 1.0, True)
 
 
 def test_not_taken_above_the_limit_or_for_a_named_backend(calls):
