@@ -78,13 +78,14 @@ class _Loss(torch.autograd.Function):
     def forward(ctx, q, k, scale, bias, pos, symmetric, eps, nvalid_r, nvalid_c, reduction):
         self_c = k is None
         kk = q if self_c else k
-        s, st_r, st_c = _stats(q, kk, self_c, float(scale), pos, symmetric, bool(eps))
+        alpha = float(scale)
+        s, st_r, st_c = _stats(q, kk, self_c, alpha, pos, symmetric, bool(eps))
         side_bias = 0.0 if bias is None else bias
         rows = engine.side_losses(*st_r, scale, side_bias, eps, nvalid_r)
         cols = None
         if st_c is not None:
             cols = engine.side_losses(*st_c, scale, side_bias, eps, nvalid_c)
-        ctx.options = (self_c, eps, nvalid_r, nvalid_c, reduction, float(scale))
+        ctx.options = (self_c, eps, nvalid_r, nvalid_c, reduction, alpha)
         ctx.scale = None if torch.is_tensor(scale) else scale
         ctx.bias = None if bias is None else (bias.shape, bias.dtype, bias.device)
         ctx.sides = (rows[0].shape[0], None if cols is None else cols[0].shape[0])

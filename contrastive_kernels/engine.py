@@ -316,14 +316,13 @@ def reduce_vjp(rows, cols, reduction, g):
     half = 0.5 if cols is not None else 1.0
     if reduction == "none":
         return (g, None) if cols is None else (g[:rows[0]] * half, g[rows[0]:] * half)
-    out, last = [], None
+    out, by_factor = [], {}          # (sides with the same factor share one product)
     for side in (rows, cols):
         if side is not None:
             n, ok = side
             if reduction == "sum" or ok is None:
                 c = half / (1 if reduction == "sum" else max(n, 1))
-                w = last[1] if last is not None and last[0] == c else g * c
-                last = (c, w)
+                w = by_factor[c] if c in by_factor else by_factor.setdefault(c, g * c)
             else:
                 w = g * half / ok.sum().clamp_min(1)
             side = w.expand(n)

@@ -389,6 +389,17 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A new contiguous copy of the log-sum-exps v in dtype acc, through ck::backward_lse (a
+// line with lse = -inf gets probability 0).
+at::Tensor backward_lses(const at::Tensor& v, at::ScalarType acc) {
+  at::Tensor out = v.to(acc).contiguous().clone();
+  AT_DISPATCH_FLOATING_TYPES(acc, "backward_lse", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < out.numel(); ++i) p[i] = ck::backward_lse(p[i]);
+  });
+  return out;
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "q and k must be 2-D");
   TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same embedding dim");
@@ -505,17 +516,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_impl(
   const bool prod = pq.defined() && pq.numel() > 0;
   const at::Tensor pqa = prod ? pq.detach().to(acc).contiguous() : qa;
   const at::Tensor pka = prod ? pk.detach().to(acc).contiguous() : ka;
-  // backward_lse: a row with lse = -inf gets probability 0.
-  auto safe = [&](const at::Tensor& v) {
-    at::Tensor out = v.to(acc).contiguous().clone();
-    AT_DISPATCH_FLOATING_TYPES(acc, "backward_lse", [&] {
-      scalar_t* p = out.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < out.numel(); ++i) p[i] = ck::backward_lse(p[i]);
-    });
-    return out;
-  };
-  const at::Tensor lr = safe(lse_r.detach()), gr = g_r.detach().to(acc).contiguous();
-  const at::Tensor lc = cols ? safe(lse_c.detach()) : at::Tensor();
+  const at::Tensor lr = backward_lses(lse_r.detach(), acc);
+  const at::Tensor gr = g_r.detach().to(acc).contiguous();
+  const at::Tensor lc = cols ? backward_lses(lse_c.detach(), acc) : at::Tensor();
   const at::Tensor gc = cols ? g_c.detach().to(acc).contiguous() : at::Tensor();
 
   GradAccumulators acc_g(pqa, m, need_dq, need_dk);
@@ -641,11 +644,9 @@ void check_dense(const at::Tensor& s) {
   TORCH_CHECK(s.is_contiguous(), "s must be contiguous");
 }
 
-// v as a contiguous vector of len entries of s's dtype (a broadcast one is copied).
-at::Tensor dense_vector(const at::Tensor& v, const at::Tensor& s, int64_t len, const char* name) {
+void check_vector(const at::Tensor& v, const at::Tensor& s, int64_t len, const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == len && v.scalar_type() == s.scalar_type(), name,
               " must be a vector of ", len, " entries of s's dtype");
-  return v.contiguous();
 }
 
 // Rows per parallel chunk: about 16K entries each.
@@ -685,36 +686,33 @@ std::tuple<at::Tensor, at::Tensor> dense_lse_cpu(const at::Tensor& s, bool cols,
   return {lse_r, lse_c};
 }
 
-at::Tensor dense_grad_cpu(const at::Tensor& s, const at::Tensor& lse_r_in,
-                          const at::Tensor& g_r_in, const at::Tensor& lse_c_in,
-                          const at::Tensor& g_c_in, double scale, bool self_mask,
-                          bool poison) {
+at::Tensor dense_grad_cpu(const at::Tensor& s, const at::Tensor& lse_r, const at::Tensor& g_r,
+                          const at::Tensor& lse_c, const at::Tensor& g_c, double scale,
+                          bool self_mask, bool poison) {
   check_dense(s);
   const int64_t n = s.size(0), m = s.size(1);
-  const at::Tensor lse_r = dense_vector(lse_r_in, s, n, "lse_r");
-  const at::Tensor g_r = dense_vector(g_r_in, s, n, "g_r");
-  const bool cols = g_c_in.numel() > 0;
-  const at::Tensor lse_c = cols ? dense_vector(lse_c_in, s, m, "lse_c") : lse_c_in;
-  const at::Tensor g_c = cols ? dense_vector(g_c_in, s, m, "g_c") : g_c_in;
+  check_vector(lse_r, s, n, "lse_r");
+  check_vector(g_r, s, n, "g_r");
+  const bool cols = g_c.numel() > 0;
+  if (cols) {
+    check_vector(lse_c, s, m, "lse_c");
+    check_vector(g_c, s, m, "g_c");
+  }
   TORCH_CHECK(!self_mask || n == m, "self_mask needs a square s");
+  // the scale goes into the gradients (a broadcast one comes out contiguous)
+  const at::Tensor lr = backward_lses(lse_r, s.scalar_type());
+  const at::Tensor gr = (g_r * scale).contiguous();
+  const at::Tensor lc = cols ? backward_lses(lse_c, s.scalar_type()) : at::Tensor();
+  const at::Tensor gc = cols ? (g_c * scale).contiguous() : at::Tensor();
   at::Tensor ds = new_buffer({n, m}, s.options(), poison);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "dense_grad_cpu", [&] {
     using T = scalar_t;
-    const T sc = static_cast<T>(scale);
-    std::vector<T> lr(n), gr(n), lc(cols ? m : 0), gc(cols ? m : 0);
-    for (int64_t i = 0; i < n; ++i) {
-      lr[i] = ck::backward_lse(lse_r.data_ptr<T>()[i]);
-      gr[i] = sc * g_r.data_ptr<T>()[i];
-    }
-    for (int64_t j = 0; j < (cols ? m : 0); ++j) {
-      lc[j] = ck::backward_lse(lse_c.data_ptr<T>()[j]);
-      gc[j] = sc * g_c.data_ptr<T>()[j];
-    }
     const T* x = s.data_ptr<T>();
     T* y = ds.data_ptr<T>();
     at::parallel_for(0, n, dense_grain(m), [&](int64_t i0, int64_t i1) {
-      grad_tile<T>(x + i0 * m, y + i0 * m, i1 - i0, m, lr.data() + i0, gr.data() + i0,
-                   cols ? lc.data() : nullptr, cols ? gc.data() : nullptr);
+      grad_tile<T>(x + i0 * m, y + i0 * m, i1 - i0, m, lr.data_ptr<T>() + i0,
+                   gr.data_ptr<T>() + i0, cols ? lc.data_ptr<T>() : nullptr,
+                   cols ? gc.data_ptr<T>() : nullptr);
       if (self_mask)
         for (int64_t i = i0; i < i1; ++i) y[i * m + i] = T(0);
     });
