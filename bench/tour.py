@@ -6,7 +6,8 @@
      peak memory side by side (each run a fresh process);
   3. speed at small and medium N (--min-n .. --max-n, 256 .. 4096, D = 256): naive,
      `auto` (what ck.info_nce does by default), the `cpu` kernel and the GEMM floor,
-     interleaved in one process, median of several rounds; the crossover;
+     interleaved in one process, median of several rounds; the crossover; the same for
+     the sigmoid loss (open_clip's SigLipLoss against ck.siglip_loss's `auto`);
   4. a few training steps of a tiny two-tower CLIP model (examples/train_clip.py), fused
      (GradCache + FusedInfoNCE) against naive, with memory;
   5. bench/results/tour.json and tour.png (time and memory against N).
@@ -23,7 +24,7 @@ import time
 import torch
 
 import sweep
-from harness import SCALE
+from harness import SCALE, SIGLIP_BIAS, SIGLIP_SCALE
 from harness import inputs as make_inputs
 from sweep import GiB, MiB, log
 
@@ -61,23 +62,32 @@ def _speed_here(spec):
                    time_s={m: statistics.median(t) for m, t in times.items()})
         if "auto" in steps:
             row["auto_path"] = auto_path(q, k)
+        if "siglip-auto" in steps:
+            row["siglip_auto_path"] = auto_path(q, k, siglip=True)
         out.append(row)
         del q, k
     return dict(status="ok", rows=out, threads=torch.get_num_threads(),
                 ck_version=ck.__version__)
 
 
-def auto_path(q, k):
-    """What `auto` runs for this symmetric CLIP call: "dense" or a backend's name."""
+def auto_path(q, k, siglip=False):
+    """What `auto` runs for this symmetric CLIP call (siglip: the sigmoid-loss step of
+    sweep.step_fn): "dense" or a backend's name."""
     from contrastive_kernels import dense
     from contrastive_kernels.backends import REGISTRY, Call
     from contrastive_kernels.options import make_options
-    from contrastive_kernels.problem import check_inputs
+    from contrastive_kernels.problem import check_inputs, check_siglip
     opts = make_options()
-    p = check_inputs(q, k, None, None, None, None, SCALE, None, True, 0.0, "mean")
-    if dense.eligible(p, opts, "auto"):
-        return "dense"
-    call = Call(q.device, q.dtype, q.shape[0], k.shape[0], q.shape[1], False, True)
+    if siglip:
+        p = check_siglip(q, k, None, None, None, SIGLIP_SCALE, SIGLIP_BIAS, "mean")
+        if dense.siglip_eligible(p, opts, "auto", None):
+            return "dense"
+    else:
+        p = check_inputs(q, k, None, None, None, None, SCALE, None, True, 0.0, "mean")
+        if dense.eligible(p, opts, "auto"):
+            return "dense"
+    call = Call(q.device, q.dtype, q.shape[0], k.shape[0], q.shape[1], False, not siglip,
+                loss="siglip" if siglip else "info_nce")
     return REGISTRY.select("auto", call, opts).name
 
 
@@ -102,9 +112,11 @@ def speed_sizes(lo, hi):
 
 
 def speed(opts, backends):
-    methods = ["naive", "auto"] + [b for b in backends if b == "cpu"] + ["gemm"]
+    methods = (["naive", "auto"] + [b for b in backends if b == "cpu"]
+               + ["siglip-naive", "siglip-auto", "gemm"])
     spec = dict(sizes=speed_sizes(opts.min_n, opts.max_n), d=opts.d, methods=methods,
-                threads=opts.threads, min_rounds=opts.min_rounds, max_rounds=25,
+                threads=opts.threads, min_rounds=opts.min_rounds,
+                max_rounds=max(25, opts.min_rounds),
                 per_n_s=opts.per_n_s)
     res = sweep.in_fresh_process(_speed_worker, spec, timeout=600)
     if res.get("status") != "ok":
@@ -113,16 +125,21 @@ def speed(opts, backends):
     return res["rows"]
 
 
-def format_speed(rows):
-    methods = [m for m in rows[0]["time_s"] if m != "gemm"]
-    head = f"{'N':>6}  " + "".join(f"{m + ' ms':>12}{'/naive':>8}" for m in methods) + \
-        f"{'4·gemm ms':>11}  rounds  auto runs"
+def format_speed(rows, siglip=False):
+    """The InfoNCE table, or (siglip) the sigmoid loss's: ms and the ratio to the naive
+    loss of the same kind, the GEMM floor, and the path auto took."""
+    pre = "siglip-" if siglip else ""
+    methods = [m for m in rows[0]["time_s"] if m != "gemm" and m.startswith("siglip-") == siglip]
+    name = lambda m: m[len(pre):]
+    floor, path = (3, "siglip_auto_path") if siglip else (4, "auto_path")
+    head = f"{'N':>6}  " + "".join(f"{name(m) + ' ms':>12}{'/naive':>8}" for m in methods) + \
+        f"{f'{floor}·gemm ms':>11}  rounds  auto runs"
     lines = [head, "-" * len(head)]
     for r in rows:
         t = r["time_s"]
-        cells = "".join(f"{1e3 * t[m]:>12.2f}{t[m] / t['naive']:>8.2f}" for m in methods)
-        lines.append(f"{r['n']:>6}  {cells}{4e3 * t['gemm']:>11.2f}  {r['rounds']:>6}  "
-                     f"{r.get('auto_path', '')}")
+        cells = "".join(f"{1e3 * t[m]:>12.2f}{t[m] / t[pre + 'naive']:>8.2f}" for m in methods)
+        lines.append(f"{r['n']:>6}  {cells}{floor * 1e3 * t['gemm']:>11.2f}  {r['rounds']:>6}  "
+                     f"{r.get(path, '')}")
     return "\n".join(lines)
 
 
@@ -309,6 +326,15 @@ def main(opts, avail_fn, info, backends, demo):
             c = crossover(rows, "cpu")
             log("  => the cpu kernel alone is at most naive's time from N=" + str(c)
                 if c else "  => the cpu kernel alone was slower than naive at every N here")
+        if "siglip-auto" in rows[0]["time_s"]:
+            log("")
+            log(f"  the sigmoid loss (SigLIP, s={SIGLIP_SCALE:g}, b={SIGLIP_BIAS:g}): open_clip's "
+                f"SigLipLoss (naive) against ck.siglip_loss (auto); its floor is 3 GEMMs")
+            log(format_speed(rows, siglip=True))
+            t = [r["time_s"] for r in rows]
+            worst = max(x["siglip-auto"] / x["siglip-naive"] for x in t)
+            log(f"  => ck.siglip_loss (auto) vs naive: {worst:.2f}x at worst over "
+                f"N={rows[0]['n']}..{rows[-1]['n']}")
 
     train = None
     if not opts.no_train:

@@ -11,10 +11,14 @@ extension). The losses and the reduction after them are the shared stages
 (engine.side_losses, engine.reduce), and the backward is their closed-form gradients
 (engine.reduce_vjp, engine.side_losses_vjp) then the tile's: one autograd node per call.
 
+The sigmoid loss (`siglip_loss`) has one too: S = s q k^T, then one fused pass
+(contrastive_kernels::dense_siglip) gives the rows' softplus and sigmoid sums and leaves
+sigmoid(S + b) in S; the backward is two GEMMs with it, with no pass over N x M.
+
 Not taken under torch.compile (the custom ops trace as one node there), nor for the
 variants (margin, decoupled, per-query temperature, teacher), half types, scales
-outside SCALE_RANGE, or options that ask for a kernel (low_memory, algorithm). Naming a
-backend skips it.
+outside SCALE_RANGE, or options that ask for a kernel (low_memory, algorithm, passes).
+Naming a backend skips it.
 """
 import torch
 
@@ -25,17 +29,29 @@ DENSE_MAX = 1 << 20          # N * M at or below which auto materializes (1024 x
 # float32's underflow and overflow (any s goes to the fused kernels, which keep R apart).
 SCALE_RANGE = (1e-3, 1e5)
 _OPS = extension.has_kernel("dense_lse", "CPU")      # else torch's log-sum-exp
+_SIGLIP_OPS = extension.has_kernel("dense_siglip", "CPU")
 
 
 def eligible(p, opts, backend):
-    """Whether `auto` computes this call densely."""
+    """Whether `auto` computes this info_nce call densely."""
+    return (not (p.shifted or p.per_row or p.teacher is not None)     # (a scalar scale)
+            and (p.key is not None or p.query.shape[0] > 1)      # every row has a valid key
+            and _small(p, opts, backend))
+
+
+def siglip_eligible(p, opts, backend, passes):
+    """Whether `auto` computes this siglip_loss call densely (passes: a schedule asked
+    for by name goes to the kernels)."""
+    return passes is None and _small(p, opts, backend)
+
+
+def _small(p, opts, backend):
+    """The conditions both losses share."""
     q = p.query
     return (backend == "auto" and q.device.type == "cpu"
             and q.dtype in (torch.float32, torch.float64)
             and (p.key is None or p.key.dtype == q.dtype)
             and 0 < q.shape[0] * p.n_keys <= DENSE_MAX
-            and (p.key is not None or q.shape[0] > 1)      # every row has a valid key
-            and not (p.shifted or p.per_row or p.teacher is not None)
             and not opts.low_memory and opts.algorithm == "auto"
             and not torch.compiler.is_compiling()
             and SCALE_RANGE[0] <= _value(p.scale) <= SCALE_RANGE[1])
@@ -62,10 +78,15 @@ def info_nce(p):
     scale = p.scale.to(q.dtype) if torch.is_tensor(p.scale) else p.scale     # 0-dim
     args = (q, p.key, scale, bias, pos, p.symmetric, p.label_smoothing, p.n_keys - sub,
             q.shape[0] - sub, p.reduction)
+    return _full_precision(_Loss.apply, args)
+
+
+def _full_precision(fn, args):
+    """fn(*args) with CPU autocast off (the kernels' precision)."""
     if torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):      # full precision, as the kernels
-            return _Loss.apply(*args)
-    return _Loss.apply(*args)
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args)
+    return fn(*args)
 
 
 class _Loss(torch.autograd.Function):
@@ -97,10 +118,7 @@ class _Loss(torch.autograd.Function):
     @staticmethod
     @engine.first_order
     def backward(ctx, g):
-        if torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                return _Loss._backward(ctx, g)
-        return _Loss._backward(ctx, g)
+        return _full_precision(_Loss._backward, (ctx, g))
 
     @staticmethod
     def _backward(ctx, g):
@@ -216,3 +234,104 @@ def _stats_backward(q, kk, self_c, alpha, s, lse, lse_c, pos, g_lse, g_a, g_b, g
     if self_c:
         return torch.addmm(dr @ kk, dr.T, q), None, d_scale
     return dr @ kk, (dr.T @ q if need_k else None), d_scale
+
+
+# ---- the sigmoid loss
+
+def siglip_loss(p):
+    """The sigmoid loss of an eligible call, as one autograd node."""
+    q = p.query
+    if p.labels is not None:
+        pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
+    elif p.index_given:
+        pos = p.positive_index
+    else:
+        pos = None                          # the diagonal
+    to = lambda x: x.to(q.dtype) if torch.is_tensor(x) else x         # 0-dim
+    return _full_precision(_SigLoss.apply, (q, p.key, to(p.scale), to(p.bias), pos,
+                                            p.reduction))
+
+
+class _SigLoss(torch.autograd.Function):
+    """rows_i = R_i - s A_i - b P_i, R_i = sum_j softplus(z_ij), z = S + b, S = s q k^T,
+    A_i the positives' raw dots, P_i their count; then the reduction. The pass that gives
+    R also leaves sigmoid(z) in S, which is all the backward needs: with D = sigmoid(z) -
+    [positive] and w the rows' upstream gradients, dq = s w * (D k), dk = s D^T (w * q),
+    d s = sum_i w_i <q_i, (D k)_i>, d b = sum_i w_i (T_i - P_i), T_i = sum_j
+    sigmoid(z_ij)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, pos, reduction):
+        alpha, beta = float(scale), float(bias)
+        n, m = q.shape[0], k.shape[0]
+        s = q.new_empty(n, m).addmm_(q, k.T, beta=0, alpha=alpha)     # beta=0: not read
+        inv = 1.0 / alpha
+        if pos is None:
+            a, npos = s.diagonal() * inv, None
+        elif pos.dim() == 1:
+            a, npos = s.gather(1, pos[:, None]).squeeze(1) * inv, None
+        else:
+            posf = pos.to(q.dtype)
+            a, npos = (s * posf).sum(1) * inv, posf.sum(1)
+        r, t = _siglip_pass(s, beta)                        # s <- sigmoid(z)
+        rows = r.sub_(a, alpha=alpha).sub_(beta if npos is None else npos * beta)
+        ctx.options = (alpha, reduction)
+        ctx.save_for_backward(q, k, s, t, npos, pos)
+        if reduction == "none":
+            return rows
+        total = rows.sum()
+        return total if reduction == "sum" else total / n
+
+    @staticmethod
+    @engine.first_order
+    def backward(ctx, g):
+        return _full_precision(_SigLoss._backward, (ctx, g))
+
+    @staticmethod
+    def _backward(ctx, g):
+        alpha, reduction = ctx.options
+        q, k, sig, t, npos, pos = ctx.saved_tensors
+        n = q.shape[0]
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        rows = reduction == "none"
+        w = g / n if reduction == "mean" else g             # the rows' gradients
+        c = None if rows else w.item() * alpha              # uniform: into the GEMMs
+        labels = pos is not None and pos.dim() == 2
+        d = sig - pos.to(sig.dtype) if labels else sig      # sigmoid(z) - [positive]
+        dq = dk = ds = db = None
+        if need_q or need_s:
+            # D k: the positives' keys subtracted by the GEMM (beta=-1)
+            dkk = d @ k if labels else torch.addmm(k[:n] if pos is None else k[pos], d, k,
+                                                   beta=-1)
+            if need_s:
+                ds = ((q * dkk).sum(1) @ w if rows
+                      else torch.vdot(q.reshape(-1), dkk.view(-1)) * w)
+            if need_q:
+                dq = dkk.mul_(w[:, None] * alpha if rows else c)
+        if need_k:
+            wq, f = (q * (w[:, None] * alpha), 1.0) if rows else (q, c)
+            if pos is None and k.shape[0] == n:
+                dk = torch.addmm(wq, d.T, wq, beta=-f, alpha=f)
+            else:
+                dk = torch.mm(d.T, wq)
+                if not rows:
+                    dk.mul_(f)
+                if pos is None:
+                    dk[:n].sub_(wq, alpha=f)
+                elif not labels:
+                    dk.index_add_(0, pos, wq, alpha=-f)
+        if need_b:
+            tp = t - (1 if npos is None else npos)
+            db = tp @ w if rows else tp.sum() * w
+        return dq, dk, ds, db, None, None
+
+
+def _siglip_pass(s, bias):
+    """(R, T) of z = s + bias, the rows' sums of softplus(z) and sigmoid(z), leaving
+    sigmoid(z) in s: the C++ op (one fused pass), else torch's."""
+    if _SIGLIP_OPS:
+        return torch.ops.contrastive_kernels.dense_siglip(s, bias)
+    s.add_(bias)
+    r = torch.nn.functional.logsigmoid(-s).sum(1).neg_()      # softplus, without a threshold
+    s.sigmoid_()
+    return r, s.sum(1)

@@ -344,11 +344,14 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
         normalize: True L2-normalizes `query` and `key` first,
             torch.nn.functional.normalize(x, dim=-1) (eps 1e-12); the gradients flow
             through it. Default False.
-        backend: "auto" or a name from `contrastive_kernels.available_backends()`.
+        backend: "auto" (the fastest backend that can serve this call; on the CPU a
+            call with N * M <= 2^20 logits and no `passes` is computed from one
+            materialized tile, faster there) or a name from
+            `contrastive_kernels.available_backends()`.
         passes: 3 computes the gradients during forward (one pass over the tiles
             fewer; holds float32 dq and dk until backward), 4 recomputes the tiles in
             backward and holds nothing. None: 3 for "mean"/"sum" when a gradient is
-            needed, else 4 ("none" always takes 4).
+            needed, else 4 ("none" always takes 4); giving it runs the kernels.
         **options: kernel options deterministic (bool) and precision ("ieee" or
             "tf32"), None for the environment's default; see
             `contrastive_kernels.make_options`.
@@ -386,6 +389,10 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
                      logit_bias, reduction, normalize=normalize)
     opts = siglip_options(backend, passes, options)
+    if dense.siglip_eligible(p, opts, backend, passes):     # small problems on the CPU
+        check_values(p.positive_index if p.index_given else None, p.n_keys, 0, False,
+                     p.scale, p.bias)
+        return dense.siglip_loss(p)
     q, k = p.query, p.key
     acc = p.out_dtype
     as_tensor = lambda x: x if torch.is_tensor(x) else torch.tensor(x, dtype=acc,

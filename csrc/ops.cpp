@@ -43,4 +43,8 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   // empty: rows only), a new N x M tensor; self_mask: its diagonal 0. CPU only.
   m.def("dense_grad(Tensor s, Tensor lse_r, Tensor g_r, Tensor lse_c, Tensor g_c, "
         "float scale, bool self_mask, bool poison=False) -> Tensor");
+  // The sigmoid loss on a materialized s (N x M, float32/64, contiguous): s <-
+  // sigmoid(s + bias) in place, and the rows' sums of softplus(s + bias) and of
+  // sigmoid(s + bias), (N,) each. CPU only.
+  m.def("dense_siglip(Tensor(a!) s, float bias, bool poison=False) -> (Tensor, Tensor)");
 }

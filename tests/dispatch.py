@@ -27,7 +27,7 @@ def c_ops():
     ns = torch.ops.contrastive_kernels
     return {ns.lse_forward.default, ns.lse_backward.default, ns.siglip_tiles.default,
             ns.lse_forward_ext.default, ns.lse_backward_ext.default, ns.dense_lse.default,
-            ns.dense_grad.default}
+            ns.dense_grad.default, ns.dense_siglip.default}
 
 
 class SeeThrough(TorchDispatchMode):

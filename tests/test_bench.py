@@ -81,8 +81,10 @@ def test_tour_is_the_default_and_shows_headline_speed_and_training(tmp_path, cap
     speed = data["speed"]
     assert [r["n"] for r in speed] == [64, 96]
     for r in speed:
-        assert r["rounds"] >= 3 and set(r["time_s"]) >= {"naive", "auto", "gemm"}
-        assert r["auto_path"] == "dense"                 # 96 x 96 is under DENSE_MAX
+        assert r["rounds"] >= 3 and set(r["time_s"]) >= {"naive", "auto", "gemm",
+                                                         "siglip-naive", "siglip-auto"}
+        assert r["auto_path"] == r["siglip_auto_path"] == "dense"    # 96 x 96 <= DENSE_MAX
+    assert "ck.siglip_loss (auto) vs naive" in out
     assert data["training"]["status"] == "ok"
     assert any("fused loss decreased" in line or "fused loss did not decrease" in line
                for line in data["training"]["output"])

@@ -13,13 +13,18 @@ from test_info_nce import run_and_compare
 pytestmark = pytest.mark.cpu_only
 
 
+def _count(monkeypatch, node):
+    """A list that grows by one at each call of node.apply."""
+    seen = []
+    apply = node.apply
+    monkeypatch.setattr(node, "apply", lambda *a: seen.append(1) or apply(*a))
+    return seen
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the dense path's calls."""
-    seen = []
-    apply = dense._Loss.apply
-    monkeypatch.setattr(dense._Loss, "apply", lambda *a: seen.append(1) or apply(*a))
-    return seen
+    return _count(monkeypatch, dense._Loss)
 
 
 def _inputs(n, m, d, *parts):
@@ -321,3 +326,255 @@ def test_dense_loss_is_one_autograd_node(calls):
     assert type(loss.grad_fn).__name__ == "_LossBackward"
     leaves = {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None}
     assert leaves == {"AccumulateGrad"}
+
+
+# ---- the sigmoid loss (dense._SigLoss)
+
+@pytest.fixture
+def sig_calls(monkeypatch):
+    """Counts the dense sigmoid loss's calls."""
+    return _count(monkeypatch, dense._SigLoss)
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def siglip_ops(request, monkeypatch):
+    """The tile's pass: the C++ op, or torch's (no extension)."""
+    if request.param == "cpp" and not dense._SIGLIP_OPS:
+        pytest.skip("the C++ extension is not loaded")
+    monkeypatch.setattr(dense, "_SIGLIP_OPS", request.param == "cpp")
+    return request.param
+
+
+def _sig_case(name, gen):
+    """(n, m, kwargs) of a sigmoid-loss case."""
+    lab = lambda n, c: torch.randint(0, c, (n,), generator=gen)
+    return {
+        "diagonal": lambda: (37, 37, {}),
+        "extra_keys": lambda: (29, 71, {}),
+        "one_query": lambda: (1, 9, {}),
+        "index": lambda: (33, 40, dict(positive_index=torch.randint(0, 40, (33,),
+                                                                    generator=gen))),
+        "labels": lambda: (23, 53, dict(labels=lab(23, 5), key_labels=lab(53, 5))),
+        "labels_same": lambda: (41, 41, dict(labels=lab(41, 6))),
+        "sum": lambda: (30, 45, dict(reduction="sum")),
+        "none": lambda: (31, 31, dict(reduction="none")),
+        "none_index": lambda: (17, 5, dict(reduction="none",
+                                           positive_index=torch.randint(0, 5, (17,),
+                                                                        generator=gen))),
+        "none_labels": lambda: (26, 19, dict(reduction="none", labels=lab(26, 3),
+                                             key_labels=lab(19, 3))),
+    }[name]()
+
+
+SIG_CASES = ["diagonal", "extra_keys", "one_query", "index", "labels", "labels_same", "sum",
+             "none", "none_index", "none_labels"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", SIG_CASES)
+def test_siglip_dense_matches_reference(case, dtype, sig_calls, siglip_ops):
+    """Loss and the gradients of query, key, logit_scale and logit_bias (a random
+    upstream gradient) against the float64 reference."""
+    from test_siglip import _inputs as sig_inputs, compare
+    gen = torch.Generator().manual_seed(seed_for("dense_siglip", case, str(dtype)))
+    n, m, kw = _sig_case(case, gen)
+    q, k = sig_inputs(n, m, 19, dtype, gen)
+    compare("auto", q, k, kw, dtype, scale=7.0, bias=-3.0)
+    assert sig_calls, "auto did not take the dense path"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_siglip_large_logits_stay_finite(dtype, sig_calls, siglip_ops):
+    """Raw embeddings: |z| in the thousands, far beyond exp's float32 range."""
+    from test_siglip import _inputs as sig_inputs, compare
+    gen = torch.Generator().manual_seed(seed_for("dense_siglip_large", str(dtype)))
+    q, k = sig_inputs(40, 45, 48, dtype, gen, unit=False)
+    q, k = 4 * q, 4 * k
+    assert float((10.0 * q.double() @ k.double().T).abs().max()) > 1000
+    # float32 logits this large carry an absolute error of about u s sum_d |q_d k_d|
+    tol = 2 * 2.0**-24 * 10.0 * float((q.abs().double() @ k.abs().double().T).max())
+    out, _ = compare("auto", q, k, {}, dtype,
+                     grad_tol=max(TOL[dtype]["grad"], tol if dtype == torch.float32 else 0))
+    assert sig_calls and torch.isfinite(out).all() and float(out.detach()) > 100
+
+
+def test_siglip_float_scale_bias_and_frozen_parts(sig_calls):
+    """Python-number scale and bias, a frozen tower, and only the scale or the bias
+    trained: the gradients of what is trained match the reference, the rest get none."""
+    q, k = _inputs(20, 23, 6, "siglip_frozen")
+    for wants in [(True, False, True, True), (False, True, False, True),
+                  (False, False, True, False), (False, False, False, True)]:
+        leaves = [q.clone(), k.clone(), torch.tensor(5.0, dtype=torch.float64),
+                  torch.tensor(-2.0, dtype=torch.float64)]
+        ref_leaves = [x.clone() for x in leaves]
+        for x, y, w in zip(leaves, ref_leaves, wants):
+            x.requires_grad_(w)
+            y.requires_grad_(w)
+        out = ck.siglip_loss(*leaves[:2], logit_scale=leaves[2], logit_bias=leaves[3])
+        ref = ck.reference.siglip_loss(*ref_leaves[:2], logit_scale=ref_leaves[2],
+                                       logit_bias=ref_leaves[3])
+        out.backward()
+        ref.backward()
+        for x, y, w in zip(leaves, ref_leaves, wants):
+            if w:
+                assert rel_err(x.grad, y.grad, floor=1e-2) < 1e-11, wants
+            else:
+                assert x.grad is None
+    qq = q.clone().requires_grad_()
+    out = ck.siglip_loss(qq, k, logit_scale=3.5, logit_bias=0.25)
+    out.backward()
+    qr = q.clone().requires_grad_()
+    ref = ck.reference.siglip_loss(qr, k, logit_scale=3.5, logit_bias=0.25)
+    ref.backward()
+    assert rel_err(out, ref, floor=1.0) < 1e-12 and rel_err(qq.grad, qr.grad) < 1e-11
+    assert len(sig_calls) == 5
+
+
+def test_siglip_gradcheck_and_non_contiguous(sig_calls):
+    g = torch.Generator().manual_seed(seed_for("dense_siglip_gradcheck"))
+    q = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    for kw in (dict(), dict(reduction="none"), dict(labels=torch.tensor([0, 1, 0, 2, 1]),
+                                                    key_labels=torch.tensor([1, 0, 2, 2, 0, 1]))):
+        fn = lambda q, k, s, b: ck.siglip_loss(q, k, logit_scale=s, logit_bias=b, **kw)
+        assert torch.autograd.gradcheck(fn, (q, k, s, b))
+    from test_siglip import compare
+    base_q, base_k = torch.randn(40, 34, generator=g), torch.randn(34, 40, generator=g)
+    qn, kn = base_q[::2, ::2], base_k.T[::2, ::2]
+    assert not qn.is_contiguous() and not kn.is_contiguous()
+    compare("auto", qn, kn, {}, torch.float32)
+    assert sig_calls
+
+
+def test_siglip_not_taken_for_passes_backends_half_large_or_compile(sig_calls):
+    """A schedule or a backend asked for by name, half types, above DENSE_MAX, scales
+    outside SCALE_RANGE, and torch.compile go to the kernels (which still match)."""
+    q, k = torch.randn(16, 8), torch.randn(16, 8)
+    for kw in (dict(passes=3), dict(passes=4), dict(logit_scale=3e5), dict(logit_scale=1e-4)):
+        ck.siglip_loss(q.requires_grad_(), k, **kw).backward()
+    for be in ck.available_backends("cpu"):
+        if be != "triton" and "siglip" in ck.backends.get(be).features:
+            ck.siglip_loss(q, k, backend=be)
+    for dtype in (torch.float16, torch.bfloat16):
+        ck.siglip_loss(q.detach().to(dtype), k.to(dtype))
+    side = int(dense.DENSE_MAX ** 0.5)
+    ck.siglip_loss(torch.randn(side, 4), torch.randn(side + 1, 4))
+    assert not sig_calls
+    ck.siglip_loss(torch.randn(side, 4), torch.randn(side, 4))
+    assert len(sig_calls) == 1
+
+
+@pytest.mark.no_poison         # the suite's poisoning mode stays out of dynamo's way
+def test_siglip_not_taken_under_compile(sig_calls):
+    f = torch.compile(lambda q, k: ck.siglip_loss(q, k), fullgraph=True, backend="eager")
+    q = torch.randn(16, 8, requires_grad=True)
+    k = torch.randn(16, 8)
+    got = f(q, k)
+    got.backward()
+    assert not sig_calls
+    want = ck.reference.siglip_loss(q.detach(), k)
+    assert rel_err(got, want, floor=1.0) <= TOL[torch.float32]["loss"]
+
+
+def test_siglip_bad_input_raises_before_the_pass(sig_calls, monkeypatch):
+    ran = []
+    monkeypatch.setattr(dense, "_siglip_pass", lambda *a: ran.append(1))
+    q, k = torch.randn(4, 3), torch.randn(4, 3)
+    for bad, match in ((dict(positive_index=torch.tensor([0, 1, 2, 9])), "positive_index"),
+                       (dict(logit_bias=torch.tensor(float("nan"))), "logit_bias"),
+                       (dict(logit_scale=torch.tensor(-1.0)), "logit_scale")):
+        with pytest.raises(ValueError, match=match):
+            ck.siglip_loss(q, k, **bad)
+    assert not ran
+
+
+def test_siglip_double_backward_raises_and_retain_graph_repeats(sig_calls):
+    q = torch.randn(20, 6, requires_grad=True)
+    s = torch.tensor(5.0, requires_grad=True)
+    b = torch.tensor(-2.0, requires_grad=True)
+    loss = ck.siglip_loss(q, torch.randn(20, 6), logit_scale=s, logit_bias=b)
+    assert sig_calls
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, q, create_graph=True)
+    g1 = torch.autograd.grad(loss, (q, s, b), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (q, s, b))
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))     # saved tensors unchanged
+
+
+def test_siglip_nan_stays_in_its_row(sig_calls, siglip_ops):
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    q[2, 1] = float("nan")
+    rows = ck.siglip_loss(q, k, reduction="none")
+    assert sig_calls
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
+
+
+def test_siglip_autocast_and_one_node(sig_calls):
+    q, k = _inputs(40, 40, 32, "siglip_autocast")
+    q, k = q.float().requires_grad_(), k.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ck.siglip_loss(q, k, logit_scale=12.0)
+    assert sig_calls and got.dtype == torch.float32
+    assert type(got.grad_fn).__name__ == "_SigLossBackward"
+    leaves = {type(f).__name__ for f, _ in got.grad_fn.next_functions if f is not None}
+    assert leaves == {"AccumulateGrad"}
+    want = ck.reference.siglip_loss(q.detach(), k.detach(), logit_scale=12.0)
+    assert rel_err(got, want, floor=1.0) <= TOL[torch.float32]["loss"]
+
+
+@pytest.mark.skipif(not dense._SIGLIP_OPS, reason="the C++ extension is not loaded")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("n,m", [(1, 1), (1, 37), (29, 1), (37, 301), (300, 129), (65, 64)])
+def test_siglip_op_matches_torch(n, m, dtype):
+    """contrastive_kernels::dense_siglip against float64 torch on odd shapes with |z| up
+    to ~300: the rows' softplus and sigmoid sums, and sigmoid(z) left in place (the
+    suite's poisoning fills the sums with NaN first)."""
+    g = torch.Generator().manual_seed(seed_for("siglip_op", n, m))
+    x64 = torch.randn(n, m, generator=g, dtype=torch.float64) * 60
+    for bias in (0.0, -10.0, 3.5):
+        x = x64.to(dtype)
+        z = x.double() + bias
+        r, t = torch.ops.contrastive_kernels.dense_siglip(x, bias)
+        assert r.shape == t.shape == (n,) and r.dtype == t.dtype == dtype
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert rel_err(r, -torch.nn.functional.logsigmoid(-z).sum(1), floor=1.0) <= tol
+        assert rel_err(t, torch.sigmoid(z).sum(1), floor=1.0) <= tol
+        assert (x.double() - torch.sigmoid(z)).abs().max() <= tol
+
+
+@pytest.mark.skipif(not dense._SIGLIP_OPS, reason="the C++ extension is not loaded")
+def test_siglip_op_propagates_nan_and_rejects_bad_input():
+    op = torch.ops.contrastive_kernels.dense_siglip
+    x = torch.randn(5, 40)
+    x[2, 17] = float("nan")
+    r, t = op(x, -1.0)
+    assert r[2].isnan() and t[2].isnan() and r[[0, 1, 3, 4]].isfinite().all()
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(torch.randn(3, 4).half(), 0.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(4, 3).T, 0.0)
+    with pytest.raises(RuntimeError, match="non-empty matrix"):
+        op(torch.randn(0, 3), 0.0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(labels=torch.arange(1024) % 7)], ids=["diagonal",
+                                                                              "labels"])
+def test_siglip_holds_one_tile_at_the_limit(kw, sig_calls):
+    """At N * M = DENSE_MAX the node keeps the inputs, sigmoid(z) (one N x M float32
+    tile, 4 MiB) and O(N) statistics (labels: also the boolean mask); nothing else."""
+    side = int(dense.DENSE_MAX ** 0.5)
+    q, k = torch.randn(side, 16, requires_grad=True), torch.randn(side, 16)
+    held = {}
+
+    def pack(t):
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ck.siglip_loss(q, k, **kw)
+    assert sig_calls
+    tile = 4 * side * side
+    mask = side * side if kw else 0
+    assert sum(held.values()) <= tile + mask + 2 * 4 * side * 16 + 64 * side, held
+    loss.backward()

@@ -720,6 +720,27 @@ at::Tensor dense_grad_cpu(const at::Tensor& s, const at::Tensor& lse_r, const at
   return ds;
 }
 
+// The sigmoid loss on a materialized tile: s <- sigmoid(s + bias) in place; r[i] =
+// sum_j softplus(s_ij + bias), t[i] = sum_j sigmoid(s_ij + bias).
+std::tuple<at::Tensor, at::Tensor> dense_siglip_cpu(at::Tensor& s, double bias, bool poison) {
+  check_dense(s);
+  const int64_t n = s.size(0), m = s.size(1);
+  at::Tensor r = new_buffer({n}, s.options(), poison);
+  at::Tensor t = new_buffer({n}, s.options(), poison);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "dense_siglip_cpu", [&] {
+    using T = scalar_t;
+    T* x = s.data_ptr<T>();
+    at::parallel_for(0, n, dense_grain(m), [&](int64_t i0, int64_t i1) {
+      T* rp = r.data_ptr<T>() + i0;
+      T* tp = t.data_ptr<T>() + i0;
+      std::fill(rp, rp + (i1 - i0), T(0));
+      std::fill(tp, tp + (i1 - i0), T(0));
+      siglip_tile<T>(x + i0 * m, i1 - i0, m, static_cast<T>(bias), nullptr, true, rp, tp);
+    });
+  });
+  return {r, t};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
@@ -730,4 +751,5 @@ TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("lse_backward_ext", &lse_backward_ext_cpu);
   m.impl("dense_lse", &dense_lse_cpu);
   m.impl("dense_grad", &dense_grad_cpu);
+  m.impl("dense_siglip", &dense_siglip_cpu);
 }

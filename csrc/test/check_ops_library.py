@@ -23,4 +23,10 @@ assert torch.allclose(d_r, S.logsumexp(1), rtol=1e-12), "dense lse rows"
 assert torch.allclose(d_c, S.logsumexp(0), rtol=1e-12), "dense lse cols"
 assert torch.allclose(ops.dense_grad(S, d_r, g_r, d_c, g_c, 0.5, False), 0.5 * dS,
                       rtol=1e-10), "dense grad"
+Z = S.clone()
+r, t = ops.dense_siglip(Z, -1.5)
+assert torch.allclose(r, -torch.nn.functional.logsigmoid(-(S - 1.5)).sum(1), rtol=1e-12), \
+    "dense siglip softplus sums"
+assert torch.allclose(t, torch.sigmoid(S - 1.5).sum(1), rtol=1e-12), "dense siglip sigmoid sums"
+assert torch.allclose(Z, torch.sigmoid(S - 1.5), rtol=1e-12), "dense siglip in place"
 print("ops library: forward and backward match torch")
