@@ -65,20 +65,26 @@ def _value(scale):
 def info_nce(p):
     """The loss of an eligible call, as one autograd node."""
     q, self_c = p.query, p.key is None
-    if p.labels is not None:
-        pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
-        if self_c:
-            pos.fill_diagonal_(False)
-    elif p.index_given or self_c:
-        pos = p.positive_index              # (N,): one positive per row
-    else:
-        pos = None                          # the default: key i is query i's positive
+    pos = _positives(p)
     sub = 1 if self_c else 0
     bias = p.bias if torch.is_tensor(p.bias) else None
     scale = p.scale.to(q.dtype) if torch.is_tensor(p.scale) else p.scale     # 0-dim
     args = (q, p.key, scale, bias, pos, p.symmetric, p.label_smoothing, p.n_keys - sub,
             q.shape[0] - sub, p.reduction)
     return _full_precision(_Loss.apply, args)
+
+
+def _positives(p):
+    """The positives as the dense losses take them: a boolean N x M mask (labels; the
+    diagonal False under self-contrast), the (N,) positive_index (given, or the
+    self-contrast default), or None for the default diagonal."""
+    self_c = p.key is None
+    if p.labels is not None:
+        pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
+        if self_c:
+            pos.fill_diagonal_(False)
+        return pos
+    return p.positive_index if (p.index_given or self_c) else None
 
 
 def _full_precision(fn, args):
@@ -240,13 +246,7 @@ def _stats_backward(q, kk, self_c, alpha, s, lse, lse_c, pos, g_lse, g_a, g_b, g
 
 def siglip_loss(p):
     """The sigmoid loss of an eligible call, as one autograd node."""
-    q = p.query
-    if p.labels is not None:
-        pos = p.labels.view(-1, 1) == p.key_labels.view(1, -1)
-    elif p.index_given:
-        pos = p.positive_index
-    else:
-        pos = None                          # the diagonal
+    q, pos = p.query, _positives(p)
     to = lambda x: x.to(q.dtype) if torch.is_tensor(x) else x         # 0-dim
     return _full_precision(_SigLoss.apply, (q, p.key, to(p.scale), to(p.bias), pos,
                                             p.reduction))
