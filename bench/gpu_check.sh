@@ -2,7 +2,8 @@
 # GPU check (one H200, no network): build the extension with CUDA, run the whole test
 # suite on CUDA tensors, then the bf16 benchmark table (bench/bench_gpu.py).
 #   bench/gpu_check.sh [--quick]      (--quick: benchmark N in {4096, 8192} only)
-# Optional wheels in .whl/ (inf-cl, siglip-kernel: the peers, not installed there) are
+# Optional wheels in .whl/ (inf-cl, siglip-kernel: the peers, not installed there;
+# bench/peer_wheels.sh fetches them, and the device call carries .whl) are
 # installed with --no-index into a temporary folder on PYTHONPATH first.
 # A rerun can skip phases: CK_GPU_SKIP_BUILD=1 uses a contrastive_kernels/_C*.so already
 # in place (say, from the first run), CK_GPU_TESTS overrides the pytest selection

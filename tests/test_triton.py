@@ -401,7 +401,7 @@ def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch):
     # floor is lifted so that it applies at test size), and a block of rows that fits.
     set_mode(monkeypatch, "blocked")
     monkeypatch.setattr(T, "WORKSPACE_MIN", 0)
-    n, d = 1200, 16
+    n, d = 720, 16
     q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float32, False, seed=3, spread=1.0))
     sizes = []
 
