@@ -58,13 +58,18 @@ CASES = {
 }
 
 
+def _use_ops(request, monkeypatch, flag):
+    """request.param "cpp": dense's C++ ops (named by flag), "torch": torch's fallback."""
+    if request.param == "cpp" and not getattr(dense, flag):
+        pytest.skip("the C++ extension is not loaded")
+    monkeypatch.setattr(dense, flag, request.param == "cpp")
+    return request.param
+
+
 @pytest.fixture(params=["cpp", "torch"])
 def tile_ops(request, monkeypatch):
     """The tile's log-sum-exps and gradient: the C++ ops, or torch's (no extension)."""
-    if request.param == "cpp" and not dense._OPS:
-        pytest.skip("the C++ extension is not loaded")
-    monkeypatch.setattr(dense, "_OPS", request.param == "cpp")
-    return request.param
+    return _use_ops(request, monkeypatch, "_OPS")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -339,10 +344,7 @@ def sig_calls(monkeypatch):
 @pytest.fixture(params=["cpp", "torch"])
 def siglip_ops(request, monkeypatch):
     """The tile's pass: the C++ op, or torch's (no extension)."""
-    if request.param == "cpp" and not dense._SIGLIP_OPS:
-        pytest.skip("the C++ extension is not loaded")
-    monkeypatch.setattr(dense, "_SIGLIP_OPS", request.param == "cpp")
-    return request.param
+    return _use_ops(request, monkeypatch, "_SIGLIP_OPS")
 
 
 def _sig_case(name, gen):
