@@ -429,11 +429,11 @@ class RingBlocks:
         ops += [dist.P2POp(dist.irecv, t, self.prev, g) for t in recvs]
         # interleave as send, recv pairs so both ends post in the same order
         ops = [op for pair in zip(ops[:len(sends)], ops[len(sends):]) for op in pair]
-        reqs = dist.batch_isend_irecv(ops) if ops else []
         nxt, prv = (st.rank + 1) % st.world, (st.rank - 1) % st.world
+        peers = [nxt if op.op is dist.isend else prv for op in ops]
+        reqs = st.sync.post(ops, step, peers)
         # the peer of each request (one request per op unless the backend coalesced them)
-        peers = [nxt if op.op is dist.isend else prv for op in ops] \
-            if len(reqs) == len(ops) else None
+        peers = peers if len(reqs) == len(ops) else None
         pending = Pending(st.sync, reqs, step, peers)
         if not self.overlap:
             pending.wait()

@@ -207,6 +207,24 @@ class Sync:
                     raise
                 raise self.fault(step, e, None if peers is None else peers[i]) from e
 
+    def post(self, ops, step, peers):
+        """Start the ring transfers `ops` (dist.P2POp; peers: the group rank of each) and
+        return their works. A post that fails (gloo: the connection to a peer that died is
+        already closed) raises the CollectiveFault that a failed wait would. CUDA tensors
+        are posted as one batch (NCCL coalesces them), CPU ones one at a time, so that a
+        failure names its peer."""
+        batches = [(ops, None)] if ops and ops[0].tensor.is_cuda else \
+            [([op], peer) for op, peer in zip(ops, peers)]
+        works = []
+        for batch, peer in batches:
+            try:
+                works += dist.batch_isend_irecv(batch)
+            except RuntimeError as e:
+                if isinstance(e, CollectiveFault):
+                    raise
+                raise self.fault(step, e, peer) from e
+        return works
+
     def collective(self, op, step, *args):
         """Run the collective `op(*args, group=, async_op=True)` and wait for it (timed);
         `step` names it in a fault."""

@@ -202,9 +202,21 @@ def _die_in_local_loss():
     ckd.info_nce = die
 
 
-def _dies(world, rank, name, victim, where):
+def _post_late(seconds):
+    """In this process: every ring transfer is posted `seconds` late (by then a peer that
+    died has closed its connection, and gloo refuses the post itself)."""
+    orig = ckd.RingBlocks._exchange
+
+    def exchange(self, *args):
+        time.sleep(seconds)
+        return orig(self, *args)
+    ckd.RingBlocks._exchange = exchange
+
+
+def _dies(world, rank, name, victim, where, late=False):
     """Rank `victim` dies inside the call (forward or backward); every other rank raises
-    within T_DIES plus the reports' grace, naming it."""
+    within T_DIES plus the reports' grace, naming it. late: the others post each ring
+    transfer 0.3 s late, so that a post (not only a wait) meets the closed connection."""
     survivors = _others(world, victim)
     q, k = _shard(rank)
     kw = dict(symmetric=True) if "info_nce" in name else {}
@@ -214,6 +226,8 @@ def _dies(world, rank, name, victim, where):
             _die_in_local_loss()
         else:       # the second step of the forward's ring, or of the backward's
             _die_in_the_ring(2 if where == "forward" else world + 2)
+    elif late:
+        _post_late(0.3)
     dist.barrier()
 
     def step():
@@ -240,6 +254,16 @@ DEATHS = [(2, "ring_info_nce", 1, "forward"), (2, "gather_info_nce", 0, "local l
 def test_a_rank_dies_inside_the_call(world, name, victim, where, tmp_path):
     cases = functools.partial(_dies, name=name, victim=victim, where=where)
     # a short group timeout bounds what gloo itself may still wait for at the end
+    spawn(world, tmp_path, cases, pg_timeout_s=20, timeout_s=SPAWN_LIMIT)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_a_post_to_a_dead_rank_is_a_fault(world, tmp_path):
+    """The victim dies in the forward's ring while the others post their transfers late:
+    gloo then raises as the transfer is posted, and that too is a CollectiveFault naming
+    the victim (it was a bare RuntimeError)."""
+    cases = functools.partial(_dies, name="ring_info_nce", victim=1, where="forward",
+                              late=True)
     spawn(world, tmp_path, cases, pg_timeout_s=20, timeout_s=SPAWN_LIMIT)
 
 
