@@ -423,7 +423,9 @@ def siglip_options(backend, passes, options):
     if opts.algorithm == "blocked":
         raise ValueError("algorithm='blocked' is an info_nce option (siglip_loss has the fused "
                          "kernels only)")
-    if isinstance(passes, bool) or passes not in (None, 3, 4):
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int)):
+        raise TypeError(f"passes must be None, 3 or 4, got {type(passes).__name__} {passes!r}")
+    if passes not in (None, 3, 4):
         raise ValueError(f"passes must be None, 3 or 4, got {passes!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .backends import REGISTRY
-from .problem import check_int_vector, check_matrix
+from .problem import check_matrix, check_values, resolve_targets
 
 # Rows and keys per tile: a 2048 x 2048 float32 tile is 16 MiB. Tests shrink them.
 ROW_TILE = 2048
@@ -117,42 +117,11 @@ def check_metrics(query, key, positive_index, labels, key_labels, ks, backend):
         raise ValueError(f"backend must be 'auto' or one of {avail} (available on {dev}), "
                          f"got {backend!r}")
 
-    if positive_index is not None and labels is not None:
-        raise ValueError("give either positive_index or labels, not both")
-    if key_labels is not None and labels is None:
-        raise ValueError("key_labels needs labels as well")
-    if labels is not None:
-        labels = check_int_vector("labels", labels, n, "query rows", dev)
-        if key is None:
-            if key_labels is not None:
-                raise ValueError("key_labels must be None when key is None (the keys are "
-                                 "the queries)")
-            key_labels = labels
-        elif key_labels is None:
-            if m != n:
-                raise ValueError(f"key_labels is required when key has a different row count "
-                                 f"({m}) than query ({n})")
-            key_labels = labels
-        else:
-            key_labels = check_int_vector("key_labels", key_labels, m, "key rows", dev)
-    elif positive_index is None:
-        if key is None:
-            if n % 2:
-                raise ValueError(f"NT-Xent (key=None, no labels) needs an even number of query "
-                                 f"rows (two views stacked), got {n}")
-            positive_index = (torch.arange(n, device=dev) + n // 2) % n
-        else:
-            if m < n:
-                raise ValueError(f"the default positive_index arange(N) needs key rows >= query "
-                                 f"rows, got query rows {n} and key rows {m}")
-            positive_index = torch.arange(n, device=dev)
-    else:
-        positive_index = check_int_vector("positive_index", positive_index, n, "query rows", dev)
-        lo, hi = int(positive_index.min()), int(positive_index.max())
-        if lo < 0 or hi >= m:
-            raise ValueError(f"positive_index values must be in [0, {m}), got range [{lo}, {hi}]")
-        if key is None and bool((positive_index == torch.arange(n, device=dev)).any()):
-            raise ValueError("positive_index must not point a query at itself when key is None")
+    given_index = positive_index is not None
+    positive_index, labels, key_labels = resolve_targets(
+        key is None, n, m, positive_index, labels, key_labels, dev)
+    if given_index:
+        check_values(positive_index, m, 0, key is None, None, None)
 
     if labels is None:
         has_pos = torch.ones(n, dtype=torch.bool, device=dev)

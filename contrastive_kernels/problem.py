@@ -7,6 +7,7 @@ Python scalars): traceable by torch.compile. `check_values` checks what needs th
 any kernel. Every error names the argument.
 """
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -113,10 +114,12 @@ def _check_scalar(name, x, device, positive):
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.device != device and x.device.type != "cpu":    # a CPU scalar is moved over
+            raise ValueError(f"{name} is on {x.device} but query is on {device}")
         if x.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
             _check_value(name, float(x.detach()), positive)
         return x.reshape(()).to(device)
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):   # numpy scalars too
         _check_value(name, float(x), positive)
         return float(x)
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
@@ -159,6 +162,9 @@ def _check_reciprocal(t, scale):
 def _check_value(name, value, positive):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if abs(value) > torch.finfo(torch.float32).max:
+        # the kernels hold scalars in the accumulation dtype: float32 unless inputs are fp64
+        raise ValueError(f"{name} must be finite in float32 (the kernels' scalars), got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
 
@@ -249,6 +255,46 @@ def check_teacher(teacher, key, n, m, device, dtype, scale, weight, weighting, m
     return (tq, tk), scale, float(weight), weighting
 
 
+def resolve_targets(self_contrast, n, m, positive_index, labels, key_labels, device):
+    """(positive_index, labels, key_labels) of n queries against m keys, checked, with the
+    defaults filled in: key_labels = labels when the keys are the queries or m == n;
+    without labels, positive_index defaults to arange(n) (m >= n) or, for self-contrast,
+    to NT-Xent's pairing i <-> i + n/2. A given positive_index's values are checked by
+    check_values (a shard's may point at another rank's keys)."""
+    if positive_index is not None and labels is not None:
+        raise ValueError("give either positive_index or labels, not both")
+    if key_labels is not None and labels is None:
+        raise ValueError("key_labels needs labels as well")
+    if labels is not None:
+        labels = check_int_vector("labels", labels, n, "query rows", device)
+        if self_contrast:
+            if key_labels is not None:
+                raise ValueError("key_labels must be None when key is None (the keys are the "
+                                 "queries)")
+            key_labels = labels
+        elif key_labels is None:
+            if m != n:
+                raise ValueError(f"key_labels is required when key has a different row count "
+                                 f"({m}) than query ({n})")
+            key_labels = labels
+        else:
+            key_labels = check_int_vector("key_labels", key_labels, m, "key rows", device)
+    elif positive_index is not None:
+        positive_index = check_int_vector("positive_index", positive_index, n, "query rows",
+                                          device)
+    elif self_contrast:
+        if n % 2:
+            raise ValueError(f"NT-Xent (key=None, no labels) needs an even number of query "
+                             f"rows (two views stacked), got {n}")
+        positive_index = (torch.arange(n, device=device) + n // 2) % n
+    else:
+        if m < n:
+            raise ValueError(f"the default positive_index arange(N) needs key rows >= query "
+                             f"rows, got query rows {n} and key rows {m}")
+        positive_index = torch.arange(n, device=device)
+    return positive_index, labels, key_labels
+
+
 def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                  logit_scale, logit_bias, symmetric, label_smoothing, reduction,
                  shard=False, margin=0.0, decoupled=False, teacher=None,
@@ -292,9 +338,6 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
     scale_name = "logit_scale"
     if logit_scale is not None:
         scale = check_scale("logit_scale", logit_scale, n, dev)
-        if not torch.is_tensor(scale) and scale > torch.finfo(torch.float32).max:
-            raise ValueError(f"logit_scale must be finite in float32 (the kernels' scale), "
-                             f"got {scale}")
     else:
         scale_name = "temperature"
         t = DEFAULT_TEMPERATURE if temperature is None else temperature
@@ -305,41 +348,9 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
     if softmax:
         warn_bias(logit_bias)
 
-    if positive_index is not None and labels is not None:
-        raise ValueError("give either positive_index or labels, not both")
     given_index = positive_index is not None
-    if key_labels is not None and labels is None:
-        raise ValueError("key_labels needs labels as well")
-
-    if labels is not None:
-        labels = check_int_vector("labels", labels, n, "query rows", dev)
-        if key is None:
-            if key_labels is not None:
-                raise ValueError("key_labels must be None when key is None (the keys are the queries)")
-            key_labels = labels
-        elif key_labels is None:
-            if m != n:
-                raise ValueError(f"key_labels is required when key has a different row count "
-                                 f"({m}) than query ({n})")
-            key_labels = labels
-        else:
-            key_labels = check_int_vector("key_labels", key_labels, m, "key rows", dev)
-    else:
-        # symmetric with M != N (docs/DESIGN.md section 1): the columns whose key is no
-        # query's positive (hard negatives, M > N) are left out.
-        if positive_index is None:
-            if key is None:
-                if n % 2:
-                    raise ValueError(f"NT-Xent (key=None, no labels) needs an even number of query "
-                                     f"rows (two views stacked), got {n}")
-                positive_index = (torch.arange(n, device=dev) + n // 2) % n
-            else:
-                if m < n:
-                    raise ValueError(f"the default positive_index arange(N) needs key rows >= query "
-                                     f"rows, got query rows {n} and key rows {m}")
-                positive_index = torch.arange(n, device=dev)
-        else:
-            positive_index = check_int_vector("positive_index", positive_index, n, "query rows", dev)
+    positive_index, labels, key_labels = resolve_targets(
+        key is None, n, m, positive_index, labels, key_labels, dev)
 
     per_row = torch.is_tensor(scale) and scale.dim() == 1
     if (margin or decoupled) and symmetric and key is None and given_index and not per_row:
@@ -432,6 +443,10 @@ def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias
             # the worst value: a non-finite one, else the smallest
             bad = v[~torch.isfinite(v)]
             _check_value(name, float(bad[0] if bad.numel() else v.min()), positive)
+            big = x.detach().double().reshape(-1).abs().max()   # the kernels' scalar
+            if name == "temperature" and big > torch.finfo(torch.float32).max:
+                raise ValueError(f"temperature must be > 0 with a finite reciprocal in "
+                                 f"float32 (the kernels' scale), got {float(1 / big)}")
 
 
 _WARNED = set()

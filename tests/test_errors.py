@@ -57,6 +57,7 @@ BAD = [
     ("logit_scale inf tensor", dict(logit_scale=torch.tensor(math.inf)), ValueError, r"logit_scale must be finite"),
     ("logit_scale vector", dict(logit_scale=torch.ones(2)), ValueError, r"logit_scale must be a float, a 0-dim tensor or a tensor of shape"),
     ("logit_bias nan", dict(logit_bias=math.nan), ValueError, r"logit_bias must be finite"),
+    ("logit_bias bool", dict(logit_bias=True), TypeError, r"logit_bias must be a float or a 0-dim tensor, got bool"),
     ("symmetric M < N, default index", dict(key=torch.randn(2, 3), symmetric=True), ValueError, r"needs key rows >= query rows"),
     ("fewer keys than queries", dict(key=torch.randn(2, 3)), ValueError, r"needs key rows >= query rows"),
     ("odd NT-Xent", dict(query=torch.randn(5, 3), key=None), ValueError, r"needs an even number of query rows"),
@@ -70,6 +71,11 @@ BAD = [
     ("temperature and logit_scale", dict(temperature=0.1, logit_scale=10.0), ValueError, r"either temperature or logit_scale, not both"),
     ("logit_scale overflows float32", dict(logit_scale=1e39), ValueError, r"logit_scale must be finite"),
     ("temperature reciprocal overflows", dict(temperature=1e-39), ValueError, r"temperature must be > 0 with a finite reciprocal"),
+    ("logit_scale fp64 tensor overflows float32", dict(logit_scale=torch.tensor(1e39, dtype=torch.float64)), ValueError, r"logit_scale must be finite in float32"),
+    ("logit_bias overflows float32", dict(logit_bias=-1e39), ValueError, r"logit_bias must be finite in float32"),
+    ("logit_bias fp64 tensor overflows float32", dict(logit_bias=torch.tensor(1e39, dtype=torch.float64)), ValueError, r"logit_bias must be finite in float32"),
+    ("temperature fp64 tensor reciprocal overflows", dict(temperature=torch.tensor(1e-39, dtype=torch.float64)), ValueError, r"temperature must be > 0 with a finite reciprocal in float32"),
+    ("per-row temperature reciprocal overflows", dict(temperature=torch.tensor([0.1, 1e-39, 0.1, 0.1], dtype=torch.float64)), ValueError, r"temperature must be > 0 with a finite reciprocal in float32"),
     ("sparse query", dict(query=torch.randn(4, 3).to_sparse()), TypeError, r"query must be a dense \(strided\) tensor.*to_dense"),
     ("sparse key", dict(key=torch.randn(4, 3).to_sparse()), TypeError, r"key must be a dense \(strided\) tensor"),
     ("sparse labels", dict(labels=torch.arange(4).to_sparse()), TypeError, r"labels must be a dense \(strided\) tensor"),
@@ -110,6 +116,11 @@ def test_mixed_devices():
         ck.info_nce(q, k)
     with pytest.raises(ValueError, match=r"labels is on meta"):
         ck.info_nce(q, q, labels=torch.arange(4, device="meta"))
+    for name in ("logit_scale", "logit_bias"):
+        with pytest.raises(ValueError, match=f"{name} is on meta but query is on cpu"):
+            ck.info_nce(q, q, **{name: torch.tensor(1.0, device="meta")})
+        with pytest.raises(ValueError, match=f"{name} is on meta but query is on cpu"):
+            ck.siglip_loss(q, q, **{name: torch.tensor(1.0, device="meta")})
 
 
 def test_backend_unable_to_serve_names_available():

@@ -231,6 +231,11 @@ def test_float_scale_and_bias_and_defaults():
     z = 10.0 * q @ k.T - 10.0
     y = 2 * torch.eye(9, dtype=torch.float64) - 1
     assert abs(float(out) - float(-F.logsigmoid(y * z).sum() / 9)) < 1e-12
+    # numpy scalars (a config's np.float32) are floats too
+    import numpy as np
+    alt = ck.siglip_loss(q, k, logit_scale=np.float32(7.0), logit_bias=np.float64(-3.0))
+    ref = ck.reference.siglip_loss(q, k, logit_scale=7.0, logit_bias=-3.0)
+    assert rel_err(alt, ref, floor=1.0) < 1e-12
 
 
 def test_reference_matches_its_definition():
@@ -271,6 +276,9 @@ def test_bad_inputs_are_named():
         ck.siglip_loss(q, k, logit_bias=torch.tensor(float("inf")))
     with pytest.raises(ValueError, match="passes must be"):
         ck.siglip_loss(q, k, passes=2)
+    for bad in (3.0, True):
+        with pytest.raises(TypeError, match="passes must be"):
+            ck.siglip_loss(q, k, passes=bad)
     with pytest.raises(ValueError, match="low_memory=True is an info_nce option"):
         ck.siglip_loss(q, k, low_memory=True)
     with pytest.raises(TypeError, match="unexpected keyword"):
@@ -283,6 +291,21 @@ def test_bad_inputs_are_named():
         ck.siglip_loss(q, k, reduction="avg")
     with pytest.raises(ValueError, match="key_labels is required"):
         ck.siglip_loss(q, torch.randn(6, 3), labels=torch.arange(4))
+
+
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS + ["reference"])
+@pytest.mark.parametrize("arg", ["logit_scale", "logit_bias"])
+@pytest.mark.parametrize("form", ["float", "fp64 tensor"])
+def test_scalars_beyond_float32_are_refused(backend, arg, form):
+    """The kernels hold the scale and bias in float32 (fp32/half inputs): a value beyond
+    its range would be inf there (a NaN loss); every path refuses it, named."""
+    q, k = torch.randn(4, 3, device=DEVICE), torch.randn(4, 3, device=DEVICE)
+    v = 1e39 if arg == "logit_scale" else -1e39
+    kw = {arg: v if form == "float" else torch.tensor(v, dtype=torch.float64)}
+    fn = ck.reference.siglip_loss if backend == "reference" else ck.siglip_loss
+    extra = {} if backend == "reference" else dict(backend=backend)
+    with pytest.raises(ValueError, match=f"{arg} must be finite in float32"):
+        fn(q, k, **kw, **extra)
 
 
 def test_errors_come_before_any_kernel(monkeypatch):
