@@ -228,6 +228,7 @@ def _info_nce_call(what, run, query, key, group, normalize, timeout, backend, op
         opts = make_options(**options)
         p = check_inputs(query, key, shard=True, normalize=normalize, **kwargs)
         check_variant_options(p, opts)
+        _check_backend_name(backend, p.query.device)
         if p.teacher is not None and gather:
             raise ValueError(f"{what}: a teacher is not supported in 'gather' mode; use "
                              f"ring_info_nce")
@@ -258,11 +259,26 @@ def _siglip_call(what, run, query, key, group, normalize, timeout, backend, pass
 
     def check():        # the options too: a bad one on any rank raises on every rank
         opts = siglip_options(backend, passes, options)
-        return check_siglip(query, key, shard=True, normalize=normalize, **kwargs), opts
+        p = check_siglip(query, key, shard=True, normalize=normalize, **kwargs)
+        _check_backend_name(backend, p.query.device)
+        if backend != "auto":       # the backend this rank's shard will take
+            REGISTRY.select(backend, Call(p.query.device, p.query.dtype, p.query.shape[0],
+                                          p.key.shape[0], p.query.shape[1], loss="siglip"),
+                            opts)
+        return p, opts
+    # the schedule (passes) decides the collectives of backward: it must agree
     st = _agree(what, query, group, world, check, allow_self=False, wants_grad=wants,
-                normalize=normalize, timeout=timeout)
+                normalize=normalize, timeout=timeout,
+                extra=(("passes", 0 if passes is None else passes, {0: None}),))
     with st.sync.guard():
         return run(st)
+
+
+def _check_backend_name(backend, device):
+    """A backend name this rank can use (ValueError, raised on every rank by _agree)."""
+    if backend != "auto" and backend not in REGISTRY.available(device):
+        raise ValueError(f"backend must be 'auto' or one of {REGISTRY.available(device)} "
+                         f"(available on {device}), got {backend!r}")
 
 
 def _bits(x):
@@ -281,12 +297,13 @@ def _scalar_key(x):
 
 
 def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
-           normalize=False, timeout=None):
+           normalize=False, timeout=None, extra=()):
     """Check in (Sync.rendezvous), check the local shard (check() -> (Problem, kernel
     options)), share sizes and settings with one all_gather, and raise on every rank if
     any rank's arguments are bad or disagree. wants_grad: this rank needs a gradient
     (shared as _Setup.any_grad). timeout: the call's (checked here; an invalid one raises
-    on every rank)."""
+    on every rank). extra: (name, int value, {value: shown}) settings that must agree too
+    (a valid int on a rank whose check fails: it raises first)."""
     rank = dist.get_rank(group)
     cdev = _comm_device(group, query.device if torch.is_tensor(query) else torch.device("cpu"))
     t_err = None
@@ -307,7 +324,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
     except (TypeError, ValueError) as e:
         err, p = e, None
     if p is None:
-        row = [0] * 22
+        row = [0] * (22 + len(extra))
     else:
         n, d = p.query.shape
         keys = p.query if p.self_contrast else p.key
@@ -316,7 +333,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
                int(wants_grad), _bits(p.margin), int(p.decoupled), _bits(p.label_smoothing),
                *_scalar_key(p.scale), *_scalar_key(p.bias), int(p.teacher is not None),
                _bits(p.teacher_weight), WEIGHTINGS.index(p.teacher_weighting),
-               int(normalize)]
+               int(normalize)] + [int(v) for _, v, _ in extra]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     sync.collective(dist.all_gather, "the set-up (all_gather of sizes and settings)",
@@ -347,6 +364,17 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
                 vals = [bool(v) for v in vals]
             raise ValueError(f"{what}: {name} must be the same on every rank, got {vals} "
                              f"(by rank)")
+    wants = [bool(t[10]) for t in table]
+    if any(wants) and not all(wants):
+        raise ValueError(f"{what}: rank(s) {[r for r, w in enumerate(wants) if w]} need a "
+                         f"gradient and rank(s) {[r for r, w in enumerate(wants) if not w]} "
+                         f"do not (no input requires grad, or torch.no_grad()); backward is "
+                         f"collective, so every rank must need one, or none")
+    for i, (name, _, shown) in enumerate(extra):
+        vals = [t[22 + i] for t in table]
+        if len(set(vals)) > 1:
+            raise ValueError(f"{what}: {name} must be the same on every rank, got "
+                             f"{[shown.get(v, v) for v in vals]} (by rank)")
     sizes_n = [t[1] for t in table]
     sizes_m = [t[2] for t in table]
     if p.self_contrast and not allow_self:
@@ -1097,7 +1125,7 @@ class _RingSigLIPFused(torch.autograd.Function):
         every = [torch.empty_like(cs) for _ in range(st.world)]
         st.sync.collective(dist.all_gather, "the backward all_gather of the upstream "
                     "gradients", every, cs)
-        if len({float(x) for x in every}) > 1:
+        if len({float(x) if x == x else "nan" for x in every}) > 1:   # NaN == NaN here
             raise RuntimeError(
                 "ring_siglip_loss(passes=3): the upstream gradient of the loss differs between "
                 f"ranks ({[float(x) for x in every]}); the 3-pass schedule computes the keys' "
@@ -1143,8 +1171,10 @@ def ring_siglip_loss(query: torch.Tensor, key: torch.Tensor, *, group: Optional[
     Returns:
         This rank's share, float32 (float64 for float64 inputs): for "mean",
         P * (this rank's row sums) / N_global, so that the mean over ranks is the global
-        loss; for "sum" its share of the sum; for "none" its rows (N_r,). Under DDP a
-        step equals a single-process step on the global batch, scale and bias included.
+        loss and, under DDP (which averages gradients), a step equals a single-process
+        step on the global batch, scale and bias included; for "sum" its share of the
+        sum (the sum over ranks is the global sum: DDP's average is then 1/P of it);
+        for "none" its rows (N_r,).
 
     Raises:
         TypeError: `key` None or an argument of the wrong type (as `siglip_loss`).
@@ -1412,6 +1442,8 @@ def _gather_siglip(st, common):
         pos = dict(labels=p.labels, key_labels=_gather_rows(p.key_labels, st, st.sizes_m))
     else:
         pos = dict(positive_index=p.positive_index)
-    out = _local_loss(siglip_loss, p.query, k_all, p.out_dtype, **pos, **common,
+    # an empty rank's zero loss still gives the scale and bias a (zero) gradient
+    tie = tuple(x for x in (p.scale, p.bias) if torch.is_tensor(x))
+    out = _local_loss(siglip_loss, p.query, k_all, p.out_dtype, tie, **pos, **common,
                       reduction="none" if p.reduction == "none" else "sum")
     return out * (world / max(st.n_global, 1)) if p.reduction == "mean" else out

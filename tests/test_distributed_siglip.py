@@ -178,6 +178,34 @@ def _cases(world, rank):
         lambda: ckd.ring_siglip_loss(q, q.clone(), backend="torch",
                                      reduction="sum" if rank else "mean"),
         "reduction must be the same")
+    # the schedule decides backward's collectives: ranks must agree on it
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_siglip_loss(q, q.clone(), backend="torch",
+                                     passes=3 if rank == 0 else 4),
+        "passes must be the same on every rank")
+    # a rank that needs no gradient could not join the others' collective backward
+    _expect_value_error_everywhere(
+        lambda: ckd.ring_siglip_loss(torch.randn(4, D, requires_grad=rank != 0),
+                                     torch.randn(4, D), backend="torch"),
+        "need a gradient and rank(s) [0] do not")
+    # a backend name one rank cannot use fails every rank before any collective
+    bad_be = "nope" if rank == world - 1 else "torch"
+    for fn in (ckd.ring_siglip_loss, ckd.gather_siglip_loss, ckd.ring_info_nce,
+               ckd.gather_info_nce):
+        _expect_value_error_everywhere(lambda: fn(q, q.clone(), backend=bad_be),
+                                       "backend must be 'auto' or one of")
+    # a rank without query rows: its scale and bias still get a (zero) gradient, so
+    # that DDP finds them used on every rank
+    for fn in (ckd.ring_siglip_loss, ckd.gather_siglip_loss):
+        qe = torch.randn(0 if rank == 0 else 3, D, dtype=torch.float64, requires_grad=True)
+        ke = torch.randn(3, D, dtype=torch.float64)
+        s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+        fn(qe, ke, logit_scale=s, logit_bias=b, backend="torch").backward()
+        assert s.grad is not None and b.grad is not None, fn.__name__
+        if rank == 0:
+            assert float(s.grad) == 0.0 and float(b.grad) == 0.0, fn.__name__
+        dist.barrier()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
