@@ -9,6 +9,8 @@ run with the heavy tests spread among them (bench/gpu_check.sh: Triton compiles 
 parallel).
 Tests marked `cpu_only` (CPU memory, builds, compile checks, the gloo ring, CPU bench
 smoke tests, sharding, op counts: CI runs them) are skipped under CK_TEST_DEVICE=cuda.
+CK_TEST_CUDA_EMU=1 adds the "cuda" backend on CPU tensors, its kernels run under the
+emulator of tests/cuda_emu.py, to every test that takes the available backends.
 Every test runs under the poisoning dispatch mode of tests/dispatch.py unless marked
 `no_poison`.
 """
@@ -23,6 +25,17 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# CK_TEST_CUDA_EMU=1: the "cuda" backend's kernels also run on CPU tensors, under the
+# emulator (tests/cuda_emu.py), in every test that takes the available backends.
+if DEVICE == "cpu" and os.environ.get("CK_TEST_CUDA_EMU") == "1":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cuda_emu  # noqa: E402
+    from contrastive_kernels import backends as _backends  # noqa: E402
+    _why = cuda_emu.build()
+    if _why:
+        raise pytest.UsageError(f"CK_TEST_CUDA_EMU=1: {_why}")
+    cuda_emu.install(_backends.REGISTRY)
 
 # The benchmark harness (bench/sweep.py, bench/harness.py) lives outside the package.
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")

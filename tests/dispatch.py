@@ -22,10 +22,12 @@ BODIES = ops.BODIES
 
 def c_ops():
     """The C++ ops (empty without the extension)."""
+    import cuda_emu
+    emulated = cuda_emu.op_set()   # the CUDA backend's kernels under the emulator, if built
     if not extension.loaded():
-        return set()
+        return emulated
     ns = torch.ops.contrastive_kernels
-    return {ns.lse_forward.default, ns.lse_backward.default, ns.siglip_tiles.default,
+    return emulated | {ns.lse_forward.default, ns.lse_backward.default, ns.siglip_tiles.default,
             ns.lse_forward_ext.default, ns.lse_backward_ext.default, ns.dense_lse.default,
             ns.dense_grad.default, ns.dense_siglip.default}
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
+from contrastive_kernels import backends
 from conftest import DEVICE, TOL, rel_err, seed_for
 
 BACKENDS = ck.available_backends(DEVICE)
@@ -60,7 +61,13 @@ VARIANTS = {
 def compare(backend, n, m, d, dtype, variant, reduction, kind, seed_parts):
     """info_nce vs reference.info_nce, symmetric=True: the loss and the gradients of
     query, key and the logit scale (0-dim, or (N,) per query) under a random upstream
-    gradient; returns the fused loss."""
+    gradient; returns the fused loss. Skipped for a backend that does not declare the
+    variant (cuda: neither the shift nor the teacher; test_variants checks it refuses)."""
+    v = VARIANTS[variant]
+    need = ({"shift"} if v.get("margin") or v.get("decoupled") else set()) | \
+        ({"teacher"} if v.get("teacher") else set())
+    if need - backends.get(backend).features:
+        pytest.skip(f"{backend} does not declare {sorted(need - backends.get(backend).features)}")
     gen = torch.Generator().manual_seed(seed_for(*seed_parts))
     dev = torch.device(DEVICE)
     kw = dict(VARIANTS[variant])
