@@ -92,7 +92,8 @@ def build():
         _state["error"] = why
         return why
     from torch.utils import cpp_extension as ce
-    base = os.path.join(ce._get_build_directory("ck_cuda_emu", False), "src")
+    base = os.path.join(os.path.expanduser("~"), ".cache", "contrastive_kernels",
+                        f"cuda_emu-torch{torch.__version__}")
     os.makedirs(base, exist_ok=True)
     # The headers' digest goes into the generated sources, so that a change to any of
     # them rebuilds (torch hashes the sources it is given, not what they include).
@@ -113,7 +114,8 @@ def build():
         ce.load(name="ck_cuda_emu", sources=[kernels, ops],
                 extra_include_paths=[os.path.join(EMU, "include"), EMU, CSRC, base,
                                      cuda_include()],
-                extra_cflags=["-O1", "-w"], is_python_module=False, verbose=False)
+                extra_cflags=["-O1", "-w"], build_directory=base, is_python_module=False,
+                verbose=False)
     except Exception as e:  # compiler errors
         _state["error"] = f"the emulator build failed: {type(e).__name__}: {e}"
         return _state["error"]
