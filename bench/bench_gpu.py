@@ -4,9 +4,10 @@
                               [--methods naive,triton,...] [--loss clip|siglip]
 
 --loss siglip: the sigmoid loss (s = 10, b = -10): rows naive (open_clip's SigLipLoss
-math), every backend that declares "siglip" ("triton": the 3-pass schedule, "triton-4p":
-passes=4), and siglip-kernel's fused_siglip_loss when the `siglip_kernel` package
-imports; TFLOP/s counted as 6 N^2 D (its 3 GEMM passes), and the targets at the largest N
+math), every backend that declares "siglip" ("triton": the 3-pass schedule, by default
+the blocked algorithm at D = 768; "triton-1g": with a 1 GiB workspace; "triton-fused":
+the fused kernels; "triton-4p": passes=4), and siglip-kernel's fused_siglip_loss when the
+`siglip_kernel` package imports; TFLOP/s counted as 6 N^2 D (its 3 GEMM passes), and the targets at the largest N
 are >= 60% of the matmul rate and >= 1.3x siglip-kernel.
 
 Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
@@ -151,6 +152,10 @@ def methods():
             if "siglip" in ck.backends.get(b).features:
                 out.append((b, ck_step(b), lambda n: 0))
                 if b == "triton":
+                    # auto (blocked at D = 768: cuBLAS S blocks, 3 GEMM passes), the same
+                    # with a 1 GiB workspace, the fused kernels, and passes=4
+                    out.append(("triton-1g", ck_step(b, workspace=1 << 30), lambda n: 0))
+                    out.append(("triton-fused", ck_step(b, algorithm="fused"), lambda n: 0))
                     out.append(("triton-4p", ck_step(b, passes=4), lambda n: 0))
         try:
             out.append(("siglip_kernel", siglip_kernel_step(), lambda n: 0))

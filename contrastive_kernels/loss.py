@@ -352,9 +352,11 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
             fewer; holds float32 dq and dk until backward), 4 recomputes the tiles in
             backward and holds nothing. None: 3 for "mean"/"sum" when a gradient is
             needed, else 4 ("none" always takes 4); giving it runs the kernels.
-        **options: kernel options deterministic (bool) and precision ("ieee" or
-            "tf32"), None for the environment's default; see
-            `contrastive_kernels.make_options`.
+        **options: kernel options deterministic (bool), precision ("ieee" or
+            "tf32"), algorithm ("auto", "fused" or "blocked": `triton` computes S in
+            cuBLAS blocks and its tiles in Triton, by default for CUDA fp16/bf16 with
+            D above 256) and workspace (bytes of the blocked path's S block), None for
+            the environment's default; see `contrastive_kernels.make_options`.
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a 0-dim tensor for "mean" and
@@ -420,9 +422,6 @@ def siglip_options(backend, passes, options):
     if opts.low_memory:
         raise ValueError("low_memory=True is an info_nce option; for siglip_loss use passes=4, "
                          "which holds nothing between forward and backward")
-    if opts.algorithm == "blocked":
-        raise ValueError("algorithm='blocked' is an info_nce option (siglip_loss has the fused "
-                         "kernels only)")
     if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int)):
         raise TypeError(f"passes must be None, 3 or 4, got {type(passes).__name__} {passes!r}")
     if passes not in (None, 3, 4):

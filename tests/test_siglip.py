@@ -128,6 +128,60 @@ def test_half_types(backend, dtype, case):
     compare(backend, q, k, case(n, m, gen), dtype, ref_dtype=torch.float32)
 
 
+class _NotLaunched:
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"the blocked algorithm launched {self.name}")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available here")
+@pytest.mark.parametrize("passes", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("case", [case_diagonal, case_labels, case_none],
+                         ids=["diagonal", "labels", "none"])
+def test_triton_blocked(monkeypatch, passes, dtype, case):
+    """algorithm="blocked" (auto's choice for CUDA fp16/bf16 with D > 256): S by GEMMs in
+    blocks of 7 rows (a ragged last one), block_siglip_kernel for the sums and dS; the
+    fused kernels must not run. Half types against an fp32 reference of the same
+    rounded inputs (dS is rounded to the input dtype for its GEMMs, as in InfoNCE's
+    blocked backward)."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("triton declares no bfloat16 on CPU tensors (the interpreter's tl.dot)")
+    from contrastive_kernels.backends import triton as T
+    for name in ("lse_bwd_kernel", "lse_bwd_tuned"):
+        monkeypatch.setattr(T._kernels(), name, _NotLaunched(name))
+    n, m, d = 30, 45, 19
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ws = 7 * 64 * (acc.itemsize + torch.empty(0, dtype=dtype).element_size())
+    gen = torch.Generator().manual_seed(seed_for("siglip-blocked", case.__name__, str(dtype)))
+    q, k = _inputs(n, m, d, dtype, gen)
+    half = dtype in (torch.float16, torch.bfloat16)
+    compare("triton", q, k, case(n, m, gen), dtype, ref_dtype=torch.float32 if half else
+            torch.float64, scale=7.0, bias=-3.0, passes=passes, algorithm="blocked",
+            workspace=ws)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or "triton" not in BACKENDS,
+                    reason="auto takes the blocked algorithm on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("passes", [3, 4])
+def test_auto_takes_blocked_for_wide_half_gpu(monkeypatch, dtype, passes):
+    """fp16/bf16 with D above the one-chunk limit (256): cuBLAS S blocks (256 rows, the
+    last ragged), block_siglip_kernel; no fused kernel is launched."""
+    from contrastive_kernels.backends import triton as T
+    for name in ("lse_bwd_kernel", "lse_bwd_tuned"):
+        monkeypatch.setattr(T._kernels(), name, _NotLaunched(name))
+    n, m, d = 1500, 1700, 768
+    ws = 256 * (-(-m // 64) * 64) * (4 + 2)
+    gen = torch.Generator().manual_seed(12)
+    q, k = _inputs(n, m, d, dtype, gen)
+    compare("auto", q, k, case_labels(n, m, gen), dtype, ref_dtype=torch.float32,
+            scale=7.0, bias=-3.0, passes=passes, workspace=ws)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("passes", [3, 4])
 def test_large_logits_do_not_overflow(backend, passes):

@@ -3,8 +3,8 @@
     python -m contrastive_kernels.triton_kernels.aot [--arch 90] [--json]
 
 Compiles lse_fwd_kernel, lse_bwd_kernel (its SIGLIP mode too) and lse_grad_kernel (and
-the blocked algorithm's
-block_stats_kernel and block_ds_kernel) for each dtype and the flags
+the blocked algorithm's block_stats_kernel, block_ds_kernel and block_siglip_kernel) for
+each dtype and the flags
 the backend launches (self-mask, column statistics, the dq/dk kernels of the
 deterministic mode, the atomic kernel, the low-memory launches, ONE_D on/off; see
 `variants`) with the default config of each dtype
@@ -99,6 +99,10 @@ def variants(dtypes, full=False):
         for sm, c in ((False, True), (True, False)):
             out.append(("stats", dt, dict(SELF_MASK=sm, COLS=c)))
             out.append(("ds", dt, dict(SELF_MASK=sm, HAS_R=True, HAS_C=c)))
+        # the sigmoid loss's (HAS_G, SUMS, GRAD): the 3-pass forward, the 4-pass forward
+        # and backward
+        for g, sums, grad_ in ((False, True, True), (False, True, False), (True, False, True)):
+            out.append(("sig", dt, dict(HAS_G=g, SUMS=sums, GRAD=grad_)))
     return out
 
 
@@ -116,9 +120,14 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
     P = L.PARAMS[L.dtype_class(dt)]
     if block_d is None and "ONE_D" in flags:
         block_d = P["MAX_ONE_D"] if flags["ONE_D"] else P["CHUNK_D"]
-    if kind in ("stats", "ds"):
+    if kind in ("stats", "ds", "sig"):
         cfg = dict(config or L.BLOCKED_TILE)
-        if kind == "stats":
+        if kind == "sig":
+            fn = L.block_siglip_kernel
+            sig = {"S": f"*{acc_s}", "DS": f"*{dt}", "SCALE": f"*{acc_s}", "BIAS": f"*{acc_s}",
+                   "GNORM": f"*{acc_s}", "G_R": f"*{acc_s}", "ROW_SP": f"*{acc_s}",
+                   "ROW_SG": f"*{acc_s}"}
+        elif kind == "stats":
             fn = L.block_stats_kernel
             sig = {"S": f"*{acc_s}", "SCALE": f"*{acc_s}", "ROW_PART": f"*{acc_s}",
                    "COL_PART": f"*{acc_s}"}

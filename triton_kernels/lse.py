@@ -616,6 +616,36 @@ def block_ds_kernel(S, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, M, str
              ds.to(DS.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["row0", "R", "M"])
+def block_siglip_kernel(S, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, row0, R, M, stride_s,
+                        HAS_G: tl.constexpr, SUMS: tl.constexpr, GRAD: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Blocked sigmoid loss: one tile of a row block's S, z = scale * S + bias. SUMS: each
+    row's sums of softplus(z) and sigmoid(z) over the tile's columns (ROW_SP and ROW_SG
+    [r, tile], R x column tiles). GRAD: dS = g_r[i] sigmoid(z) (g absent: 1) divided by
+    max|g| (GNORM), cast to DS's dtype (rows stride_s apart, like S)."""
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = offs_r < R
+    valid = r_ok[:, None] & (offs_c < M)[None, :]
+    x = tl.load(S + offs_r[:, None].to(tl.int64) * stride_s + offs_c[None, :], mask=valid,
+                other=0.0)
+    sp, sg = _softplus_sigmoid(x * tl.load(SCALE) + tl.load(BIAS))
+    sg = tl.where(valid, sg, 0.0)
+    if SUMS:
+        part = offs_r.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(ROW_SP + part, tl.sum(tl.where(valid, sp, 0.0), 1), mask=r_ok)
+        tl.store(ROW_SG + part, tl.sum(sg, 1), mask=r_ok)
+    if GRAD:
+        g = tl.load(GNORM)
+        if HAS_G:
+            ds = (tl.load(G_R + row0 + offs_r, mask=r_ok, other=0.0) * g)[:, None] * sg
+        else:
+            ds = sg * g
+        tl.store(DS + offs_r[:, None].to(tl.int64) * stride_s + offs_c[None, :],
+                 ds.to(DS.dtype.element_ty), mask=valid)
+
+
 _FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D", "SHIFT"]
 _BWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "HAS_R", "HAS_C", "ATOMIC_DK", "ONE_D", "PREC", "BLOCK_D",
             "SIGLIP", "SUMS", "GRAD", "SHIFT", "DSHIFT_ON"]

@@ -291,6 +291,41 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
     return dq, dk
 
 
+def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
+    """The sigmoid loss's tiles by the blocked algorithm: per row block, cuBLAS gives
+    S = q_b k^T (fp32), block_siglip_kernel reads it once for the row sums and writes dS
+    (divided by max|g|), and cuBLAS gives dq_b = dS k and dk += dS^T q_b."""
+    n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
+    rows, mpad, T = _block_plan(L)
+    br, bc = T["BLOCK_R"], T["BLOCK_C"]
+    grad = need_dq or need_dk
+    sbuf = _out((rows, mpad), acc, dev)
+    dsbuf = _out((rows, mpad), L.q.dtype, dev) if grad else sbuf
+    part = _out((2, rows, cdiv(m, bc)), acc, dev) if sums else None
+    r = _out((n,), acc, dev) if sums else None
+    t = _out((n,), acc, dev) if sums else None
+    dq = _out((n, L.d), acc, dev) if need_dq else None
+    dk = _out((m, L.d), acc, dev) if need_dk else None
+    q, k, dummy = L.q, L.k, gnorm
+    for i0 in range(0, n, rows):
+        rr = min(rows, n - i0)
+        s, ds, qb = sbuf[:rr, :m], dsbuf[:rr, :m], q[i0:i0 + rr]
+        _gemm(qb, k.T, s)
+        L.K.block_siglip_kernel[(cdiv(m, bc), cdiv(rr, br))](
+            s, ds, L.scale_t, bias_t, gnorm, dummy if g_r is None else g_r,
+            part[0] if sums else dummy, part[1] if sums else dummy, i0, rr, m, mpad,
+            HAS_G=g_r is not None, SUMS=sums, GRAD=grad, BLOCK_R=br, BLOCK_C=bc,
+            num_warps=T["num_warps"])
+        if sums:
+            torch.sum(part[0, :rr], 1, out=r[i0:i0 + rr])
+            torch.sum(part[1, :rr], 1, out=t[i0:i0 + rr])
+        if need_dq:
+            _gemm(ds, k, dq[i0:i0 + rr])
+        if need_dk:
+            _gemm(ds.T, qb, dk, accumulate=i0 > 0)
+    return r, t, dq, dk
+
+
 def _shift_args(shift, dummy, swapped=False):
     """(RID, CID, DELTA) pointers and the SHIFT constexpr of a launch (swapped: the launch
     on S^T, whose rows are the keys)."""
@@ -433,7 +468,9 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
     dq = dk = None
     g = g_r if has_g else None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
-        if need_dq and need_dk and not options.deterministic:
+        if _blocked(L):
+            r, t, dq, dk = _blocked_siglip(L, bias_t, g, gnorm, sums, need_dq, need_dk)
+        elif need_dq and need_dk and not options.deterministic:
             dq = _out((L.n, L.d), acc, dev)
             dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
             launch(q, k, g, None, dq, dk, True, sums, True)
