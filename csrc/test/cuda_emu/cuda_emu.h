@@ -5,8 +5,8 @@
 // A launch runs its blocks one after another. The threads of a block are fibers
 // (ucontext) on one OS thread, switched only at __syncthreads, warp shuffles and
 // atomicCAS, in index order (CK_EMU_REVERSE=1: reverse order, which exposes a read that
-// misses a barrier from the other side). Shared memory (__shared__ is `static`) is
-// filled with NaN bytes before each block. A barrier that some threads never reach
+// misses a barrier from the other side). Shared memory (__shared__ is `static`) keeps
+// what the previous block left (CUDA's is undefined). A barrier that some threads never reach
 // (a deadlock or divergent __syncthreads) fails the launch with an error and a message.
 // nvcuda::wmma fragments hold the whole tile in every lane; mma_sync accumulates in
 // float, as the tensor cores do.
@@ -43,10 +43,16 @@ namespace ck_emu {
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
   uint3 tid;
   bool done = false;
 };
+
+// The fibers' stacks, reused by every block and launch.
+inline std::vector<std::vector<char>>& stacks(int n) {
+  static std::vector<std::vector<char>> pool;
+  while (static_cast<int>(pool.size()) < n) pool.emplace_back(256 * 1024);
+  return pool;
+}
 
 struct Block {
   std::vector<Fiber> fibers;
@@ -157,10 +163,7 @@ inline std::function<void()>*& body() {
 }
 
 // Runs `kernel` over every block of the grid; false (with a message) on a deadlock.
-inline bool run(dim3 grid, dim3 threads, const std::function<void()>& kernel,
-                void* shared_begin = nullptr, size_t shared_bytes = 0) {
-  (void)shared_begin;
-  (void)shared_bytes;
+inline bool run(dim3 grid, dim3 threads, const std::function<void()>& kernel) {
   const int nt = static_cast<int>(threads.x * threads.y * threads.z);
   if (nt <= 0 || nt % 32 != 0 || threads.y != 1 || threads.z != 1) {
     std::fprintf(stderr, "ck_emu: unsupported block shape (%u, %u, %u)\n", threads.x, threads.y,
@@ -185,10 +188,10 @@ inline bool run(dim3 grid, dim3 threads, const std::function<void()>& kernel,
         for (int t = 0; t < nt; ++t) {
           Fiber& fb = b.fibers[t];
           fb.tid = make_uint3(static_cast<unsigned>(t), 0, 0);
-          fb.stack.resize(256 * 1024);
+          std::vector<char>& stack = stacks(nt)[t];
           getcontext(&fb.ctx);
-          fb.ctx.uc_stack.ss_sp = fb.stack.data();
-          fb.ctx.uc_stack.ss_size = fb.stack.size();
+          fb.ctx.uc_stack.ss_sp = stack.data();
+          fb.ctx.uc_stack.ss_size = stack.size();
           fb.ctx.uc_link = &b.sched;
           makecontext(&fb.ctx, reinterpret_cast<void (*)()>(&trampoline), 0);
         }
