@@ -176,7 +176,7 @@ class _Setup:
     group: object
     dev: torch.device
     any_key_grad: bool = True   # some rank's keys need a gradient (the dk ring must run)
-    any_grad: bool = False      # some rank needs a gradient (the sigmoid loss's schedule)
+    any_grad: bool = False      # every rank needs a gradient (agreed: all or none)
     sync: Optional[Sync] = None     # check-in, timed waits, fault reports (faults.Sync)
     opts: object = None             # the kernel options (options.Options)
 
@@ -223,6 +223,10 @@ def _info_nce_call(what, run, query, key, group, normalize, timeout, backend, op
         return _local(info_nce, query, key, normalize, timeout, backend=backend, **kwargs,
                       **options)
     gather = what.startswith("gather")
+    wants = torch.is_grad_enabled() and any(
+        torch.is_tensor(x) and x.requires_grad
+        for x in (query, key, kwargs.get("temperature"), kwargs.get("logit_scale"),
+                  kwargs.get("logit_bias")))
 
     def check():        # the options too: a bad one on any rank raises on every rank
         opts = make_options(**options)
@@ -239,7 +243,7 @@ def _info_nce_call(what, run, query, key, group, normalize, timeout, backend, op
                              f"{'ring_info_nce' if gather else 'margin=0'}"
                              f" or symmetric=False")
         return p, opts
-    st = _agree(what, query, group, world, check, allow_self=not gather,
+    st = _agree(what, query, group, world, check, allow_self=not gather, wants_grad=wants,
                 normalize=normalize, timeout=timeout)
     with st.sync.guard():
         return run(st)

@@ -318,6 +318,11 @@ def _cases(world, rank):
     _expect_value_error_everywhere(    # one rank's margin differs
         lambda: ckd.ring_info_nce(q, q.clone(), margin=0.1 * (rank == 0), backend="torch"),
         "margin must be the same")
+    for fn in (ckd.ring_info_nce, ckd.gather_info_nce):   # backward is collective
+        _expect_value_error_everywhere(
+            lambda: fn(torch.randn(4, D, requires_grad=rank != 0), torch.randn(4, D),
+                       backend="torch"),
+            "need a gradient and rank(s) [0] do not")
     low_rank = dict(low_memory=True) if rank == 1 else {}   # bad on one rank only
     _expect_value_error_everywhere(
         lambda: ckd.ring_info_nce(q, q.clone(), decoupled=True, backend="torch", **low_rank),
