@@ -270,10 +270,13 @@ def _siglip_call(what, run, query, key, group, normalize, timeout, backend, pass
                                           p.key.shape[0], p.query.shape[1], loss="siglip"),
                             opts)
         return p, opts
-    # the schedule (passes) decides the collectives of backward: it must agree
+    # the ring's schedule decides the collectives of backward: it must agree (3: the
+    # gradients in forward, as _ring_siglip takes it; any invalid value fails check())
+    sched = 3 if passes in (None, 3) and kwargs["reduction"] != "none" and wants else 4
+    extra = () if what.startswith("gather") else (
+        ("the pass schedule (passes, reduction='none', a gradient needed)", sched, {}),)
     st = _agree(what, query, group, world, check, allow_self=False, wants_grad=wants,
-                normalize=normalize, timeout=timeout,
-                extra=(("passes", 0 if passes is None else passes, {0: None}),))
+                normalize=normalize, timeout=timeout, extra=extra)
     with st.sync.guard():
         return run(st)
 

@@ -443,10 +443,14 @@ def check_values(positive_index, n_keys, self_offset, self_contrast, scale, bias
             # the worst value: a non-finite one, else the smallest
             bad = v[~torch.isfinite(v)]
             _check_value(name, float(bad[0] if bad.numel() else v.min()), positive)
-            big = x.detach().double().reshape(-1).abs().max()   # the kernels' scalar
-            if name == "temperature" and big > torch.finfo(torch.float32).max:
-                raise ValueError(f"temperature must be > 0 with a finite reciprocal in "
-                                 f"float32 (the kernels' scale), got {float(1 / big)}")
+            # the kernels hold the scale (1 / temperature) and bias in float32
+            big = float((1.0 / v if name == "temperature" else v).abs().max())
+            if big > torch.finfo(torch.float32).max:
+                if name == "temperature":
+                    raise ValueError(f"temperature must be > 0 with a finite reciprocal in "
+                                     f"float32 (the kernels' scale), got {1 / big}")
+                raise ValueError(f"{name} must be finite in float32 (the kernels' scalars), "
+                                 f"got {big}")
 
 
 _WARNED = set()

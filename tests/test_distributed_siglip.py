@@ -178,11 +178,22 @@ def _cases(world, rank):
         lambda: ckd.ring_siglip_loss(q, q.clone(), backend="torch",
                                      reduction="sum" if rank else "mean"),
         "reduction must be the same")
-    # the schedule decides backward's collectives: ranks must agree on it
+    # the ring's schedule decides backward's collectives: ranks must agree on it
+    qg = torch.randn(4, D, requires_grad=True)
     _expect_value_error_everywhere(
-        lambda: ckd.ring_siglip_loss(q, q.clone(), backend="torch",
+        lambda: ckd.ring_siglip_loss(qg, q.clone(), backend="torch",
                                      passes=3 if rank == 0 else 4),
-        "passes must be the same on every rank")
+        "the pass schedule (passes, reduction='none', a gradient needed) must be the same")
+    # the same schedule written differently, or no backward at all, or gather: fine
+    for p_a, p_b, red, x, fn in ((None, 3, "mean", qg, ckd.ring_siglip_loss),
+                                  (3, 4, "none", qg, ckd.ring_siglip_loss),
+                                  (3, 4, "mean", q, ckd.ring_siglip_loss),
+                                  (3, 4, "mean", qg, ckd.gather_siglip_loss)):
+        loss = fn(x, q.clone(), backend="torch", reduction=red,
+                  passes=p_a if rank == 0 else p_b)
+        if loss.requires_grad:
+            loss.sum().backward()
+        dist.barrier()
     # a rank that needs no gradient could not join the others' collective backward
     _expect_value_error_everywhere(
         lambda: ckd.ring_siglip_loss(torch.randn(4, D, requires_grad=rank != 0),

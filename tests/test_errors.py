@@ -75,6 +75,7 @@ BAD = [
     ("logit_bias overflows float32", dict(logit_bias=-1e39), ValueError, r"logit_bias must be finite in float32"),
     ("logit_bias fp64 tensor overflows float32", dict(logit_bias=torch.tensor(1e39, dtype=torch.float64)), ValueError, r"logit_bias must be finite in float32"),
     ("temperature fp64 tensor reciprocal overflows", dict(temperature=torch.tensor(1e-39, dtype=torch.float64)), ValueError, r"temperature must be > 0 with a finite reciprocal in float32"),
+    ("per-row logit_scale overflows float32", dict(logit_scale=torch.tensor([7.0, 1e39, 7.0, 7.0], dtype=torch.float64)), ValueError, r"logit_scale must be finite in float32"),
     ("per-row temperature reciprocal overflows", dict(temperature=torch.tensor([0.1, 1e-39, 0.1, 0.1], dtype=torch.float64)), ValueError, r"temperature must be > 0 with a finite reciprocal in float32"),
     ("sparse query", dict(query=torch.randn(4, 3).to_sparse()), TypeError, r"query must be a dense \(strided\) tensor.*to_dense"),
     ("sparse key", dict(key=torch.randn(4, 3).to_sparse()), TypeError, r"key must be a dense \(strided\) tensor"),

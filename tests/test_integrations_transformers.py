@@ -83,6 +83,21 @@ def test_same_loss_and_gradients_as_the_model(kind, n, backend):
         assert rel_err(got[name], want[name], floor=1e-6) < 1e-8, name
 
 
+def test_the_inputs_the_model_ignores_are_ignored():
+    """A processor's token_type_ids, output flags, and a model whose config returns
+    tuples: the same loss as the model's own."""
+    model = tiny_model()
+    inputs = batch(4)
+    ref = model(**inputs, return_loss=True).loss
+    extra = dict(token_type_ids=torch.zeros_like(inputs["input_ids"]),
+                 output_hidden_states=True, output_attentions=False, return_dict=True)
+    assert rel_err(ck_tf.siglip_loss(model, **inputs, **extra), ref, floor=1.0) < 1e-10
+    model.config.return_dict = False
+    model.text_model.config.return_dict = False
+    model.vision_model.config.return_dict = False
+    assert rel_err(ck_tf.siglip_loss(model, **inputs), ref, floor=1.0) < 1e-10
+
+
 def test_bad_arguments_are_named():
     model = tiny_model()
     inputs = batch(3)
@@ -94,6 +109,16 @@ def test_bad_arguments_are_named():
         ck_tf.siglip_loss(model, **inputs, distributed="gather")
     with pytest.raises(TypeError, match="Linear has no get_text_features, .*logit_bias"):
         ck_tf.siglip_loss(torch.nn.Linear(2, 2), **inputs)
+    with pytest.raises(ValueError, match="same number of pairs .* got 3 and 2"):
+        ck_tf.siglip_loss(model, input_ids=inputs["input_ids"],
+                          pixel_values=inputs["pixel_values"][:2])
+
+    class Wrapped(torch.nn.Module):        # as DistributedDataParallel holds it
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+    with pytest.raises(TypeError, match="wrap SiglipLossModel"):
+        ck_tf.siglip_loss(Wrapped(model), **inputs)
 
 
 SIZES = [3, 5, 2, 4]
@@ -107,13 +132,17 @@ def _ring_cases(world, rank):
     ref_model, model = tiny_model("siglip2"), tiny_model("siglip2")
     ref = ref_model(**full, return_loss=True).loss      # the concatenated batch
     ref.backward()
-    loss = ck_tf.siglip_loss(model, **mine, distributed="ring", backend="torch")
+    # the documented DDP use: the loss module wrapped, so DDP averages the gradients
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        ck_tf.SiglipLossModel(model, distributed="ring", backend="torch"))
+    loss = ddp(**mine)
     loss.backward()
-    # the mean over ranks is the global loss; DDP's average of the gradients is its
+    # the mean over ranks is the global loss; DDP's averaged gradients are its
     _close("mean of the rank losses", _allreduce(loss) / world, ref.reshape(1), 1e-9)
     want, got = grads(ref_model), grads(model)
+    assert set(got) == set(want)
     for name, g in want.items():
-        _close(name, _allreduce(got[name]) / world, g.reshape(-1), 1e-8)
+        _close(name, got[name], g, 1e-8)
     dist.barrier()
 
 

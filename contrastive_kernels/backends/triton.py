@@ -43,7 +43,10 @@ Options (contrastive_kernels/options.py), per call:
                  or torch's deterministic algorithms are on (cuBLAS would then need
                  CUBLAS_WORKSPACE_CONFIG); else "fused". "blocked" on CPU tensors runs
                  the GEMMs in torch in the accumulation dtype (tests); low_memory takes
-                 the fused kernels whatever the algorithm.
+                 the fused kernels whatever the algorithm. The sigmoid loss's tiles
+                 (siglip_tiles) take it too: per block, block_siglip_kernel reads S once
+                 for the row sums and writes dS, and cuBLAS gives dq_b and dk (3 GEMM
+                 passes in the 3-pass schedule; 1 + 3 in the 4-pass one).
   precision      "tf32" applies to float32 inputs only.
 
 The triton import is lazy: `import contrastive_kernels` does not import triton.
@@ -237,6 +240,8 @@ def _block_plan(L):
     else:
         ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
         rows = max(16, ws // per_row // 16 * 16)
+    # the row tiles are the launch grid's second dimension: at most 65535 on CUDA
+    rows = min(rows, 65535 * L.K.BLOCKED_TILE["BLOCK_R"])
     return min(L.n, rows), mpad, L.K.BLOCKED_TILE
 
 

@@ -8,7 +8,8 @@ gradients, computed by the fused kernels:
   CachedMultipleNegativesRankingLoss
 - `integrations.pytorch_metric_learning`: NTXentLoss, SupConLoss
 - `integrations.lightly`: NTXentLoss
-- `integrations.transformers`: siglip_loss for SiglipModel / Siglip2Model
+- `integrations.transformers`: siglip_loss and SiglipLossModel for SiglipModel /
+  Siglip2Model
 
 Import the submodule you need; a submodule imports its library only where it needs it
 (`import contrastive_kernels` never does). Options an adapter cannot honour raise a
