@@ -223,10 +223,8 @@ def _info_nce_call(what, run, query, key, group, normalize, timeout, backend, op
         return _local(info_nce, query, key, normalize, timeout, backend=backend, **kwargs,
                       **options)
     gather = what.startswith("gather")
-    wants = torch.is_grad_enabled() and any(
-        torch.is_tensor(x) and x.requires_grad
-        for x in (query, key, kwargs.get("temperature"), kwargs.get("logit_scale"),
-                  kwargs.get("logit_bias")))
+    wants = _wants_grad(query, key, kwargs["temperature"], kwargs["logit_scale"],
+                        kwargs["logit_bias"])
 
     def check():        # the options too: a bad one on any rank raises on every rank
         opts = make_options(**options)
@@ -257,15 +255,12 @@ def _siglip_call(what, run, query, key, group, normalize, timeout, backend, pass
     if world is None or world == 1:
         return _local(siglip_loss, query, key, normalize, timeout, backend=backend,
                       passes=passes, **kwargs, **options)
-    wants = torch.is_grad_enabled() and any(
-        torch.is_tensor(x) and x.requires_grad
-        for x in (query, key, kwargs["logit_scale"], kwargs["logit_bias"]))
+    wants = _wants_grad(query, key, kwargs["logit_scale"], kwargs["logit_bias"])
 
     def check():        # the options too: a bad one on any rank raises on every rank
         opts = siglip_options(backend, passes, options)
         p = check_siglip(query, key, shard=True, normalize=normalize, **kwargs)
-        _check_backend_name(backend, p.query.device)
-        if backend != "auto":       # the backend this rank's shard will take
+        if backend != "auto":       # the backend this rank's shard will take (or why not)
             REGISTRY.select(backend, Call(p.query.device, p.query.dtype, p.query.shape[0],
                                           p.key.shape[0], p.query.shape[1], loss="siglip"),
                             opts)
@@ -279,6 +274,12 @@ def _siglip_call(what, run, query, key, group, normalize, timeout, backend, pass
                 normalize=normalize, timeout=timeout, extra=extra)
     with st.sync.guard():
         return run(st)
+
+
+def _wants_grad(*inputs):
+    """Whether this rank's call needs a gradient (agreed by _agree: all ranks or none)."""
+    return torch.is_grad_enabled() and any(torch.is_tensor(x) and x.requires_grad
+                                           for x in inputs)
 
 
 def _check_backend_name(backend, device):

@@ -624,17 +624,13 @@ def block_siglip_kernel(S, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, row0, R,
     row's sums of softplus(z) and sigmoid(z) over the tile's columns (ROW_SP and ROW_SG
     [r, tile], R x column tiles). GRAD: dS = g_r[i] sigmoid(z) (g absent: 1) divided by
     max|g| (GNORM), cast to DS's dtype (rows stride_s apart, like S)."""
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s, offs_r, offs_c = _block_tile(S, SCALE, row0, R, M, stride_s, False, BLOCK_R, BLOCK_C)
+    # entries past R or M are -inf: softplus and sigmoid 0 there
+    sp, sg = _softplus_sigmoid(s + tl.load(BIAS))
     r_ok = offs_r < R
-    valid = r_ok[:, None] & (offs_c < M)[None, :]
-    x = tl.load(S + offs_r[:, None].to(tl.int64) * stride_s + offs_c[None, :], mask=valid,
-                other=0.0)
-    sp, sg = _softplus_sigmoid(x * tl.load(SCALE) + tl.load(BIAS))
-    sg = tl.where(valid, sg, 0.0)
     if SUMS:
         part = offs_r.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-        tl.store(ROW_SP + part, tl.sum(tl.where(valid, sp, 0.0), 1), mask=r_ok)
+        tl.store(ROW_SP + part, tl.sum(sp, 1), mask=r_ok)
         tl.store(ROW_SG + part, tl.sum(sg, 1), mask=r_ok)
     if GRAD:
         g = tl.load(GNORM)
@@ -643,7 +639,7 @@ def block_siglip_kernel(S, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, row0, R,
         else:
             ds = sg * g
         tl.store(DS + offs_r[:, None].to(tl.int64) * stride_s + offs_c[None, :],
-                 ds.to(DS.dtype.element_ty), mask=valid)
+                 ds.to(DS.dtype.element_ty), mask=r_ok[:, None] & (offs_c < M)[None, :])
 
 
 _FWD_KEY = ["SIZE_KEY", "D", "SELF_MASK", "COLS", "ONE_D", "PREC", "BLOCK_M", "BLOCK_D", "SHIFT"]

@@ -289,11 +289,18 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
             s, ds, L.scale_t, gnorm, lse_r, g_r, lse_c if has_c else lse_r,
             g_c if has_c else g_r, i0, r, m, mpad, SELF_MASK=bool(self_mask), HAS_R=True,
             HAS_C=has_c, BLOCK_R=br, BLOCK_C=bc, num_warps=T["num_warps"])
-        if need_dq:
-            _gemm(ds, pk, dq[i0:i0 + r])
-        if need_dk:
-            _gemm(ds.T, pq[i0:i0 + r], dk, accumulate=i0 > 0)
+        _block_grads(ds, i0, pq, pk, dq, dk)
     return dq, dk
+
+
+def _block_grads(ds, i0, pq, pk, dq, dk):
+    """One row block's dS_b into the gradients (None: not wanted): dq[i0:i0 + r] = dS_b pk
+    and dk += dS_b^T pq[i0:i0 + r] (set by the first block)."""
+    r = ds.shape[0]
+    if dq is not None:
+        _gemm(ds, pk, dq[i0:i0 + r])
+    if dk is not None:
+        _gemm(ds.T, pq[i0:i0 + r], dk, accumulate=i0 > 0)
 
 
 def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
@@ -324,10 +331,7 @@ def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
         if sums:
             torch.sum(part[0, :rr], 1, out=r[i0:i0 + rr])
             torch.sum(part[1, :rr], 1, out=t[i0:i0 + rr])
-        if need_dq:
-            _gemm(ds, k, dq[i0:i0 + rr])
-        if need_dk:
-            _gemm(ds.T, qb, dk, accumulate=i0 > 0)
+        _block_grads(ds, i0, q, k, dq, dk)
     return r, t, dq, dk
 
 

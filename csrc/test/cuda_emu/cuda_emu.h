@@ -99,45 +99,38 @@ inline void yield(bool waiting) {
   swapcontext(&b.fibers[b.current].ctx, &b.sched);
 }
 
-inline void syncthreads() {
+// Waits until `count` threads have arrived at the barrier (arrived, gen); the last to
+// arrive runs `last` before releasing the others.
+template <typename F>
+inline void barrier(int& arrived, unsigned& gen, int count, F last) {
   Block& b = *block();
-  const unsigned g = b.gen;
+  const unsigned g = gen;
   b.progress = true;
-  if (++b.arrived == static_cast<int>(b.fibers.size())) {
-    b.arrived = 0;
-    ++b.gen;
+  if (++arrived == count) {
+    arrived = 0;
+    last();
+    ++gen;
     return;
   }
-  while (b.gen == g) yield(true);
+  while (gen == g) yield(true);
 }
 
 inline int syncthreads_or(int p) {
   Block& b = *block();
   b.or_acc |= (p != 0);
-  const unsigned g = b.gen;
-  b.progress = true;
-  if (++b.arrived == static_cast<int>(b.fibers.size())) {
-    b.arrived = 0;
+  barrier(b.arrived, b.gen, static_cast<int>(b.fibers.size()), [&b]() {
     b.or_result = b.or_acc;
     b.or_acc = 0;
-    ++b.gen;
-    return b.or_result;
-  }
-  while (b.gen == g) yield(true);
+  });
   return b.or_result;
 }
+
+inline void syncthreads() { syncthreads_or(0); }
 
 inline void syncwarp() {
   Block& b = *block();
   const int w = linear_tid() / 32;
-  const unsigned g = b.warp_gen[w];
-  b.progress = true;
-  if (++b.warp_arrived[w] == 32) {
-    b.warp_arrived[w] = 0;
-    ++b.warp_gen[w];
-    return;
-  }
-  while (b.warp_gen[w] == g) yield(true);
+  barrier(b.warp_arrived[w], b.warp_gen[w], 32, []() {});
 }
 
 template <typename V>
