@@ -83,6 +83,45 @@ def test_minimum_compute_capability_is_declared(monkeypatch):
     assert backends.get("triton").min_capability[torch.bfloat16] == (8, 0)
 
 
+def test_a_backend_declared_to_lag_is_skipped_on_gpus_and_refuses():
+    """Backend.lags: auto skips the backend for that loss on CUDA tensors and naming it
+    raises the declared reason; other losses, CPU tensors (the CUDA emulator) and
+    `measuring` are not refused. The real declaration: cuda's sigmoid loss."""
+    from contrastive_kernels.backends import cuda
+    from contrastive_kernels.backends.base import measuring
+
+    class Built(cuda.CudaBackend):          # the real declarations, built
+        def unavailable_reason(self, device):
+            return None
+
+    lagging = Built()
+    fast = Fake("triton", (torch.float32,), features=("siglip",))
+    fast.device_types = ("cuda",)
+    reg = Registry([lagging, fast], order={"cuda": ("cuda", "triton")},
+                   default_order=("triton",), fallback="torch")
+    gpu = torch.device("cuda", 0)
+    sig = Call(gpu, torch.float32, 8, 8, 4, loss="siglip")
+    reason = cuda.CudaBackend.lags["siglip"]
+    assert "lags triton" in reason and "bench_gpu" in reason
+    assert reg.explain(sig, make_options())["cuda"] == [reason]
+    assert reg.select("auto", sig, make_options()).name == "triton"
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot run this call on cuda:0 "
+                                         r"\(siglip, .*\): lags triton on GPUs.*Available "
+                                         r"for this call: \['triton'\]"):
+        reg.select("cuda", sig, make_options())
+    # InfoNCE on the same backend, and the sigmoid loss on CPU tensors, are served
+    assert reg.select("cuda", Call(gpu, torch.float32, 8, 8, 4), make_options()) is lagging
+    emulated = Built()
+    emulated.device_types = ("cpu",)
+    assert emulated.reasons(Call(torch.device("cpu"), torch.float32, 8, 8, 4, loss="siglip"),
+                            make_options()) == []
+    with measuring(lagging):
+        assert reg.select("cuda", sig, make_options()) is lagging
+    assert reg.explain(sig, make_options())["cuda"] == [reason]      # restored
+    # the suite lifts the real backends' declarations (conftest) to check their numbers
+    assert backends.get("cuda").lags == {}
+
+
 def test_real_backends_declare_and_refuse():
     dev = torch.device(DEVICE)
     q = torch.randn(6, 4, device=dev)

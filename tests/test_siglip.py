@@ -398,6 +398,21 @@ def test_a_backend_without_siglip_is_skipped_and_refuses(monkeypatch):
     assert rel_err(out, ref, floor=1.0) < 1e-5
 
 
+@pytest.mark.skipif(DEVICE != "cuda" or "cuda" not in AVAILABLE, reason="needs the CUDA kernels")
+def test_cuda_declared_to_lag_is_skipped_and_refuses(monkeypatch):
+    """On a GPU, with the real declaration (the suite lifts it): auto does not take cuda
+    for the sigmoid loss, and naming it raises the declared reason."""
+    be = backends.get("cuda")
+    monkeypatch.setattr(be, "lags", type(be).lags)
+    q = torch.randn(8, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this call.*lags triton"):
+        ck.siglip_loss(q, q, backend="cuda")
+    with backends.base.measuring(be):
+        fine = ck.siglip_loss(q, q, backend="cuda")
+    assert rel_err(ck.siglip_loss(q, q), fine, floor=1.0) < 1e-5
+    ck.info_nce(q, q, backend="cuda")           # InfoNCE stays served
+
+
 def test_passes_schedule_is_chosen_as_documented(monkeypatch):
     """None: 3 passes for mean/sum with a gradient, 4 for "none" or without one."""
     from contrastive_kernels import ops

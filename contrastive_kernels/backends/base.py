@@ -47,10 +47,13 @@ A backend that declares the feature "siglip" also has the sigmoid loss's tile pa
     `bias` is a one-element tensor like `scale`.
 
 What a backend supports is declared, not probed: its device types, dtypes, the minimum
-compute capability per dtype on CUDA, and features,
-and `reasons(call, options)`, which lists why it cannot serve one call (empty: it can).
-`select` picks the first backend in the device's preference order with no reasons.
+compute capability per dtype on CUDA, features, the losses it computes correctly but was
+measured to lag on GPUs (`lags`, with the reason), and `reasons(call, options)`, which
+lists why it cannot serve one call (empty: it can). `select` picks the first backend in
+the device's preference order with no reasons; `measuring(backend)` lifts a backend's
+`lags` for a benchmark or a test of its numbers.
 """
+import contextlib
 import dataclasses
 
 import torch
@@ -100,6 +103,9 @@ class Backend:
     dtypes = ()                # input dtypes
     features = frozenset()     # of FEATURES
     min_capability = {}        # dtype -> (major, minor): the oldest CUDA GPU it runs on
+    # {loss: reason}: computed correctly, but measured too slow to offer on GPUs: auto
+    # skips the backend for that loss on CUDA tensors, and naming it raises the reason.
+    lags = {}
 
     def runs_on(self, device):
         return not self.device_types or torch.device(device).type in self.device_types
@@ -128,6 +134,8 @@ class Backend:
                        f"{need[0]}.{need[1]} or newer")
         out += [_missing(f) for f in needed_features(options, call.loss) + list(call.extra)
                 if f not in self.features]
+        if call.device.type == "cuda" and call.loss in self.lags:
+            out.append(self.lags[call.loss])
         return out + self.call_reasons(call, options)
 
     def lse_forward(self, q, k, scale, self_mask, cols, options, shift=None):
@@ -139,6 +147,21 @@ class Backend:
 
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def measuring(backend):
+    """Lift `backend`'s `lags` (a Backend) while the block runs: what a benchmark that
+    measures the lag, or a test of the lagging kernel's numbers, needs."""
+    before = backend.__dict__.get("lags")
+    backend.lags = {}
+    try:
+        yield backend
+    finally:
+        if before is None:
+            del backend.lags
+        else:
+            backend.lags = before
 
 
 def _missing(feature):

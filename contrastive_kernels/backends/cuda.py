@@ -25,6 +25,9 @@ Options (arguments, contrastive_kernels/options.py):
       exact fp32 SIMT path (faster, about 1e-3 relative error in S).
 fp64 inputs always get their column statistics from the second pass. The scale is read
 on the host (one device sync per call).
+
+The sigmoid loss is declared to lag on GPUs (`lags`, backends/base.py): `auto` skips
+this backend for it on CUDA tensors and `backend="cuda"` raises the reason.
 """
 import json
 import logging
@@ -108,6 +111,13 @@ class CudaBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     min_capability = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}   # wmma fragments
     features = frozenset({"siglip"})
+    # The sigmoid loss's pass is lse_backward_kernel with a bias pointer: the kernel whose
+    # InfoNCE steps ran 14x slower than triton's (README "GPU"). Its numbers are tested
+    # (tests/test_cuda_emu.py; on a GPU, tests/test_siglip.py under `measuring`).
+    lags = {"siglip": (
+        "lags triton on GPUs: its sigmoid-loss pass is lse_backward_kernel (no wgmma, "
+        "cp.async or TMA), which ran InfoNCE 14x slower than triton on an H200 (bf16, "
+        "N=65536, D=768: 1214 ms vs 89 ms a step, bench/bench_gpu.py); use backend='triton'")}
 
     def unavailable_reason(self, device):
         if _has_cuda_kernels():
