@@ -5,7 +5,8 @@
 
 --loss siglip: the sigmoid loss (s = 10, b = -10): rows naive (open_clip's SigLipLoss
 math), every backend that declares "siglip" ("triton": the 3-pass schedule, by default
-the blocked algorithm at D = 768; "triton-1g": with a 1 GiB workspace; "triton-fused":
+the blocked algorithm at D = 768; "triton-1g": with a 1 GiB workspace; "triton-epi":
+algorithm="epilogue", S computed in the blocked kernels; "triton-fused":
 the fused kernels; "triton-4p": passes=4; "cuda": measured although it is declared to
 lag, Backend.lags), and siglip-kernel's fused_siglip_loss when the
 `siglip_kernel` package imports; TFLOP/s counted as 6 N^2 D (its 3 GEMM passes), and the targets at the largest N
@@ -14,7 +15,9 @@ are >= 60% of the matmul rate and >= 1.3x siglip-kernel.
 Rows: naive (cuBLAS logits + F.cross_entropy in both directions), every backend of
 contrastive_kernels available on CUDA (Triton four times: "triton" as `auto` runs it, the
 blocked algorithm at D = 768 (cuBLAS GEMMs on row blocks, Triton for the statistics and
-dS); "triton-1g" the same with workspace=1 GiB; "triton-fused" with algorithm="fused"
+dS); "triton-1g" the same with workspace=1 GiB; "triton-epi" with algorithm="epilogue" (the
+same row blocks, each tile of S computed in the Triton kernel that uses it, never
+stored); "triton-fused" with algorithm="fused"
 (the fused kernels, atomic dk); "triton-low" with low_memory=True), and Inf-CL when the
 `inf_cl` package imports.
 Columns: median time of a step (triton.testing.do_bench), peak memory (the inputs plus
@@ -158,6 +161,7 @@ def methods():
                     # auto (blocked at D = 768: cuBLAS S blocks, 3 GEMM passes), the same
                     # with a 1 GiB workspace, the fused kernels, and passes=4
                     out.append(("triton-1g", ck_step(b, workspace=1 << 30), lambda n: 0))
+                    out.append(("triton-epi", ck_step(b, algorithm="epilogue"), lambda n: 0))
                     out.append(("triton-fused", ck_step(b, algorithm="fused"), lambda n: 0))
                     out.append(("triton-4p", ck_step(b, passes=4), lambda n: 0))
         try:
@@ -173,6 +177,8 @@ def methods():
             out.append(("triton", ck_step(b), lambda n: 0))
             # the blocked algorithm with a 1 GiB workspace (fewer, larger row blocks)
             out.append(("triton-1g", ck_step(b, workspace=1 << 30), lambda n: 0))
+            # the same row blocks, S computed in the Triton kernels and never stored
+            out.append(("triton-epi", ck_step(b, algorithm="epilogue"), lambda n: 0))
             out.append(("triton-fused", ck_step(b, algorithm="fused"), lambda n: 0))
             out.append(("triton-low", ck_step(b, low_memory=True), lambda n: 0))
         else:

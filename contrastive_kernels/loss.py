@@ -93,8 +93,8 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
             tile, faster there) or a name from `contrastive_kernels.available_backends()`.
         **options: kernel options, each None for the environment's default:
             deterministic (bool), precision ("ieee" or "tf32"), low_memory (bool),
-            algorithm ("auto", "fused" or "blocked") and workspace (bytes); see
-            `contrastive_kernels.make_options`.
+            algorithm ("auto", "fused", "blocked" or "epilogue") and workspace
+            (bytes); see `contrastive_kernels.make_options`.
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a 0-dim tensor for "mean" and
@@ -115,7 +115,7 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
             `backend` that cannot serve the call (the message gives its reasons), a
             `margin` with a teacher, `teacher_logit_scale` without one, or a variant
             with an option it does not support (margin or decoupled with
-            low_memory=True or algorithm="blocked", a softmax teacher with
+            low_memory=True or the blocked algorithm, a softmax teacher with
             low_memory=True).
         RuntimeError: in backward with create_graph=True (double backward is not
             supported); compute higher-order gradients with
@@ -308,9 +308,9 @@ def check_variant_options(p, opts):
     if opts.low_memory:
         raise ValueError(f"{what} does not support low_memory=True (the low-memory backward "
                          f"kernels have no positive shift)")
-    if opts.algorithm == "blocked":
-        raise ValueError(f"{what} does not support algorithm='blocked' (use 'auto' or "
-                         f"'fused')")
+    if opts.algorithm in ("blocked", "epilogue"):
+        raise ValueError(f"{what} does not support algorithm={opts.algorithm!r} (use 'auto' "
+                         f"or 'fused')")
 
 
 def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
@@ -353,10 +353,11 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
             backward and holds nothing. None: 3 for "mean"/"sum" when a gradient is
             needed, else 4 ("none" always takes 4); giving it runs the kernels.
         **options: kernel options deterministic (bool), precision ("ieee" or
-            "tf32"), algorithm ("auto", "fused" or "blocked": `triton` computes S in
+            "tf32"), algorithm ("auto", "fused", "blocked": `triton` computes S in
             cuBLAS blocks and its tiles in Triton, by default for CUDA fp16/bf16 with
-            D above 256) and workspace (bytes of the blocked path's S block), None for
-            the environment's default; see `contrastive_kernels.make_options`.
+            D above 256, or "epilogue": the same blocks, S computed in the Triton
+            kernel) and workspace (bytes of the blocked path's blocks), None for the
+            environment's default; see `contrastive_kernels.make_options`.
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a 0-dim tensor for "mean" and
@@ -368,9 +369,8 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
             keyword option.
         ValueError: wrong shapes or devices, a non-finite or non-positive
             `logit_scale`, a (N,) `logit_scale`, `positive_index` together with
-            `labels`, `passes` not None, 3 or 4, the info_nce-only options
-            low_memory=True or algorithm="blocked", or a `backend` that cannot serve
-            the call.
+            `labels`, `passes` not None, 3 or 4, the info_nce-only option
+            low_memory=True, or a `backend` that cannot serve the call.
         RuntimeError: in backward with create_graph=True (double backward is not
             supported); use `contrastive_kernels.reference.siglip_loss` for that.
 

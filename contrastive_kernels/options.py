@@ -9,12 +9,13 @@
                  (a permission: backends without TF32 compute in full float32).
   low_memory     True: the backward writes the final gradients in the input dtype,
                  without float32 N x D buffers (backends that declare "low_memory").
-  algorithm      "auto", "fused" (the tiled kernels) or "blocked" (GEMMs on row blocks,
-                 Triton only).
-  workspace      bytes for the blocked algorithm's blocks of S (0: its default).
+  algorithm      "auto", "fused" (the tiled kernels), "blocked" (cuBLAS GEMMs give blocks
+                 of rows of S, a pass reads them) or "epilogue" (the same blocks, each
+                 tile of S computed and used in one kernel, never stored); Triton only.
+  workspace      bytes for the blocked algorithm's blocks (0: its default).
 
 A value left None comes from the environment (read once, at import), else the default:
-CK_DETERMINISTIC=1, CK_PRECISION=tf32, CK_LOW_MEMORY=1, CK_ALGORITHM=blocked|fused,
+CK_DETERMINISTIC=1, CK_PRECISION=tf32, CK_LOW_MEMORY=1, CK_ALGORITHM=blocked|epilogue|fused,
 CK_WORKSPACE=<bytes>.
 """
 import dataclasses
@@ -24,7 +25,7 @@ from typing import Any, Tuple
 import torch
 
 PRECISIONS = ("ieee", "tf32")
-ALGORITHMS = ("auto", "fused", "blocked")
+ALGORITHMS = ("auto", "fused", "blocked", "epilogue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Options:
         precision: "ieee" or "tf32" (float32 inputs may use TF32 tensor cores).
         low_memory: True: backward writes the gradients in the input dtype, without
             float32 N x D buffers (backends that support it).
-        algorithm: "auto", "fused" or "blocked" (Triton only).
+        algorithm: "auto", "fused", "blocked" or "epilogue" (Triton only).
         workspace: bytes for the blocked algorithm's blocks (0: its default).
 
     Returns:
@@ -114,8 +115,8 @@ def make_options(**kwargs: Any) -> Options:
 
     Args:
         **kwargs: any of deterministic (bool), precision ("ieee" or "tf32"),
-            low_memory (bool), algorithm ("auto", "fused" or "blocked") and workspace
-            (int bytes >= 0, or a string of digits).
+            low_memory (bool), algorithm ("auto", "fused", "blocked" or "epilogue")
+            and workspace (int bytes >= 0, or a string of digits).
 
     Returns:
         The resolved `Options`.

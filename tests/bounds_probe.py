@@ -62,6 +62,12 @@ def cases(backend):
                 "siglip passes=4": lambda: ck.siglip_loss(
                     q, k, labels=lab, key_labels=klab, backend=backend, passes=4),
             }
+            if backend == "triton":     # the blocked algorithm, both tile sources
+                for algo in ("blocked", "epilogue"):
+                    calls[f"info_nce symmetric {algo}"] = lambda a=algo: ck.info_nce(
+                        q, k, positive_index=idx, symmetric=True, backend=backend, algorithm=a)
+                    calls[f"siglip passes=3 {algo}"] = lambda a=algo: ck.siglip_loss(
+                        q, k, positive_index=idx, backend=backend, passes=3, algorithm=a)
             if backend == "cpu":
                 calls["info_nce margin"] = lambda: ck.info_nce(
                     q, k, positive_index=idx, margin=0.2, symmetric=True, backend=backend)

@@ -142,25 +142,33 @@ class _NotLaunched:
                          ids=["f64", "f32", "f16", "bf16"])
 @pytest.mark.parametrize("case", [case_diagonal, case_labels, case_none],
                          ids=["diagonal", "labels", "none"])
-def test_triton_blocked(monkeypatch, passes, dtype, case):
+@pytest.mark.parametrize("algorithm", ["blocked", "epilogue"])
+def test_triton_blocked(monkeypatch, passes, dtype, case, algorithm):
     """algorithm="blocked" (auto's choice for CUDA fp16/bf16 with D > 256): S by GEMMs in
-    blocks of 7 rows (a ragged last one), block_siglip_kernel for the sums and dS; the
-    fused kernels must not run. Half types against an fp32 reference of the same
-    rounded inputs (dS is rounded to the input dtype for its GEMMs, as in InfoNCE's
-    blocked backward)."""
+    blocks of 7 rows (a ragged last one), block_siglip_kernel for the sums and dS; or
+    "epilogue": the same blocks, S computed in block_siglip_kernel. The fused kernels
+    must not run. Half types against an fp32 reference of the same rounded inputs (dS is
+    rounded to the input dtype for its GEMMs, as in InfoNCE's blocked backward)."""
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("triton declares no bfloat16 on CPU tensors (the interpreter's tl.dot)")
     from contrastive_kernels.backends import triton as T
     for name in ("lse_bwd_kernel", "lse_bwd_tuned"):
         monkeypatch.setattr(T._kernels(), name, _NotLaunched(name))
+    launch = T._launch_block
+
+    def checked(L, kernel, tile, *a):
+        assert tile["FROM_QK"] == (algorithm == "epilogue"), tile
+        return launch(L, kernel, tile, *a)
+    monkeypatch.setattr(T, "_launch_block", checked)
     n, m, d = 30, 45, 19
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ws = 7 * 64 * (acc.itemsize + torch.empty(0, dtype=dtype).element_size())
+    ws = 7 * 64 * ((0 if algorithm == "epilogue" else acc.itemsize)
+                   + torch.empty(0, dtype=dtype).element_size())
     gen = torch.Generator().manual_seed(seed_for("siglip-blocked", case.__name__, str(dtype)))
     q, k = _inputs(n, m, d, dtype, gen)
     half = dtype in (torch.float16, torch.bfloat16)
     compare("triton", q, k, case(n, m, gen), dtype, ref_dtype=torch.float32 if half else
-            torch.float64, scale=7.0, bias=-3.0, passes=passes, algorithm="blocked",
+            torch.float64, scale=7.0, bias=-3.0, passes=passes, algorithm=algorithm,
             workspace=ws)
 
 

@@ -139,8 +139,8 @@ def test_positive_index_against_reference(backend, dtype, reduction, kind, varia
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", [dict(low_memory=True), dict(algorithm="blocked"),
-                                    dict(deterministic=True)],
-                         ids=["low_memory", "blocked", "deterministic"])
+                                    dict(algorithm="epilogue"), dict(deterministic=True)],
+                         ids=["low_memory", "blocked", "epilogue", "deterministic"])
 def test_kernel_options(backend, option):
     """The kernel options on M > N (a backend that lacks one says so: ValueError)."""
     gen = torch.Generator().manual_seed(seed_for("symhn-opt", str(option)))

@@ -41,8 +41,9 @@ DT_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torc
 # Backward modes of the loss, as kernel options: one atomic kernel, two launches of it,
 # the low-memory kernel that writes final gradients (lse_backward must then not be
 # called), or the blocked algorithm (GEMMs on blocks of BLOCKED_ROWS rows, so that every
-# case has several blocks and a ragged last one; the fused kernels then not called).
-MODES = ["atomic", "deterministic", "low_memory", "blocked"]
+# case has several blocks and a ragged last one; the fused kernels then not called), or
+# its "epilogue" form (each tile of S computed in the blocked kernels, never stored).
+MODES = ["atomic", "deterministic", "low_memory", "blocked", "epilogue"]
 BLOCKED_ROWS = 7
 
 
@@ -50,23 +51,34 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def blocked_workspace(rows, m, dtype):
-    """The `workspace` option (bytes) that gives blocks of `rows` rows against m keys."""
-    return rows * (-(-m // 64) * 64) * (_acc(dtype).itemsize + torch.empty(0, dtype=dtype).element_size())
+def blocked_workspace(rows, m, dtype, epilogue=False):
+    """The `workspace` option (bytes) that gives blocks of `rows` rows against m keys (an
+    S block in the accumulation dtype and a dS block; "epilogue": dS alone)."""
+    per = torch.empty(0, dtype=dtype).element_size() + (0 if epilogue else _acc(dtype).itemsize)
+    return rows * (-(-m // 64) * 64) * per
 
 
 def mode_options(mode, m, dtype):
     return {"atomic": {}, "deterministic": dict(deterministic=True),
             "low_memory": dict(low_memory=True),
             "blocked": dict(algorithm="blocked",
-                            workspace=blocked_workspace(BLOCKED_ROWS, m, dtype))}[mode]
+                            workspace=blocked_workspace(BLOCKED_ROWS, m, dtype)),
+            "epilogue": dict(algorithm="epilogue",
+                             workspace=blocked_workspace(BLOCKED_ROWS, m, dtype, True))}[mode]
 
 
 def set_mode(monkeypatch, mode):
     """Instrumentation of a mode: the kernels it must not launch fail if called."""
-    if mode == "blocked":
+    if mode in ("blocked", "epilogue"):
         for name in ("lse_fwd_kernel", "lse_fwd_tuned", "lse_bwd_kernel", "lse_bwd_tuned"):
             monkeypatch.setattr(T._kernels(), name, _not_called(name))
+        launch = T._launch_block
+
+        def checked(L, kernel, tile, *a):
+            # "epilogue" computes S in the kernels; "blocked" reads cuBLAS's
+            assert tile["FROM_QK"] == (mode == "epilogue"), (mode, tile)
+            return launch(L, kernel, tile, *a)
+        monkeypatch.setattr(T, "_launch_block", checked)
     if mode == "low_memory":
         def not_this(*a, **k):
             raise AssertionError("low-memory mode called lse_backward")
@@ -343,7 +355,7 @@ def test_loss_family_fp32(monkeypatch, case, mode):
     _e2e(n, m, d, torch.float32, kw, mode=mode)
 
 
-@pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked"])
+@pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked", "epilogue"])
 @pytest.mark.parametrize("case", ["clip", "ntxent", "supcon", "clip_smooth_sum"])
 def test_loss_family_fp64(monkeypatch, case, mode):
     set_mode(monkeypatch, mode)
@@ -351,7 +363,7 @@ def test_loss_family_fp64(monkeypatch, case, mode):
     _e2e(n, m, d, torch.float64, kw, tol=(1e-11, 1e-10), mode=mode)
 
 
-@pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked"])
+@pytest.mark.parametrize("mode", ["atomic", "low_memory", "blocked", "epilogue"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []),
                          ids=lambda t: DT_IDS[t])
 @pytest.mark.parametrize("case", ["clip", "hard_negatives", "ntxent_sym", "supcon",
@@ -395,11 +407,13 @@ def test_programs_share_blocks_wide_d_gpu(monkeypatch, mode, dtype, d):
          mode=mode)
 
 
-def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch):
-    # The blocked path's largest buffers are its S and dS blocks: by default at most
-    # WORKSPACE_FACTOR x the bytes of q and k (here far below one N x M fp32 matrix; the
-    # floor is lifted so that it applies at test size), and a block of rows that fits.
-    set_mode(monkeypatch, "blocked")
+@pytest.mark.parametrize("algorithm", ["blocked", "epilogue"])
+def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch, algorithm):
+    # The blocked path's largest buffers are its S and dS blocks (epilogue: dS alone): by
+    # default at most WORKSPACE_FACTOR x the bytes of q and k (here far below one N x M
+    # fp32 matrix; the floor is lifted so that it applies at test size), and a block of
+    # rows that fits.
+    set_mode(monkeypatch, algorithm)
     monkeypatch.setattr(T, "WORKSPACE_MIN", 0)
     n, d = 720, 16
     q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float32, False, seed=3, spread=1.0))
@@ -415,15 +429,17 @@ def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch):
 
     with Record():
         loss = ck.info_nce(q, k, temperature=0.1, symmetric=True, backend="triton",
-                           algorithm="blocked")
+                           algorithm=algorithm)
         torch.autograd.grad(loss, (q, k))
+        sig = ck.siglip_loss(q, k, backend="triton", algorithm=algorithm)
+        torch.autograd.grad(sig, (q, k))
     inputs = 2 * n * d * 4
     biggest = sorted(sizes)[-3:]
     # S (fp32) and dS (fp32 here): each below the whole workspace, which is 2 x inputs,
     # under a seventh of one N x N fp32 matrix.
     assert max(biggest) <= T.WORKSPACE_FACTOR * inputs < n * n * 4 / 7, (biggest, inputs)
     scale = torch.tensor(1.0, device=q.device)
-    rows, _, _ = T._block_plan(T._setup(q, k, scale, make_options(algorithm="blocked")))
+    rows, _, _ = T._block_plan(T._setup(q, k, scale, make_options(algorithm=algorithm)))
     assert 16 <= rows < n and rows % 16 == 0, rows
 
 
@@ -557,7 +573,7 @@ def test_non_finite_inputs_every_mode(monkeypatch, mode, case, where):
     import test_info_nce as E
     set_mode(monkeypatch, mode)
     opts = mode_options(mode, 1, torch.float32)
-    if mode == "blocked":
+    if mode in ("blocked", "epilogue"):
         opts["workspace"] = 1          # one row per block
     E.test_non_finite_inputs_propagate("triton", getattr(E, "case_" + case), where, float("nan"),
                                        **opts)

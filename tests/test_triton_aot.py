@@ -73,8 +73,14 @@ def test_half_types_use_tensor_cores(compiled):
     for r in compiled:
         if r["dtype"] in ("fp16", "bf16", "tf32") and r["kind"] in FUSED:
             assert r["wgmma"] or r["mma"], _name(r)
-    # On sm90 Triton should pick the Hopper warpgroup MMA for the half-type GEMMs.
+    # On sm90 Triton should pick the Hopper warpgroup MMA for the half-type GEMMs, also
+    # those of the blocked kernels that compute S (FROM_QK, algorithm="epilogue").
     assert any(r["wgmma"] for r in compiled if r["dtype"] in ("fp16", "bf16"))
+    gemm = [r for r in compiled if r["flags"].get("FROM_QK")]
+    assert len(gemm) == 5 * 7, len(gemm)
+    assert all(r["wgmma"] for r in gemm if r["dtype"] in ("fp16", "bf16")), \
+        [_name(r) for r in gemm if not r["wgmma"]]
+    assert all(r["wgmma"] or r["mma"] for r in gemm if r["dtype"] == "tf32")
 
 
 def test_atomics_only_where_intended(compiled):
@@ -102,8 +108,8 @@ def test_default_configs_do_not_spill(compiled):
         pytest.skip("ptxas -v did not run")
     half = [r for r in compiled if r["dtype"] in ("fp16", "bf16")]
     # fwd (+ shift), bwd (+ sigmoid, + shift), grad, and the blocked kernels (InfoNCE's 4,
-    # the sigmoid loss's 3; no spills either)
-    assert len(half) == 2 * (5 + 17 + 8 + 4 + 3)
+    # the sigmoid loss's 3, each reading S or computing it; no spills either)
+    assert len(half) == 2 * (5 + 17 + 8 + 8 + 6)
     # The sigmoid loss's 3-pass launch with D in one chunk (256) also keeps two row sums
     # and both softplus and sigmoid: 108 B of spills (sm_90, triton 3.9), under 128 B.
     one_d_grad = lambda r: r["flags"].get("ONE_D") and (

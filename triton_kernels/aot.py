@@ -3,7 +3,8 @@
     python -m contrastive_kernels.triton_kernels.aot [--arch 90] [--json]
 
 Compiles lse_fwd_kernel, lse_bwd_kernel (its SIGLIP mode too) and lse_grad_kernel (and
-the blocked algorithm's block_stats_kernel, block_ds_kernel and block_siglip_kernel) for
+the blocked algorithm's block_stats_kernel, block_ds_kernel and block_siglip_kernel, with
+S read or, FROM_QK, computed) for
 each dtype and the flags
 the backend launches (self-mask, column statistics, the dq/dk kernels of the
 deterministic mode, the atomic kernel, the low-memory launches, ONE_D on/off; see
@@ -94,15 +95,18 @@ def variants(dtypes, full=False):
                 out.append(("grad", dt, dict(SELF_MASK=bool(sm), SYM=bool(sm), HAS_R=bool(r),
                                              HAS_C=bool(c), HAS_EPS=bool(e), DS_ON=bool(ds),
                                              ONE_D=one_d)))
-        # The blocked algorithm's elementwise kernels (S in the accumulation dtype, dS in
-        # the input dtype): (SELF_MASK, COLS) and (SELF_MASK, HAS_C).
-        for sm, c in ((False, True), (True, False)):
-            out.append(("stats", dt, dict(SELF_MASK=sm, COLS=c)))
-            out.append(("ds", dt, dict(SELF_MASK=sm, HAS_R=True, HAS_C=c)))
+        # The blocked algorithm's kernels (S read in the accumulation dtype, or with
+        # FROM_QK computed in the kernel; dS in the input dtype): (SELF_MASK, COLS) and
+        # (SELF_MASK, HAS_C), each tile source once per flag set.
+        for i, (sm, c) in enumerate(((False, True), (True, False))):
+            for qk in (False, True):
+                out.append(("stats", dt, dict(SELF_MASK=sm, COLS=c, FROM_QK=qk)))
+                out.append(("ds", dt, dict(SELF_MASK=sm, HAS_R=True, HAS_C=c, FROM_QK=qk)))
         # the sigmoid loss's (HAS_G, SUMS, GRAD): the 3-pass forward, the 4-pass forward
         # and backward
         for g, sums, grad_ in ((False, True, True), (False, True, False), (True, False, True)):
-            out.append(("sig", dt, dict(HAS_G=g, SUMS=sums, GRAD=grad_)))
+            for qk in (False, True):
+                out.append(("sig", dt, dict(HAS_G=g, SUMS=sums, GRAD=grad_, FROM_QK=qk)))
     return out
 
 
@@ -121,7 +125,8 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
     if block_d is None and "ONE_D" in flags:
         block_d = P["MAX_ONE_D"] if flags["ONE_D"] else P["CHUNK_D"]
     if kind in ("stats", "ds", "sig"):
-        cfg = dict(config or L.BLOCKED_TILE)
+        qk = flags.get("FROM_QK", False)
+        cfg = dict(config or (P["GEMM"] if qk else L.BLOCKED_TILE))
         if kind == "sig":
             fn = L.block_siglip_kernel
             sig = {"S": f"*{acc_s}", "DS": f"*{dt}", "SCALE": f"*{acc_s}", "BIAS": f"*{acc_s}",
@@ -136,8 +141,12 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
             sig = {"S": f"*{acc_s}", "DS": f"*{dt}", "SCALE": f"*{acc_s}", "GNORM": f"*{acc_s}",
                    "LSE_R": f"*{acc_s}", "G_R": f"*{acc_s}", "LSE_C": f"*{acc_s}",
                    "G_C": f"*{acc_s}"}
-        sig.update(row0="i32", R="i32", M="i32", stride_s="i32")
-        const = dict(flags, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+        sig = dict(list(sig.items())[:1] + [("Q", f"*{dt}"), ("K", f"*{dt}")]
+                   + list(sig.items())[1:])
+        sig.update(row0="i32", R="i32", M="i32", D="i32", stride_s="i32", stride_q="i32",
+                   stride_k="i32")
+        const = dict(flags, FROM_QK=qk, PREC=prec, BLOCK_R=cfg["BLOCK_R"],
+                     BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg.get("BLOCK_K", 16))
     elif kind == "fwd":
         fn = L.lse_fwd_kernel
         cfg = dict(config or P["FWD"])

@@ -86,7 +86,7 @@ def needed_features(options, loss="info_nce"):
     out = [] if loss == "info_nce" else [loss]
     if options.low_memory:
         out.append("low_memory")
-    if options.algorithm == "blocked":
+    if options.algorithm in ("blocked", "epilogue"):
         out.append("blocked")
     return out
 

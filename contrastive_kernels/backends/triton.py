@@ -47,6 +47,10 @@ Options (contrastive_kernels/options.py), per call:
                  (siglip_tiles) take it too: per block, block_siglip_kernel reads S once
                  for the row sums and writes dS, and cuBLAS gives dq_b and dk (3 GEMM
                  passes in the 3-pass schedule; 1 + 3 in the 4-pass one).
+                 "epilogue": the blocked algorithm with S never stored: the same
+                 kernels (FROM_QK) compute each tile of S_b from q_b and k (lse.PARAMS
+                 GEMM tile) and use it at once; the workspace holds dS alone, so the
+                 blocks are 3x taller (bf16). Never auto's choice until timed on a GPU.
   precision      "tf32" applies to float32 inputs only.
 
 The triton import is lazy: `import contrastive_kernels` does not import triton.
@@ -201,11 +205,12 @@ def _mm_out_dtype(device, dtype):
 
 
 def _blocked(L):
-    """Whether this call takes the blocked algorithm (`algorithm`, module docstring)."""
+    """Whether this call takes the blocked algorithm (`algorithm`, module docstring):
+    "blocked" or "epilogue"."""
     algo = L.options.algorithm
     if algo == "fused" or L.options.low_memory:
         return False
-    if algo == "blocked":
+    if algo in ("blocked", "epilogue"):
         return True
     return (L.dev.type == "cuda" and L.q.dtype in (torch.float16, torch.bfloat16)
             and not L.one_d and not torch.are_deterministic_algorithms_enabled()
@@ -231,25 +236,43 @@ def _gemm(a, b, out, accumulate=False):
 
 
 def _block_plan(L):
-    """(rows per block, padded row stride of the workspace, tile config)."""
+    """(rows per block, padded row stride of the workspace, tile config). With
+    algorithm="epilogue" the workspace holds dS alone (S never leaves the kernel), so the
+    blocks are larger."""
     mpad = -(-L.m // 64) * 64
-    per_row = mpad * (_acc(L.q.dtype).itemsize + L.q.element_size())
+    epi = L.options.algorithm == "epilogue"
+    per_row = mpad * (L.q.element_size() + (0 if epi else _acc(L.q.dtype).itemsize))
     ws = L.options.workspace
     if ws:
         rows = max(1, ws // per_row)           # as asked (tests use a few rows)
     else:
         ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
         rows = max(16, ws // per_row // 16 * 16)
+    T = dict(L.P["GEMM"], FROM_QK=True) if epi else dict(L.K.BLOCKED_TILE, FROM_QK=False)
     # the row tiles are the launch grid's second dimension: at most 65535 on CUDA
-    rows = min(rows, 65535 * L.K.BLOCKED_TILE["BLOCK_R"])
-    return min(L.n, rows), mpad, L.K.BLOCKED_TILE
+    rows = min(rows, 65535 * T["BLOCK_R"])
+    return min(L.n, rows), mpad, T
+
+
+def _launch_block(L, kernel, T, s, qb, r, args, meta):
+    """One launch of a blocked kernel on a row block of r rows: S read from `s`, or
+    (FROM_QK) computed from qb and k in the kernel; `args` are those between the S, Q, K
+    pointers and row0 (see the kernels), `meta` the flags."""
+    cdiv, m = L.triton.cdiv, L.m
+    br, bc = T["BLOCK_R"], T["BLOCK_C"]
+    grid = (cdiv(r, br) * cdiv(m, bc),) if T["FROM_QK"] else (cdiv(m, bc), cdiv(r, br))
+    row0, rest = args[-1], args[:-1]
+    kernel[grid](s, qb, L.k, *rest, row0, r, m, L.d, s.stride(0), qb.stride(0), L.k.stride(0),
+                 **meta, FROM_QK=T["FROM_QK"], PREC=L.prec, BLOCK_R=br, BLOCK_C=bc,
+                 BLOCK_K=T.get("BLOCK_K", 16), num_warps=T["num_warps"],
+                 **({"num_stages": T["num_stages"]} if "num_stages" in T else {}))
 
 
 def _blocked_forward(L, self_mask, cols):
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
     br, bc = T["BLOCK_R"], T["BLOCK_C"]
-    sbuf = _out((rows, mpad), acc, dev)
+    sbuf = L.scale_t if T["FROM_QK"] else _out((rows, mpad), acc, dev)
     row_part = _out((rows, cdiv(m, bc)), acc, dev)
     col_part = _out((cdiv(rows, br), m), acc, dev) if cols else row_part
     lse_r = _out((n,), acc, dev)
@@ -257,11 +280,13 @@ def _blocked_forward(L, self_mask, cols):
     kt = L.k.T
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
-        s = sbuf[:r, :m]
-        _gemm(L.q[i0:i0 + r], kt, s)
-        L.K.block_stats_kernel[(cdiv(m, bc), cdiv(r, br))](
-            s, L.scale_t, row_part, col_part, i0, r, m, mpad, SELF_MASK=bool(self_mask),
-            COLS=bool(cols), BLOCK_R=br, BLOCK_C=bc, num_warps=T["num_warps"])
+        qb = L.q[i0:i0 + r]
+        s = sbuf if T["FROM_QK"] else sbuf[:r, :m]
+        if not T["FROM_QK"]:
+            _gemm(qb, kt, s)
+        _launch_block(L, L.K.block_stats_kernel, T, s, qb, r,
+                      (L.scale_t, row_part, col_part, i0),
+                      dict(SELF_MASK=bool(self_mask), COLS=bool(cols)))
         torch.logsumexp(row_part[:r], 1, out=lse_r[i0:i0 + r])
         if cols:
             torch.logaddexp(lse_c, torch.logsumexp(col_part[:cdiv(r, br)], 0), out=lse_c)
@@ -272,10 +297,9 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
                       prod=None):
     """The blocked backward; with prod = (pq, pk) (the teacher's passes) dq = dS pk and
     dk = dS^T pq, the logits still from q and k."""
-    n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
+    n, m, acc, dev = L.n, L.m, L.acc, L.dev
     rows, mpad, T = _block_plan(L)
-    br, bc = T["BLOCK_R"], T["BLOCK_C"]
-    sbuf = _out((rows, mpad), acc, dev)
+    sbuf = None if T["FROM_QK"] else _out((rows, mpad), acc, dev)
     dsbuf = _out((rows, mpad), L.q.dtype, dev)
     q, k = L.q, L.k
     pq, pk = (q, k) if prod is None else (_rows(prod[0]), _rows(prod[1]))
@@ -283,12 +307,15 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
     dk = _out((m, pq.shape[1]), acc, dev) if need_dk else None
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
-        s, ds, qb = sbuf[:r, :m], dsbuf[:r, :m], q[i0:i0 + r]
-        _gemm(qb, k.T, s)
-        L.K.block_ds_kernel[(cdiv(m, bc), cdiv(r, br))](
-            s, ds, L.scale_t, gnorm, lse_r, g_r, lse_c if has_c else lse_r,
-            g_c if has_c else g_r, i0, r, m, mpad, SELF_MASK=bool(self_mask), HAS_R=True,
-            HAS_C=has_c, BLOCK_R=br, BLOCK_C=bc, num_warps=T["num_warps"])
+        ds, qb = dsbuf[:r, :m], q[i0:i0 + r]
+        s = ds
+        if not T["FROM_QK"]:
+            s = sbuf[:r, :m]
+            _gemm(qb, k.T, s)
+        _launch_block(L, L.K.block_ds_kernel, T, s, qb, r,
+                      (ds, L.scale_t, gnorm, lse_r, g_r, lse_c if has_c else lse_r,
+                       g_c if has_c else g_r, i0),
+                      dict(SELF_MASK=bool(self_mask), HAS_R=True, HAS_C=has_c))
         _block_grads(ds, i0, pq, pk, dq, dk)
     return dq, dk
 
@@ -304,14 +331,14 @@ def _block_grads(ds, i0, pq, pk, dq, dk):
 
 
 def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
-    """The sigmoid loss's tiles by the blocked algorithm: per row block, cuBLAS gives
-    S = q_b k^T (fp32), block_siglip_kernel reads it once for the row sums and writes dS
-    (divided by max|g|), and cuBLAS gives dq_b = dS k and dk += dS^T q_b."""
+    """The sigmoid loss's tiles by the blocked algorithm: per row block, S = q_b k^T
+    (cuBLAS, fp32; or with "epilogue" in the kernel), block_siglip_kernel gives the row
+    sums and dS (divided by max|g|), and cuBLAS gives dq_b = dS k and dk += dS^T q_b."""
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
-    br, bc = T["BLOCK_R"], T["BLOCK_C"]
+    bc = T["BLOCK_C"]
     grad = need_dq or need_dk
-    sbuf = _out((rows, mpad), acc, dev)
+    sbuf = None if T["FROM_QK"] else _out((rows, mpad), acc, dev)
     dsbuf = _out((rows, mpad), L.q.dtype, dev) if grad else sbuf
     part = _out((2, rows, cdiv(m, bc)), acc, dev) if sums else None
     r = _out((n,), acc, dev) if sums else None
@@ -321,17 +348,21 @@ def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
     q, k, dummy = L.q, L.k, gnorm
     for i0 in range(0, n, rows):
         rr = min(rows, n - i0)
-        s, ds, qb = sbuf[:rr, :m], dsbuf[:rr, :m], q[i0:i0 + rr]
-        _gemm(qb, k.T, s)
-        L.K.block_siglip_kernel[(cdiv(m, bc), cdiv(rr, br))](
-            s, ds, L.scale_t, bias_t, gnorm, dummy if g_r is None else g_r,
-            part[0] if sums else dummy, part[1] if sums else dummy, i0, rr, m, mpad,
-            HAS_G=g_r is not None, SUMS=sums, GRAD=grad, BLOCK_R=br, BLOCK_C=bc,
-            num_warps=T["num_warps"])
+        qb = q[i0:i0 + rr]
+        ds = dsbuf[:rr, :m] if dsbuf is not None else gnorm.view(1, 1)
+        s = ds
+        if not T["FROM_QK"]:
+            s = sbuf[:rr, :m]
+            _gemm(qb, k.T, s)
+        _launch_block(L, L.K.block_siglip_kernel, T, s, qb, rr,
+                      (ds, L.scale_t, bias_t, gnorm, dummy if g_r is None else g_r,
+                       part[0] if sums else dummy, part[1] if sums else dummy, i0),
+                      dict(HAS_G=g_r is not None, SUMS=sums, GRAD=grad))
         if sums:
             torch.sum(part[0, :rr], 1, out=r[i0:i0 + rr])
             torch.sum(part[1, :rr], 1, out=t[i0:i0 + rr])
-        _block_grads(ds, i0, q, k, dq, dk)
+        if grad:
+            _block_grads(ds, i0, q, k, dq, dk)
     return r, t, dq, dk
 
 
