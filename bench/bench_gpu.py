@@ -237,6 +237,11 @@ def targets(rows):
         best = min(gpu, key=lambda m: at[m]["ms"])
         out.append(f"  faster GPU backend (for 'auto'): {best} "
                    + ", ".join(f"{m} {at[m]['ms']:.1f} ms" for m in gpu))
+    if "triton" in at and "triton-epi" in at:
+        # auto's blocked algorithm reads cuBLAS blocks of S; "epilogue" computes them
+        faster = "epilogue" if at["triton-epi"]["ms"] < at["triton"]["ms"] else "blocked"
+        out.append(f"  faster form of the blocked algorithm: {faster} (triton "
+                   f"{at['triton']['ms']:.1f} ms, triton-epi {at['triton-epi']['ms']:.1f} ms)")
     return out
 
 
