@@ -6,7 +6,8 @@
 --loss siglip: the sigmoid loss (s = 10, b = -10): rows naive (open_clip's SigLipLoss
 math), every backend that declares "siglip" ("triton": the 3-pass schedule, by default
 the blocked algorithm at D = 768; "triton-1g": with a 1 GiB workspace; "triton-epi":
-algorithm="epilogue", S computed in the blocked kernels; "triton-fused":
+algorithm="epilogue", S computed in the blocked kernels ("triton-epi64": with 128 x 64
+tiles); "triton-fused":
 the fused kernels; "triton-4p": passes=4; "cuda": measured although it is declared to
 lag, Backend.lags), and siglip-kernel's fused_siglip_loss when the
 `siglip_kernel` package imports; TFLOP/s counted as 6 N^2 D (its 3 GEMM passes), and the targets at the largest N
@@ -17,7 +18,7 @@ contrastive_kernels available on CUDA (Triton four times: "triton" as `auto` run
 blocked algorithm at D = 768 (cuBLAS GEMMs on row blocks, Triton for the statistics and
 dS); "triton-1g" the same with workspace=1 GiB; "triton-epi" with algorithm="epilogue" (the
 same row blocks, each tile of S computed in the Triton kernel that uses it, never
-stored); "triton-fused" with algorithm="fused"
+stored; "triton-epi64" the same with 128 x 64 tiles); "triton-fused" with algorithm="fused"
 (the fused kernels, atomic dk); "triton-low" with low_memory=True), and Inf-CL when the
 `inf_cl` package imports.
 Columns: median time of a step (triton.testing.do_bench), peak memory (the inputs plus
@@ -40,6 +41,7 @@ backend last, and the JSON is rewritten after every row, so a crash or a timeout
 what was measured.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -91,21 +93,44 @@ def naive_step(q, k, backward=True):
     return _loss_or_grads(naive_siglip if LOSS == "siglip" else naive_loss, q, k, backward)
 
 
-def ck_step(backend, **options):
-    """One step of `backend` with kernel options (e.g. low_memory=True)."""
+def ck_step(backend, tile=None, **options):
+    """One step of `backend` with kernel options (e.g. low_memory=True); `tile`: see
+    gemm_tile."""
     import contrastive_kernels as ck
 
     def loss(q, k):
         if LOSS == "siglip":
-            # a backend declared to lag (Backend.lags: cuda) is measured all the same
-            with ck.backends.base.measuring(ck.backends.get(backend)):
-                return ck.siglip_loss(q, k, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
-                                      backend=backend, **options)
+            return ck.siglip_loss(q, k, logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS,
+                                  backend=backend, **options)
         return ck.info_nce(q, k, temperature=0.07, symmetric=True, backend=backend, **options)
 
     def step(q, k, backward=True):
-        return _loss_or_grads(loss, q, k, backward)
+        # a backend declared to lag (Backend.lags: cuda's sigmoid loss) is measured all
+        # the same (forward and backward inside: a 4-pass backward selects again)
+        with ck.backends.base.measuring(ck.backends.get(backend)), gemm_tile(tile):
+            return _loss_or_grads(loss, q, k, backward)
     return step
+
+
+# The other tile for "epilogue" (the default is 128 x 128 with 8 warps, one program per
+# SM): 128 x 64 with one warpgroup, two programs per SM (lse.PARAMS comment).
+EPI_TILE_64 = dict(BLOCK_R=128, BLOCK_C=64, BLOCK_K=64, GROUP_R=16, num_warps=4, num_stages=4)
+
+
+@contextlib.contextmanager
+def gemm_tile(tile):
+    """The half types' tile of algorithm="epilogue" (lse.PARAMS GEMM) replaced by `tile`
+    (a dict; None: unchanged) while a step runs: rows that time another tile."""
+    if tile is None:
+        yield
+        return
+    from contrastive_kernels.triton_kernels import lse
+    before = lse.PARAMS["half"]["GEMM"]
+    lse.PARAMS["half"]["GEMM"] = dict(tile)
+    try:
+        yield
+    finally:
+        lse.PARAMS["half"]["GEMM"] = before
 
 
 def siglip_kernel_step():
@@ -162,6 +187,8 @@ def methods():
                     # with a 1 GiB workspace, the fused kernels, and passes=4
                     out.append(("triton-1g", ck_step(b, workspace=1 << 30), lambda n: 0))
                     out.append(("triton-epi", ck_step(b, algorithm="epilogue"), lambda n: 0))
+                    out.append(("triton-epi64", ck_step(b, EPI_TILE_64, algorithm="epilogue"),
+                                lambda n: 0))
                     out.append(("triton-fused", ck_step(b, algorithm="fused"), lambda n: 0))
                     out.append(("triton-4p", ck_step(b, passes=4), lambda n: 0))
         try:
@@ -179,6 +206,8 @@ def methods():
             out.append(("triton-1g", ck_step(b, workspace=1 << 30), lambda n: 0))
             # the same row blocks, S computed in the Triton kernels and never stored
             out.append(("triton-epi", ck_step(b, algorithm="epilogue"), lambda n: 0))
+            out.append(("triton-epi64", ck_step(b, EPI_TILE_64, algorithm="epilogue"),
+                        lambda n: 0))
             out.append(("triton-fused", ck_step(b, algorithm="fused"), lambda n: 0))
             out.append(("triton-low", ck_step(b, low_memory=True), lambda n: 0))
         else:
@@ -237,11 +266,13 @@ def targets(rows):
         best = min(gpu, key=lambda m: at[m]["ms"])
         out.append(f"  faster GPU backend (for 'auto'): {best} "
                    + ", ".join(f"{m} {at[m]['ms']:.1f} ms" for m in gpu))
-    if "triton" in at and "triton-epi" in at:
+    forms = [m for m in ("triton", "triton-epi", "triton-epi64") if m in at]
+    if "triton" in forms and len(forms) > 1:
         # auto's blocked algorithm reads cuBLAS blocks of S; "epilogue" computes them
-        faster = "epilogue" if at["triton-epi"]["ms"] < at["triton"]["ms"] else "blocked"
-        out.append(f"  faster form of the blocked algorithm: {faster} (triton "
-                   f"{at['triton']['ms']:.1f} ms, triton-epi {at['triton-epi']['ms']:.1f} ms)")
+        best = min(forms, key=lambda m: at[m]["ms"])
+        out.append(f"  faster form of the blocked algorithm: "
+                   f"{'blocked' if best == 'triton' else 'epilogue (' + best + ')'} ("
+                   + ", ".join(f"{m} {at[m]['ms']:.1f} ms" for m in forms) + ")")
     return out
 
 

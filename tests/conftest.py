@@ -22,6 +22,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -42,7 +43,7 @@ if DEVICE == "cpu" and os.environ.get("CK_TEST_CUDA_EMU") == "1":
 # checks their effect).
 from contrastive_kernels import backends as _registry  # noqa: E402
 for _b in _registry.REGISTRY.by_name.values():
-    _b.lags = {}
+    _b.lags = types.MappingProxyType({})
 
 # The benchmark harness (bench/sweep.py, bench/harness.py) lives outside the package.
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")

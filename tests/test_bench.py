@@ -200,8 +200,8 @@ def test_gpu_targets_summary_from_rows():
     assert "faster GPU backend (for 'auto'): triton" in text
     assert "faster form of the blocked" not in text               # no triton-epi row
     text = "\n".join(B.targets(rows + [row("triton-epi", 80.0, int(1.5 * ideal), 0.8)]))
-    assert "faster form of the blocked algorithm: epilogue (triton 100.0 ms, triton-epi " \
-           "80.0 ms)" in text
+    assert "faster form of the blocked algorithm: epilogue (triton-epi) (triton 100.0 ms, " \
+           "triton-epi 80.0 ms)" in text
     assert B.targets([]) == ["targets: no results"]
 
 

@@ -417,7 +417,10 @@ def test_cuda_declared_to_lag_is_skipped_and_refuses(monkeypatch):
         ck.siglip_loss(q, q, backend="cuda")
     with backends.base.measuring(be):
         fine = ck.siglip_loss(q, q, backend="cuda")
+        q4 = q.clone().requires_grad_()
+        ck.siglip_loss(q4, q4, backend="cuda", passes=4).backward()   # selects again
     assert rel_err(ck.siglip_loss(q, q), fine, floor=1.0) < 1e-5
+    assert torch.isfinite(q4.grad).all()
     ck.info_nce(q, q, backend="cuda")           # InfoNCE stays served
 
 

@@ -98,7 +98,7 @@ def variants(dtypes, full=False):
         # The blocked algorithm's kernels (S read in the accumulation dtype, or with
         # FROM_QK computed in the kernel; dS in the input dtype): (SELF_MASK, COLS) and
         # (SELF_MASK, HAS_C), each tile source once per flag set.
-        for i, (sm, c) in enumerate(((False, True), (True, False))):
+        for sm, c in ((False, True), (True, False)):
             for qk in (False, True):
                 out.append(("stats", dt, dict(SELF_MASK=sm, COLS=c, FROM_QK=qk)))
                 out.append(("ds", dt, dict(SELF_MASK=sm, HAS_R=True, HAS_C=c, FROM_QK=qk)))
@@ -146,7 +146,8 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
         sig.update(row0="i32", R="i32", M="i32", D="i32", stride_s="i32", stride_q="i32",
                    stride_k="i32")
         const = dict(flags, FROM_QK=qk, PREC=prec, BLOCK_R=cfg["BLOCK_R"],
-                     BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg.get("BLOCK_K", 16))
+                     BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg.get("BLOCK_K", 16),
+                     GROUP_R=cfg.get("GROUP_R", 1))
     elif kind == "fwd":
         fn = L.lse_fwd_kernel
         cfg = dict(config or P["FWD"])

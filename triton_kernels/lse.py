@@ -84,14 +84,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #                (up to 256) the key tile is 32 wide: under 100 B of spills per thread
 #                at D = 256 (64-wide: up to 596 B);
 #   GEMM         the tile of the blocked kernels' FROM_QK mode (algorithm="epilogue"): a
-#                GEMM over D in chunks of BLOCK_K with the loss in its epilogue. Chosen
-#                without a GPU, by ptxas -v on sm_90a: fp16/bf16 128 x 64 with one
-#                warpgroup (wgmma) and 4 stages take 96 KiB of shared memory and at most
-#                255 registers with no spills (the sigmoid loss's epilogue), so two
-#                programs fit an SM and one's epilogue can overlap the other's GEMM
-#                (128 x 128 with 8 warps: 255 registers, one program per SM; 128 x 256:
-#                2.9 KB of spills); fp32 "ieee" dots kept at 64 x 32 as below. To be
-#                timed on a GPU;
+#                GEMM over D in chunks of BLOCK_K with the loss in its epilogue; the
+#                programs go in groups of GROUP_R row tiles (see _block_tile). Chosen
+#                without a GPU, by ptxas -v on sm_90a: fp16/bf16 128 x 128 with 8 warps
+#                and 4 stages (two warpgroups, 128 KiB of shared memory, at most 255
+#                registers, no spills: one program per SM) moves 64 flops per byte from
+#                L2, against 43 for 128 x 64 with one warpgroup (which fits two programs
+#                per SM, so one's epilogue can overlap the other's GEMM; bench_gpu's
+#                triton-epi64 row times it); 128 x 256 spills 2.9 KB. fp32 "ieee" dots
+#                kept at 64 x 32 as below. To be timed on a GPU;
 #   FWD/BWD      the config used in the interpreter, for problems too small to be worth
 #                tuning, and (fp64) always. Each fits sm90 shared memory (see
 #                tests/test_triton_aot.py); "tune" says whether large problems autotune.
@@ -101,7 +102,7 @@ if INTERPRET:
               BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
               GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=8, num_warps=4, num_stages=1))
     _I["GRAD_D"] = _I["GRAD"]
-    _I["GEMM"] = dict(BLOCK_R=16, BLOCK_C=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    _I["GEMM"] = dict(BLOCK_R=16, BLOCK_C=32, BLOCK_K=16, GROUP_R=2, num_warps=4, num_stages=1)
     BLOCKED_TILE = dict(BLOCK_R=16, BLOCK_C=32, num_warps=4)
     PARAMS = {"half": _I, "fp32": _I, "fp64": _I}
 else:
@@ -111,7 +112,8 @@ else:
                      BWD=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
                      GRAD=dict(BLOCK_M=64, BLOCK_N=32, FIN_ROWS=16, num_warps=8, num_stages=2),
                      GRAD_D=dict(BLOCK_M=64, BLOCK_N=128, FIN_ROWS=16, num_warps=8, num_stages=2),
-                     GEMM=dict(BLOCK_R=128, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=4)),
+                     GEMM=dict(BLOCK_R=128, BLOCK_C=128, BLOCK_K=64, GROUP_R=16, num_warps=8,
+                               num_stages=4)),
         # fp32 "ieee" dots are FMA loops that keep both operands in registers: a D chunk
         # above 32 spills heavily (seen in sm_90 ptxas -v), so fp32 always works in chunks
         # of 32, and the backward's key tile is 32 wide (64: 164 B of spills).
@@ -120,13 +122,15 @@ else:
                      BWD=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
                      GRAD=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
                      GRAD_D=dict(BLOCK_M=64, BLOCK_N=64, FIN_ROWS=16, num_warps=8, num_stages=2),
-                     GEMM=dict(BLOCK_R=64, BLOCK_C=32, BLOCK_K=32, num_warps=8, num_stages=2)),
+                     GEMM=dict(BLOCK_R=64, BLOCK_C=32, BLOCK_K=32, GROUP_R=16, num_warps=8,
+                               num_stages=2)),
         "fp64": dict(FWD_BLOCK_M=64, MAX_ONE_D=64, CHUNK_D=32, tune=False,
                      FWD=dict(BLOCK_N=32, num_warps=4, num_stages=2),
                      BWD=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
                      GRAD=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2),
                      GRAD_D=dict(BLOCK_M=32, BLOCK_N=32, FIN_ROWS=16, num_warps=4, num_stages=2),
-                     GEMM=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, num_warps=4, num_stages=2)),
+                     GEMM=dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, GROUP_R=16, num_warps=4,
+                               num_stages=2)),
     }
     # The blocked path's elementwise kernels (block_stats_kernel, block_ds_kernel):
     # memory-bound, 32 x 256 fp32 tiles (32 KB read per program).
@@ -577,18 +581,23 @@ def lse_grad_kernel(Q, K, SCALE, GMAX, LSE_R, G_R, LSE_C, G_C, XR, AR, ER, YC, B
 @triton.jit
 def _block_tile(S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k,
                 SELF_MASK: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_R: tl.constexpr = 1):
     """A tile of the block S = q[row0:row0 + R] k^T, scaled, with invalid entries -inf;
-    its local row and global column offsets, its column tile and the number of column
-    tiles. FROM_QK=False: read from S (unscaled, rows stride_s apart), on the grid
+    its local row and global column offsets, its row and column tiles and the number of
+    column tiles. FROM_QK=False: read from S (unscaled, rows stride_s apart), on the grid
     (column tiles, row tiles). FROM_QK=True: computed here from Q (the block's rows) and
-    K over D in chunks of BLOCK_K, on a 1-D grid with the row tiles fastest (the
-    programs running together share a few key tiles, read from L2)."""
+    K over D in chunks of BLOCK_K, on a 1-D grid that takes the row tiles in groups of
+    GROUP_R, each group across all column tiles with its row tiles fastest: the programs
+    running together share a few key tiles and GROUP_R row tiles of q, from L2."""
     if FROM_QK:
         n_r = tl.cdiv(R, BLOCK_R)
-        pid_r = tl.program_id(0) % n_r
-        pid_c = tl.program_id(0) // n_r
         n_c = tl.cdiv(M, BLOCK_C)
+        pid = tl.program_id(0)
+        first = (pid // (GROUP_R * n_c)) * GROUP_R
+        size = tl.minimum(n_r - first, GROUP_R)
+        pid_r = first + (pid % (GROUP_R * n_c)) % size
+        pid_c = (pid % (GROUP_R * n_c)) // size
     else:
         pid_r = tl.program_id(1)
         pid_c = tl.program_id(0)
@@ -621,14 +630,15 @@ def _block_tile(S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k,
 def block_stats_kernel(S, Q, K, SCALE, ROW_PART, COL_PART, row0, R, M, D, stride_s, stride_q,
                        stride_k, SELF_MASK: tl.constexpr, COLS: tl.constexpr,
                        FROM_QK: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_R: tl.constexpr = 1):
     """Blocked forward: one (BLOCK_R, BLOCK_C) tile of a row block's S (_block_tile) gives
     each row's log-sum-exp over the tile's columns (ROW_PART[r, tile], R x column tiles)
     and, with COLS, each column's over the tile's rows (COL_PART[row tile, c], row tiles
     x M)."""
     s, offs_r, offs_c, pid_r, pid_c, n_c = _block_tile(
         S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k, SELF_MASK, FROM_QK,
-        PREC, BLOCK_R, BLOCK_C, BLOCK_K)
+        PREC, BLOCK_R, BLOCK_C, BLOCK_K, GROUP_R)
     m = tl.max(s, 1)
     m_sh = tl.where(m == float("-inf"), 0.0, m)
     rl = _finish(m_sh, tl.sum(tl.exp(s - m_sh[:, None]), 1))
@@ -644,12 +654,13 @@ def block_stats_kernel(S, Q, K, SCALE, ROW_PART, COL_PART, row0, R, M, D, stride
 def block_ds_kernel(S, Q, K, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, M, D,
                     stride_s, stride_q, stride_k, SELF_MASK: tl.constexpr, HAS_R: tl.constexpr,
                     HAS_C: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_R: tl.constexpr = 1):
     """Blocked backward: dS of one tile of a row block (_block_tile), divided by max|g|
     (GNORM) and cast to DS's dtype (rows stride_s apart) for the dq and dk GEMMs."""
     s, offs_r, offs_c, pid_r, pid_c, n_c = _block_tile(
         S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k, SELF_MASK, FROM_QK,
-        PREC, BLOCK_R, BLOCK_C, BLOCK_K)
+        PREC, BLOCK_R, BLOCK_C, BLOCK_K, GROUP_R)
     gnorm = tl.load(GNORM)
     r_ok = offs_r < R
     c_ok = offs_c < M
@@ -667,14 +678,15 @@ def block_ds_kernel(S, Q, K, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, 
 def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, row0, R, M, D,
                         stride_s, stride_q, stride_k, HAS_G: tl.constexpr, SUMS: tl.constexpr,
                         GRAD: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_R: tl.constexpr = 1):
     """Blocked sigmoid loss: one tile of a row block's S (_block_tile), z = scale * S +
     bias. SUMS: each row's sums of softplus(z) and sigmoid(z) over the tile's columns
     (ROW_SP and ROW_SG [r, tile], R x column tiles). GRAD: dS = g_r[i] sigmoid(z) (g
     absent: 1) divided by max|g| (GNORM), cast to DS's dtype (rows stride_s apart)."""
     s, offs_r, offs_c, pid_r, pid_c, n_c = _block_tile(
         S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k, False, FROM_QK, PREC,
-        BLOCK_R, BLOCK_C, BLOCK_K)
+        BLOCK_R, BLOCK_C, BLOCK_K, GROUP_R)
     # entries past R or M are -inf: softplus and sigmoid 0 there
     sp, sg = _softplus_sigmoid(s + tl.load(BIAS))
     r_ok = offs_r < R

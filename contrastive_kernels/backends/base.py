@@ -47,14 +47,16 @@ A backend that declares the feature "siglip" also has the sigmoid loss's tile pa
     `bias` is a one-element tensor like `scale`.
 
 What a backend supports is declared, not probed: its device types, dtypes, the minimum
-compute capability per dtype on CUDA, features, the losses it computes correctly but was
-measured to lag on GPUs (`lags`, with the reason), and `reasons(call, options)`, which
-lists why it cannot serve one call (empty: it can). `select` picks the first backend in
-the device's preference order with no reasons; `measuring(backend)` lifts a backend's
-`lags` for a benchmark or a test of its numbers.
+compute capability per dtype on CUDA, features, the losses it computes correctly but
+too slowly to offer on GPUs (`lags`, with the reason, from measurements), and
+`reasons(call, options)`, which lists why it cannot serve one call (empty: it can).
+`select` picks the first backend in the device's preference order with no reasons;
+`measuring(backend)` lifts a backend's `lags` for a benchmark or a test of its numbers
+(the backward of a 4-pass sigmoid loss selects again: run it inside too).
 """
 import contextlib
 import dataclasses
+import types
 
 import torch
 
@@ -103,9 +105,10 @@ class Backend:
     dtypes = ()                # input dtypes
     features = frozenset()     # of FEATURES
     min_capability = {}        # dtype -> (major, minor): the oldest CUDA GPU it runs on
-    # {loss: reason}: computed correctly, but measured too slow to offer on GPUs: auto
-    # skips the backend for that loss on CUDA tensors, and naming it raises the reason.
-    lags = {}
+    # {loss: reason}: computed correctly, but too slow to offer on GPUs (judged from
+    # measurements): auto skips the backend for that loss on CUDA tensors, and naming it
+    # raises the reason.
+    lags = types.MappingProxyType({})
 
     def runs_on(self, device):
         return not self.device_types or torch.device(device).type in self.device_types
@@ -149,16 +152,20 @@ class Backend:
         raise NotImplementedError
 
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
 def measuring(backend):
     """Lift `backend`'s `lags` (a Backend) while the block runs: what a benchmark that
-    measures the lag, or a test of the lagging kernel's numbers, needs."""
-    before = backend.__dict__.get("lags")
-    backend.lags = {}
+    measures the lag, or a test of the lagging kernel's numbers, needs. Every call that
+    selects the backend must run inside, the backward of a 4-pass sigmoid loss too."""
+    before = backend.__dict__.get("lags", _UNSET)
+    backend.lags = types.MappingProxyType({})
     try:
         yield backend
     finally:
-        if before is None:
+        if before is _UNSET:
             del backend.lags
         else:
             backend.lags = before

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import threading
+import types
 
 import torch
 
@@ -112,12 +113,14 @@ class CudaBackend(Backend):
     min_capability = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}   # wmma fragments
     features = frozenset({"siglip"})
     # The sigmoid loss's pass is lse_backward_kernel with a bias pointer: the kernel whose
-    # InfoNCE steps ran 14x slower than triton's (README "GPU"). Its numbers are tested
-    # (tests/test_cuda_emu.py; on a GPU, tests/test_siglip.py under `measuring`).
-    lags = {"siglip": (
+    # InfoNCE steps ran 14x slower than triton's (README "GPU"); its own time is the cuda
+    # row of `bench/bench_gpu.py --loss siglip`, not yet measured. Its numbers are tested
+    # (tests/test_cuda_emu.py; on a GPU, tests/test_siglip.py: the suite lifts `lags`).
+    lags = types.MappingProxyType({"siglip": (
         "lags triton on GPUs: its sigmoid-loss pass is lse_backward_kernel (no wgmma, "
         "cp.async or TMA), which ran InfoNCE 14x slower than triton on an H200 (bf16, "
-        "N=65536, D=768: 1214 ms vs 89 ms a step, bench/bench_gpu.py); use backend='triton'")}
+        "N=65536, D=768: 1214 ms vs 89 ms a step, bench/bench_gpu.py); use backend='triton' "
+        "or 'auto'")})
 
     def unavailable_reason(self, device):
         if _has_cuda_kernels():

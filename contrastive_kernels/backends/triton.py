@@ -241,15 +241,17 @@ def _block_plan(L):
     blocks are larger."""
     mpad = -(-L.m // 64) * 64
     epi = L.options.algorithm == "epilogue"
+    T = dict(L.P["GEMM"], FROM_QK=True) if epi else dict(L.K.BLOCKED_TILE, FROM_QK=False)
     per_row = mpad * (L.q.element_size() + (0 if epi else _acc(L.q.dtype).itemsize))
     ws = L.options.workspace
     if ws:
         rows = max(1, ws // per_row)           # as asked (tests use a few rows)
     else:
         ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
-        rows = max(16, ws // per_row // 16 * 16)
-    T = dict(L.P["GEMM"], FROM_QK=True) if epi else dict(L.K.BLOCKED_TILE, FROM_QK=False)
-    # the row tiles are the launch grid's second dimension: at most 65535 on CUDA
+        step = max(16, T["BLOCK_R"])            # whole row tiles
+        rows = max(step, ws // per_row // step * step)
+    # reading S, the row tiles are the launch grid's second dimension: at most 65535 on
+    # CUDA (computing it, the grid is 1-D: row tiles x column tiles < 2^31)
     rows = min(rows, 65535 * T["BLOCK_R"])
     return min(L.n, rows), mpad, T
 
@@ -264,7 +266,8 @@ def _launch_block(L, kernel, T, s, qb, r, args, meta):
     row0, rest = args[-1], args[:-1]
     kernel[grid](s, qb, L.k, *rest, row0, r, m, L.d, s.stride(0), qb.stride(0), L.k.stride(0),
                  **meta, FROM_QK=T["FROM_QK"], PREC=L.prec, BLOCK_R=br, BLOCK_C=bc,
-                 BLOCK_K=T.get("BLOCK_K", 16), num_warps=T["num_warps"],
+                 BLOCK_K=T.get("BLOCK_K", 16), GROUP_R=T.get("GROUP_R", 1),
+                 num_warps=T["num_warps"],
                  **({"num_stages": T["num_stages"]} if "num_stages" in T else {}))
 
 
