@@ -443,6 +443,28 @@ def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch, algorith
     assert 16 <= rows < n and rows % 16 == 0, rows
 
 
+@pytest.mark.parametrize("case", ["clip", "ntxent_sym"])
+def test_epilogue_groups_of_row_tiles(monkeypatch, case):
+    # "epilogue" takes the row tiles in groups of GROUP_R across all column tiles: blocks
+    # of 75 rows are 5 row tiles of the interpreter's 16 in groups of 2, 2 and a ragged
+    # 1 (the last tile ragged too), against several column tiles; then the sigmoid loss.
+    set_mode(monkeypatch, "epilogue")
+    P = T._kernels().PARAMS["fp32"]["GEMM"]
+    monkeypatch.setitem(T._kernels().PARAMS["fp32"], "GEMM", dict(P, GROUP_R=2))
+    tile = T._kernels().PARAMS["fp32"]["GEMM"]
+    n, m, d = 150, 150, 20
+    assert -(-75 // tile["BLOCK_R"]) > 2 * tile["GROUP_R"] and m > 2 * tile["BLOCK_C"]
+    ws = blocked_workspace(75, m, torch.float32, epilogue=True)
+    _e2e(n, m, d, torch.float32, E2E[case][3], mode="epilogue", workspace=ws)
+    q, k = _qk(n, m, d, torch.float32, False, seed=4, spread=1.0)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    out = ck.siglip_loss(q, k, backend="triton", algorithm="epilogue", workspace=ws)
+    ref = ck.reference.siglip_loss(q.double(), k.double())
+    assert rel_err(out, ref) < 1e-5
+    for a, r in zip(torch.autograd.grad(out, (q, k)), torch.autograd.grad(ref, (q, k))):
+        assert rel_err(a, r) < 1e-4
+
+
 @pytest.mark.skipif(not ON_GPU, reason="auto takes the blocked algorithm on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: DT_IDS[t])
 def test_auto_takes_blocked_for_wide_half_gpu(monkeypatch, dtype):
