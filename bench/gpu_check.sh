@@ -9,7 +9,8 @@
 # in place (say, from the first run), CK_GPU_TESTS overrides the pytest selection
 # (default: tests; "none" skips them), CK_GPU_BENCH_ARGS is added to bench_gpu.py's
 # arguments (e.g. "--sizes 32768,65536", or "--loss siglip" for the sigmoid loss's table;
-# "none" skips the benchmark).
+# "none" skips the benchmark), and CK_GPU_BENCH_ARGS2, if set, runs a second table after it
+# (the two share the benchmark's time; results in bench2.txt and bench_gpu2.json).
 # Uses the python on PATH (or $PYTHON); torch, triton, nvcc, ninja and pytest must be
 # installed there. Everything runs within CK_GPU_CHECK_SECONDS (default 560): each phase
 # gets its cap or what is left, less what the later phases need. Results go to $OUT (or
@@ -105,13 +106,23 @@ else
 fi
 
 BENCH_ARGS=${CK_GPU_BENCH_ARGS:-}
+BENCH_ARGS2=${CK_GPU_BENCH_ARGS2:-}
 BENCH_S=$(budget 300 5)
+[ -n "$BENCH_ARGS2" ] && BENCH_S=$(( BENCH_S / 2 ))
 if [ "$BENCH_ARGS" = none ]; then
     echo "benchmark skipped (CK_GPU_BENCH_ARGS=none)"
 else
     stamp "benchmark (${BENCH_S}s)"
     if ! timeout -s INT -k 10 "$BENCH_S" "$PY" -u bench/bench_gpu.py $QUICK $BENCH_ARGS \
             --json "$OUTDIR/bench_gpu.json" 2>&1 | tee "$OUTDIR/bench.txt"; then
+        status=1
+    fi
+fi
+if [ -n "$BENCH_ARGS2" ]; then
+    BENCH_S=$(budget 300 5)
+    stamp "second benchmark (${BENCH_S}s)"
+    if ! timeout -s INT -k 10 "$BENCH_S" "$PY" -u bench/bench_gpu.py $QUICK $BENCH_ARGS2 \
+            --json "$OUTDIR/bench_gpu2.json" 2>&1 | tee "$OUTDIR/bench2.txt"; then
         status=1
     fi
 fi
