@@ -415,6 +415,11 @@ def test_blocked_workspace_grows_with_inputs_not_n_times_m(monkeypatch, algorith
     # rows that fits.
     set_mode(monkeypatch, algorithm)
     monkeypatch.setattr(T, "WORKSPACE_MIN", 0)
+    # larger tiles than the interpreter's defaults: fewer programs, a faster test
+    K = T._kernels()
+    monkeypatch.setattr(K, "BLOCKED_TILE", dict(BLOCK_R=64, BLOCK_C=128, num_warps=4))
+    monkeypatch.setitem(K.PARAMS["fp32"], "GEMM", dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=16,
+                                                      GROUP_R=2, num_warps=4, num_stages=1))
     n, d = 720, 16
     q, k = (x.requires_grad_() for x in _qk(n, n, d, torch.float32, False, seed=3, spread=1.0))
     sizes = []

@@ -114,7 +114,12 @@ def test_default_configs_do_not_spill(compiled):
     # and both softplus and sigmoid: 108 B of spills (sm_90, triton 3.9), under 128 B.
     one_d_grad = lambda r: r["flags"].get("ONE_D") and (
         r["kind"] == "grad" or (r["flags"].get("SUMS") and r["flags"].get("GRAD")))
-    bad = [(_name(r), r["spills"]) for r in half if r["spills"] > (127 if one_d_grad(r) else 0)]
+    # The sigmoid loss's sums alone (the 4-pass forward) with S computed (128 x 128, 255
+    # registers): 8 B of spills with triton 3.6.0 (none with 3.9), under 16 B.
+    sums_qk = lambda r: r["kind"] == "sig" and r["flags"].get("FROM_QK") and \
+        not r["flags"].get("GRAD")
+    limit = lambda r: 127 if one_d_grad(r) else (15 if sums_qk(r) else 0)
+    bad = [(_name(r), r["spills"]) for r in half if r["spills"] > limit(r)]
     fp32_bwd = [r for r in compiled if r["dtype"] == "fp32" and r["kind"] == "bwd"]
     assert fp32_bwd
     bad += [(_name(r), r["spills"]) for r in fp32_bwd if r["spills"] > 31]

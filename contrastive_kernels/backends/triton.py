@@ -248,8 +248,9 @@ def _block_plan(L):
         rows = max(1, ws // per_row)           # as asked (tests use a few rows)
     else:
         ws = max(WORKSPACE_MIN, WORKSPACE_FACTOR * (L.n + L.m) * L.d * L.q.element_size())
-        step = max(16, T["BLOCK_R"])            # whole row tiles
-        rows = max(step, ws // per_row // step * step)
+        fit = ws // per_row
+        step = T["BLOCK_R"] if fit >= T["BLOCK_R"] else 16   # whole row tiles if one fits
+        rows = max(16, fit // step * step)
     # reading S, the row tiles are the launch grid's second dimension: at most 65535 on
     # CUDA (computing it, the grid is 1-D: row tiles x column tiles < 2^31)
     rows = min(rows, 65535 * T["BLOCK_R"])
