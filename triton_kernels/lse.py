@@ -631,7 +631,7 @@ def block_stats_kernel(S, Q, K, SCALE, ROW_PART, COL_PART, row0, R, M, D, stride
                        stride_k, SELF_MASK: tl.constexpr, COLS: tl.constexpr,
                        FROM_QK: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_R: tl.constexpr = 1):
+                       GROUP_R: tl.constexpr = 1):
     """Blocked forward: one (BLOCK_R, BLOCK_C) tile of a row block's S (_block_tile) gives
     each row's log-sum-exp over the tile's columns (ROW_PART[r, tile], R x column tiles)
     and, with COLS, each column's over the tile's rows (COL_PART[row tile, c], row tiles
@@ -655,7 +655,7 @@ def block_ds_kernel(S, Q, K, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, 
                     stride_s, stride_q, stride_k, SELF_MASK: tl.constexpr, HAS_R: tl.constexpr,
                     HAS_C: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_R: tl.constexpr = 1):
+                    GROUP_R: tl.constexpr = 1):
     """Blocked backward: dS of one tile of a row block (_block_tile), divided by max|g|
     (GNORM) and cast to DS's dtype (rows stride_s apart) for the dq and dk GEMMs."""
     s, offs_r, offs_c, pid_r, pid_c, n_c = _block_tile(
@@ -679,7 +679,7 @@ def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, ro
                         stride_s, stride_q, stride_k, HAS_G: tl.constexpr, SUMS: tl.constexpr,
                         GRAD: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_R: tl.constexpr = 1):
+                        GROUP_R: tl.constexpr = 1):
     """Blocked sigmoid loss: one tile of a row block's S (_block_tile), z = scale * S +
     bias. SUMS: each row's sums of softplus(z) and sigmoid(z) over the tile's columns
     (ROW_SP and ROW_SG [r, tile], R x column tiles). GRAD: dS = g_r[i] sigmoid(z) (g

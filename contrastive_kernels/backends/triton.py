@@ -257,15 +257,20 @@ def _block_plan(L):
     return min(L.n, rows), mpad, T
 
 
-def _launch_block(L, kernel, T, s, qb, r, args, meta):
-    """One launch of a blocked kernel on a row block of r rows: S read from `s`, or
-    (FROM_QK) computed from qb and k in the kernel; `args` are those between the S, Q, K
-    pointers and row0 (see the kernels), `meta` the flags."""
+def _launch_block(L, kernel, T, sbuf, mpad, i0, r, args, meta):
+    """One launch of a blocked kernel on the rows i0:i0 + r: with FROM_QK the kernel
+    computes S from q_b and k, else cuBLAS first writes it into `sbuf` (rows mpad apart,
+    as dS). `args` are the kernel's arguments between the S, Q, K pointers and row0,
+    `meta` its flags."""
     cdiv, m = L.triton.cdiv, L.m
     br, bc = T["BLOCK_R"], T["BLOCK_C"]
-    grid = (cdiv(r, br) * cdiv(m, bc),) if T["FROM_QK"] else (cdiv(m, bc), cdiv(r, br))
-    row0, rest = args[-1], args[:-1]
-    kernel[grid](s, qb, L.k, *rest, row0, r, m, L.d, s.stride(0), qb.stride(0), L.k.stride(0),
+    qb = L.q[i0:i0 + r]
+    if T["FROM_QK"]:
+        s, grid = L.scale_t, (cdiv(r, br) * cdiv(m, bc),)      # S is not read
+    else:
+        s, grid = sbuf[:r, :m], (cdiv(m, bc), cdiv(r, br))
+        _gemm(qb, L.k.T, s)
+    kernel[grid](s, qb, L.k, *args, i0, r, m, L.d, mpad, qb.stride(0), L.k.stride(0),
                  **meta, FROM_QK=T["FROM_QK"], PREC=L.prec, BLOCK_R=br, BLOCK_C=bc,
                  BLOCK_K=T.get("BLOCK_K", 16), GROUP_R=T.get("GROUP_R", 1),
                  num_warps=T["num_warps"],
@@ -276,20 +281,15 @@ def _blocked_forward(L, self_mask, cols):
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
     br, bc = T["BLOCK_R"], T["BLOCK_C"]
-    sbuf = L.scale_t if T["FROM_QK"] else _out((rows, mpad), acc, dev)
+    sbuf = None if T["FROM_QK"] else _out((rows, mpad), acc, dev)
     row_part = _out((rows, cdiv(m, bc)), acc, dev)
     col_part = _out((cdiv(rows, br), m), acc, dev) if cols else row_part
     lse_r = _out((n,), acc, dev)
     lse_c = torch.full((m,), float("-inf"), dtype=acc, device=dev) if cols else None
-    kt = L.k.T
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
-        qb = L.q[i0:i0 + r]
-        s = sbuf if T["FROM_QK"] else sbuf[:r, :m]
-        if not T["FROM_QK"]:
-            _gemm(qb, kt, s)
-        _launch_block(L, L.K.block_stats_kernel, T, s, qb, r,
-                      (L.scale_t, row_part, col_part, i0),
+        _launch_block(L, L.K.block_stats_kernel, T, sbuf, mpad, i0, r,
+                      (L.scale_t, row_part, col_part),
                       dict(SELF_MASK=bool(self_mask), COLS=bool(cols)))
         torch.logsumexp(row_part[:r], 1, out=lse_r[i0:i0 + r])
         if cols:
@@ -305,20 +305,15 @@ def _blocked_backward(L, self_mask, lse_r, lse_c, g_r, g_c, has_c, gnorm, need_d
     rows, mpad, T = _block_plan(L)
     sbuf = None if T["FROM_QK"] else _out((rows, mpad), acc, dev)
     dsbuf = _out((rows, mpad), L.q.dtype, dev)
-    q, k = L.q, L.k
-    pq, pk = (q, k) if prod is None else (_rows(prod[0]), _rows(prod[1]))
+    pq, pk = (L.q, L.k) if prod is None else (_rows(prod[0]), _rows(prod[1]))
     dq = _out((n, pq.shape[1]), acc, dev) if need_dq else None
     dk = _out((m, pq.shape[1]), acc, dev) if need_dk else None
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
-        ds, qb = dsbuf[:r, :m], q[i0:i0 + r]
-        s = ds
-        if not T["FROM_QK"]:
-            s = sbuf[:r, :m]
-            _gemm(qb, k.T, s)
-        _launch_block(L, L.K.block_ds_kernel, T, s, qb, r,
+        ds = dsbuf[:r, :m]
+        _launch_block(L, L.K.block_ds_kernel, T, sbuf, mpad, i0, r,
                       (ds, L.scale_t, gnorm, lse_r, g_r, lse_c if has_c else lse_r,
-                       g_c if has_c else g_r, i0),
+                       g_c if has_c else g_r),
                       dict(SELF_MASK=bool(self_mask), HAS_R=True, HAS_C=has_c))
         _block_grads(ds, i0, pq, pk, dq, dk)
     return dq, dk
@@ -340,33 +335,27 @@ def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
     sums and dS (divided by max|g|), and cuBLAS gives dq_b = dS k and dk += dS^T q_b."""
     n, m, acc, dev, cdiv = L.n, L.m, L.acc, L.dev, L.triton.cdiv
     rows, mpad, T = _block_plan(L)
-    bc = T["BLOCK_C"]
     grad = need_dq or need_dk
     sbuf = None if T["FROM_QK"] else _out((rows, mpad), acc, dev)
-    dsbuf = _out((rows, mpad), L.q.dtype, dev) if grad else sbuf
-    part = _out((2, rows, cdiv(m, bc)), acc, dev) if sums else None
+    dsbuf = _out((rows, mpad), L.q.dtype, dev) if grad else None
+    part = _out((2, rows, cdiv(m, T["BLOCK_C"])), acc, dev) if sums else None
     r = _out((n,), acc, dev) if sums else None
     t = _out((n,), acc, dev) if sums else None
     dq = _out((n, L.d), acc, dev) if need_dq else None
     dk = _out((m, L.d), acc, dev) if need_dk else None
-    q, k, dummy = L.q, L.k, gnorm
+    dummy = gnorm
     for i0 in range(0, n, rows):
         rr = min(rows, n - i0)
-        qb = q[i0:i0 + rr]
-        ds = dsbuf[:rr, :m] if dsbuf is not None else gnorm.view(1, 1)
-        s = ds
-        if not T["FROM_QK"]:
-            s = sbuf[:rr, :m]
-            _gemm(qb, k.T, s)
-        _launch_block(L, L.K.block_siglip_kernel, T, s, qb, rr,
+        ds = dsbuf[:rr, :m] if grad else dummy
+        _launch_block(L, L.K.block_siglip_kernel, T, sbuf, mpad, i0, rr,
                       (ds, L.scale_t, bias_t, gnorm, dummy if g_r is None else g_r,
-                       part[0] if sums else dummy, part[1] if sums else dummy, i0),
+                       part[0] if sums else dummy, part[1] if sums else dummy),
                       dict(HAS_G=g_r is not None, SUMS=sums, GRAD=grad))
         if sums:
             torch.sum(part[0, :rr], 1, out=r[i0:i0 + rr])
             torch.sum(part[1, :rr], 1, out=t[i0:i0 + rr])
         if grad:
-            _block_grads(ds, i0, q, k, dq, dk)
+            _block_grads(ds, i0, L.q, L.k, dq, dk)
     return r, t, dq, dk
 
 
