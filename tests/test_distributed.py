@@ -272,6 +272,10 @@ def _cases(world, rank):
         R(self_contrast=True, symmetric=False, smoothing=0.1, **low)
         R(symmetric=False, uneven_m=True, global_pi=True, frozen="keys_rank0", **low)
     R(symmetric=True, labels=True, backend="triton", options=dict(deterministic=True))
+    # the blocked algorithm, S read from a GEMM or computed in the kernels (one row per block)
+    for algo in ("blocked", "epilogue"):
+        R(symmetric=True, uneven_m=True, labels=True, key_labels=True, dtype=torch.float32,
+          backend="triton", options=dict(algorithm=algo, workspace=1))
     # --- margin and decoupled (DCL), every backend that has them ---
     R(symmetric=True, smoothing=0.1, variant=dict(margin=0.3))
     R(symmetric=True, uneven_m=True, labels=True, key_labels=True, backend="cpu",

@@ -21,7 +21,7 @@ D = 8
 
 def _case(world, rank, *, uneven_m=False, labels=False, global_pi=False, reduction="mean",
           passes=None, dtype=torch.float64, backend="torch", overlap=True, frozen=None, seed=0,
-          mode="ring"):
+          mode="ring", options=None):
     sizes_n = SIZES_N[:world]
     sizes_m = SIZES_M[:world] if uneven_m else list(sizes_n)
     ng, mg = sum(sizes_n), sum(sizes_m)
@@ -52,10 +52,11 @@ def _case(world, rank, *, uneven_m=False, labels=False, global_pi=False, reducti
     s, b = leaf(torch.tensor(6.0, dtype=dtype)), leaf(torch.tensor(-3.0, dtype=dtype))
     if mode == "ring":
         loss = ckd.ring_siglip_loss(q, k, logit_scale=s, logit_bias=b, reduction=reduction,
-                                    passes=passes, backend=backend, overlap=overlap, **loc)
+                                    passes=passes, backend=backend, overlap=overlap, **loc,
+                                    **(options or {}))
     else:
         loss = ckd.gather_siglip_loss(q, k, logit_scale=s, logit_bias=b, reduction=reduction,
-                                      passes=passes, backend=backend, **loc)
+                                      passes=passes, backend=backend, **loc, **(options or {}))
     loss.sum().backward()
     Qr, Kr = leaf(Q, frozen != "queries"), leaf(K, frozen != "keys")
     sr, br = leaf(torch.tensor(6.0, dtype=dtype)), leaf(torch.tensor(-3.0, dtype=dtype))
@@ -133,6 +134,11 @@ def _cases(world, rank):
         assert ckd.RING_STATS["dk_buffers"] <= 3, ckd.RING_STATS
         _ddp(world, rank, passes)
     C(reduction="none", uneven_m=True, labels=True)
+    # kernel options reach the ring: Triton's blocked algorithm, S read from a GEMM or
+    # computed in the kernels (interpreter; one row per block)
+    for passes, algo in ((3, "blocked"), (3, "epilogue"), (4, "epilogue")):
+        C(passes=passes, uneven_m=True, labels=True, dtype=torch.float32, backend="triton",
+          options=dict(algorithm=algo, workspace=1))
     # gather mode (all keys on every rank), for comparison
     C(mode="gather", uneven_m=True, labels=True)
     C(mode="gather", global_pi=True, reduction="sum", passes=4)
