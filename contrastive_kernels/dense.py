@@ -246,37 +246,41 @@ def _stats_backward(q, kk, self_c, alpha, s, lse, lse_c, pos, g_lse, g_a, g_b, g
 
 def siglip_loss(p):
     """The sigmoid loss of an eligible call, as one autograd node."""
-    q, pos = p.query, _positives(p)
+    q = p.query
     to = lambda x: x.to(q.dtype) if torch.is_tensor(x) else x         # 0-dim
-    return _full_precision(_SigLoss.apply, (q, p.key, to(p.scale), to(p.bias), pos,
-                                            p.reduction))
+    return _full_precision(_SigLoss.apply, (q, p.key, to(p.scale), to(p.bias),
+                                            *siglip_ids(p), p.reduction))
+
+
+def siglip_ids(p):
+    """(rid, cid), int32: entry (i, j) is a positive pair where rid[i] == cid[j] (class
+    ids with labels, else each query's positive key and each key's index)."""
+    n, m, dev = p.query.shape[0], p.key.shape[0], p.query.device
+    if p.labels is not None:
+        _, inv = torch.unique(torch.cat([p.labels.reshape(-1), p.key_labels.reshape(-1)]),
+                              return_inverse=True)
+        rid, cid = inv[:n], inv[n:]
+    else:
+        rid = p.positive_index if p.index_given else torch.arange(n, device=dev)
+        cid = torch.arange(m, device=dev)
+    return rid.to(torch.int32).contiguous(), cid.to(torch.int32).contiguous()
 
 
 class _SigLoss(torch.autograd.Function):
-    """rows_i = R_i - s A_i - b P_i, R_i = sum_j softplus(z_ij), z = S + b, S = s q k^T,
-    A_i the positives' raw dots, P_i their count; then the reduction. The pass that gives
-    R also leaves sigmoid(z) in S, which is all the backward needs: with D = sigmoid(z) -
-    [positive] and w the rows' upstream gradients, dq = s w * (D k), dk = s D^T (w * q),
-    d s = sum_i w_i <q_i, (D k)_i>, d b = sum_i w_i (T_i - P_i), T_i = sum_j
-    sigmoid(z_ij)."""
+    """rows_i = sum_j softplus(-y_ij z_ij), z = S + b, S = s q k^T, y = +1 on the
+    positives (rid[i] == cid[j]) and -1 elsewhere; then the reduction. The pass that gives
+    the rows also leaves D = sigmoid(z) - [positive] in S, which is all the backward
+    needs: with w the rows' upstream gradients, dq = s w * (D k), dk = s D^T (w * q),
+    d s = sum_i w_i <q_i, (D k)_i>, d b = sum_i w_i T_i, T_i = sum_j D_ij."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, bias, pos, reduction):
+    def forward(ctx, q, k, scale, bias, rid, cid, reduction):
         alpha, beta = float(scale), float(bias)
         n, m = q.shape[0], k.shape[0]
         s = q.new_empty(n, m).addmm_(q, k.T, beta=0, alpha=alpha)     # beta=0: not read
-        inv = 1.0 / alpha
-        if pos is None:
-            a, npos = s.diagonal() * inv, None
-        elif pos.dim() == 1:
-            a, npos = s.gather(1, pos[:, None]).squeeze(1) * inv, None
-        else:
-            posf = pos.to(q.dtype)
-            a, npos = (s * posf).sum(1) * inv, posf.sum(1)
-        r, t = _siglip_pass(s, beta)                        # s <- sigmoid(z)
-        rows = r.sub_(a, alpha=alpha).sub_(beta if npos is None else npos * beta)
+        rows, t = _siglip_pass(s, beta, rid, cid)            # s <- sigmoid(z) - [positive]
         ctx.options = (alpha, reduction)
-        ctx.save_for_backward(q, k, s, t, npos, pos)
+        ctx.save_for_backward(q, k, s, t)
         if reduction == "none":
             return rows
         total = rows.sum()
@@ -290,48 +294,35 @@ class _SigLoss(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g):
         alpha, reduction = ctx.options
-        q, k, sig, t, npos, pos = ctx.saved_tensors
+        q, k, d, t = ctx.saved_tensors
         n = q.shape[0]
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         rows = reduction == "none"
         w = g / n if reduction == "mean" else g             # the rows' gradients
         c = None if rows else w.item() * alpha              # uniform: into the GEMMs
-        labels = pos is not None and pos.dim() == 2
-        d = sig - pos.to(sig.dtype) if labels else sig      # sigmoid(z) - [positive]
         dq = dk = ds = db = None
         if need_q or need_s:
-            # D k: the positives' keys subtracted by the GEMM (beta=-1)
-            dkk = d @ k if labels else torch.addmm(k[:n] if pos is None else k[pos], d, k,
-                                                   beta=-1)
+            dkk = d @ k
             if need_s:
                 ds = ((q * dkk).sum(1) @ w if rows
                       else torch.vdot(q.reshape(-1), dkk.view(-1)) * w)
             if need_q:
                 dq = dkk.mul_(w[:, None] * alpha if rows else c)
         if need_k:
-            wq, f = (q * (w[:, None] * alpha), 1.0) if rows else (q, c)
-            if pos is None and k.shape[0] == n:
-                dk = torch.addmm(wq, d.T, wq, beta=-f, alpha=f)
-            else:
-                dk = torch.mm(d.T, wq)
-                if not rows:
-                    dk.mul_(f)
-                if pos is None:
-                    dk[:n].sub_(wq, alpha=f)
-                elif not labels:
-                    dk.index_add_(0, pos, wq, alpha=-f)
+            dk = d.T @ (q * (w[:, None] * alpha)) if rows else (d.T @ q).mul_(c)
         if need_b:
-            tp = t - (1 if npos is None else npos)
-            db = tp @ w if rows else tp.sum() * w
-        return dq, dk, ds, db, None, None
+            db = t @ w if rows else t.sum() * w
+        return dq, dk, ds, db, None, None, None
 
 
-def _siglip_pass(s, bias):
-    """(R, T) of z = s + bias, the rows' sums of softplus(z) and sigmoid(z), leaving
-    sigmoid(z) in s: the C++ op (one fused pass), else torch's."""
+def _siglip_pass(s, bias, rid, cid):
+    """(rows, T) of z = s + bias with positives where rid[i] == cid[j]: the rows' losses
+    sum_j softplus(-y_ij z_ij) and sums of D = sigmoid(z) - [positive], leaving D in s:
+    the C++ op (one fused pass), else torch's."""
     if _SIGLIP_OPS:
-        return torch.ops.contrastive_kernels.dense_siglip(s, bias)
-    s.add_(bias)
-    r = torch.nn.functional.logsigmoid(-s).sum(1).neg_()      # softplus, without a threshold
-    s.sigmoid_()
-    return r, s.sum(1)
+        return torch.ops.contrastive_kernels.dense_siglip(s, bias, rid, cid)
+    minus_y = 1 - 2 * (rid[:, None] == cid[None, :]).to(s.dtype)
+    s.add_(bias).mul_(minus_y)                                  # -y z
+    rows = torch.nn.functional.logsigmoid(-s).sum(1).neg_()   # softplus, without a threshold
+    s.sigmoid_().mul_(minus_y)                                  # -y sigmoid(-y z)
+    return rows, s.sum(1)

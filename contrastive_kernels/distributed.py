@@ -353,7 +353,8 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
              6: "the kind of positives (default / positive_index / labels)",
              7: "symmetric", 8: "reduction", 11: "margin", 12: "decoupled",
              13: "label_smoothing", 14: "the kind of scale (float / tensor / per-row)",
-             15: "the logit scale (1 / temperature)", 16: "the kind of logit_bias",
+             15: "logit_scale" if "siglip" in what else "the logit scale (1 / temperature)",
+             16: "the kind of logit_bias",
              17: "logit_bias", 18: "teacher (given or not)", 19: "teacher_weight",
              20: "teacher_weighting", 21: "normalize"}
     floats = (11, 13, 15, 17, 19)
@@ -368,8 +369,12 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
                 vals = [("float", "tensor", "per-row tensor")[v] for v in vals]
             if col == 20:
                 vals = [WEIGHTINGS[v] for v in vals]
-            if col == 21:
+            if col in (5, 7, 12, 21):
                 vals = [bool(v) for v in vals]
+            if col == 6:
+                vals = [("default", "positive_index", "labels")[v] for v in vals]
+            if col == 8:
+                vals = [REDUCTIONS[v] for v in vals]
             raise ValueError(f"{what}: {name} must be the same on every rank, got {vals} "
                              f"(by rank)")
     wants = [bool(t[10]) for t in table]
@@ -1064,7 +1069,7 @@ def _finish(st, rows, col, reduction):
 # ----------------------------------------------------------------------------- sigmoid loss
 
 class _RingSigLIPStats(torch.autograd.Function):
-    """4-pass: (q, k, scale, bias) -> (R, T, A, P) of the local queries against ALL keys
+    """4-pass: (q, k, scale, bias) -> (R, T) of the local queries against ALL keys
     (engine.siglip_forward); backward sends the key blocks round again and brings dk home
     (engine.siglip_backward)."""
 
@@ -1073,28 +1078,27 @@ class _RingSigLIPStats(torch.autograd.Function):
         spec, targets, blocks = run["spec"], run["targets"], run["blocks"]
         acc = engine.acc_dtype(q.dtype)
         sc, bc = (x.detach().to(acc).reshape(()) for x in (scale, bias))
-        (r, t, a, p), _ = engine.siglip_forward(spec, q.detach(), k.detach(), sc, bc, targets,
-                                                blocks, False, False)
+        (r, t), _ = engine.siglip_forward(spec, q.detach(), k.detach(), sc, bc, targets,
+                                          blocks, False, False)
         ctx.save_for_backward(q, k, scale, bias, t)
         ctx.run = run
-        ctx.mark_non_differentiable(t, p)
-        return r, t, a, p
+        ctx.mark_non_differentiable(t)
+        return r, t
 
     @staticmethod
     @engine.first_order
     @torch.autograd.function.once_differentiable
     @_collective_backward
-    def backward(ctx, g_r, _g_t, g_a, _g_p):
+    def backward(ctx, g_r, _g_t):
         q, k, scale, bias, t = ctx.saved_tensors
         run = ctx.run
         spec, targets, st = run["spec"], run["targets"], run["st"]
-        g_r, g_a = (torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
-                    for g in (g_r, g_a))
+        g_r = torch.zeros_like(t) if g_r is None else g_r.to(t.dtype).contiguous()
         need_s = ctx.needs_input_grad[2]
         need_dq = ctx.needs_input_grad[0] or need_s
         sc, bc = (x.detach().to(t.dtype).reshape(()) for x in (scale, bias))
         dq, dk, ds = engine.siglip_backward(spec, q.detach(), k.detach(), sc, bc, targets,
-                                            run["blocks"], g_r, g_a, need_dq, st.any_key_grad,
+                                            run["blocks"], g_r, need_dq, st.any_key_grad,
                                             need_s)
         db = (g_r * t).sum() if ctx.needs_input_grad[3] else None
         return (dq.to(q.dtype) if (ctx.needs_input_grad[0] and dq is not None) else None,
@@ -1114,12 +1118,12 @@ class _RingSigLIPFused(torch.autograd.Function):
         spec, targets, blocks, st = run["spec"], run["targets"], run["blocks"], run["st"]
         acc = engine.acc_dtype(q.dtype)
         sc, bc = (x.detach().to(acc).reshape(()) for x in (scale, bias))
-        (r, t, a, p), (dq, dk, ds, db) = engine.siglip_forward(
+        (r, _), (dq, dk, ds, db) = engine.siglip_forward(
             spec, q.detach(), k.detach(), sc, bc, targets, blocks, True, st.any_key_grad)
         ctx.save_for_backward(dq, dk, ds, db)
         ctx.like = (q, k, scale, bias)
         ctx.st = st
-        return r.sum() - sc * a.sum() - bc * p.sum()
+        return r.sum()
 
     @staticmethod
     @engine.first_order
@@ -1225,8 +1229,7 @@ def _ring_siglip(st, backend, passes, overlap):
     if (passes or 3) == 3 and p.reduction != "none" and st.any_grad:
         total = _RingSigLIPFused.apply(q, k, scale_t, bias_t, run)
     else:
-        r, _, a, npos = _RingSigLIPStats.apply(q, k, scale_t, bias_t, run)
-        rows = r - p.scale * a - p.bias * npos
+        rows, _ = _RingSigLIPStats.apply(q, k, scale_t, bias_t, run)
         if p.reduction == "none":
             return rows
         total = rows.sum()
@@ -1237,10 +1240,11 @@ def _ring_siglip(st, backend, passes, overlap):
 
 class _AllGather(torch.autograd.Function):
     """Concatenation over ranks of x (rows may differ); backward sums the gradients of
-    every rank's copy (all_reduce) and keeps this rank's rows."""
+    every rank's copy (all_reduce) and keeps this rank's rows. `tie`: a stand-in leaf
+    that puts the gather in this rank's graph when x is frozen here (_gather)."""
 
     @staticmethod
-    def forward(ctx, x, st, sizes):
+    def forward(ctx, x, st, sizes, tie=None):
         ctx.st, ctx.sizes, ctx.device_ = st, sizes, x.device
         return _gather_rows(x, st, sizes)
 
@@ -1252,7 +1256,18 @@ class _AllGather(torch.autograd.Function):
         st.sync.collective(dist.all_reduce, "the backward all_reduce of the gathered rows",
                     g)
         off = sum(sizes[:st.rank])
-        return g[off:off + sizes[st.rank]].to(ctx.device_), None, None
+        mine = g[off:off + sizes[st.rank]].to(ctx.device_) if ctx.needs_input_grad[0] else None
+        return mine, None, None, None
+
+
+def _gather(x, st, sizes, trained):
+    """_AllGather of x. Its backward all_reduce must run on every rank once any rank
+    trains these rows (`trained`, agreed by _agree): where x is frozen here, a stand-in
+    leaf puts the gather in this rank's graph, so its backward still takes part."""
+    tie = None
+    if trained and torch.is_grad_enabled() and not x.requires_grad:
+        tie = x.new_zeros((), dtype=torch.float32).requires_grad_()
+    return _AllGather.apply(x, st, sizes, tie)
 
 
 def _gather_rows(x, st, sizes):
@@ -1352,7 +1367,7 @@ def _gather_info_nce(st, common):
     p, acc = st.p, st.p.out_dtype
     n = p.query.shape[0]
     tie = (p.scale,) if p.per_row else ()     # an empty per-row scale gets its gradient
-    k_all = _AllGather.apply(p.key, st, st.sizes_m)
+    k_all = _gather(p.key, st, st.sizes_m, st.any_grad and st.any_key_grad)
     if p.labels is not None:
         kl_all = _gather_rows(p.key_labels, st, st.sizes_m)
         row = _local_loss(info_nce, p.query, k_all, acc, tie, labels=p.labels,
@@ -1365,7 +1380,7 @@ def _gather_info_nce(st, common):
                                  (not p.decoupled or st.m_global > 1), dtype=torch.bool)
     col = None
     if p.symmetric:
-        q_all = _AllGather.apply(p.query, st, st.sizes_n)
+        q_all = _gather(p.query, st, st.sizes_n, st.any_grad)
         if p.labels is not None:
             ql_all = _gather_rows(p.labels, st, st.sizes_n)
             col_lab, q_lab = p.key_labels, ql_all
@@ -1445,7 +1460,7 @@ def gather_siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
 
 def _gather_siglip(st, common):
     p, world = st.p, st.world
-    k_all = _AllGather.apply(p.key, st, st.sizes_m)
+    k_all = _gather(p.key, st, st.sizes_m, st.any_grad and st.any_key_grad)
     if p.labels is not None:
         pos = dict(labels=p.labels, key_labels=_gather_rows(p.key_labels, st, st.sizes_m))
     else:

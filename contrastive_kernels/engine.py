@@ -151,7 +151,8 @@ def block_grads(spec, q, kb, blk, scale, targets, lse_r, g_r, g_a, g_b, need_dq,
 
 def _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b=None, g_ac=None, g_bc=None):
     """A block's gradients from the backend's raw dS k and dS^T q: the scale's share
-    sum_ij dS_ij <q_i, k_j>, the scale applied, and the target terms added."""
+    sum_ij dS_ij <q_i, k_j>, the scale applied, and the target terms added (g_a None:
+    none, the sigmoid loss's dS has them)."""
     ds = None
     if need_ds:
         rows, grads = (q, dq) if dq is not None else (kb, dk)
@@ -161,55 +162,49 @@ def _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a, g_b=None, g_ac=Non
     for g in (dq, dk):
         if g is not None:
             g.mul_(s)
-    if dq is not None or dk is not None:
+    if g_a is not None and (dq is not None or dk is not None):
         targets.add_grads(blk, q, kb, g_a, g_b, g_ac, g_bc, dq, dk)
     return dq, dk, ds
 
 
-# ---- the sigmoid loss (SigLIP): sum_ij softplus(z_ij) - sum_{ij positive} z_ij
+# ---- the sigmoid loss (SigLIP): sum_ij softplus(-y_ij z_ij)
 
 def siglip_forward(spec, q, k, scale, bias, targets, blocks, need_dq, need_dk):
-    """Row statistics (R, T, A, P) of the local queries over every key block:
-    R_i = sum_j softplus(z_ij), T_i = sum_j sigmoid(z_ij) from the backend, and the
-    targets' A_i (sum of positive <q_i, k_j>) and P_i (count). With need_dq or need_dk
-    (the 3-pass schedule) also the gradients of the total loss sum_i (R_i - s A_i - b P_i)
-    for an upstream gradient of 1, computed in the same pass: (dq, dk, ds, db), dk brought
-    home by `blocks`; else None."""
+    """Row statistics (R, T) of the local queries over every key block from the backend:
+    R_i = sum_j softplus(-y_ij z_ij), the row's loss, and T_i = sum_j (sigmoid(z_ij) -
+    [positive]), its derivative in the bias, each entry computed with its target (the
+    blocks' positive ids). With need_dq or need_dk (the 3-pass schedule) also the
+    gradients of the total loss sum_i R_i for an upstream gradient of 1, computed in the
+    same pass: (dq, dk, ds, db), dk brought home by `blocks`; else None."""
     acc = acc_dtype(q.dtype)
-    r, t, a, p = (torch.zeros(q.shape[0], dtype=acc, device=q.device) for _ in range(4))
+    r, t = (torch.zeros(q.shape[0], dtype=acc, device=q.device) for _ in range(2))
     grads = need_dq or need_dk
-    ones = torch.ones(q.shape[0], dtype=acc, device=q.device) if grads else None
-    minus_s = -scale.to(acc) * ones if grads else None      # d total / d A
 
     def block(blk, kb):
         r_b, t_b, dq_b, dk_b = spec.backend.siglip_tiles(
-            q, kb, scale, bias, None, True, need_dq, need_dk, options=spec.options)
-        (a_b, p_b, _), _ = targets.stats(blk, q, kb, acc)
-        for x, y in ((r, r_b), (t, t_b), (a, a_b), (p, p_b)):
-            x += y
+            q, kb, scale, bias, None, True, need_dq, need_dk, options=spec.options,
+            pos=blk.ids)
+        r.add_(r_b)
+        t.add_(t_b)
         if not grads:
             return None, None, None
-        dq_b, dk_b, ds_b = _finish(q, kb, blk, scale, targets, dq_b, dk_b, True, minus_s)
-        return dq_b, dk_b, ds_b
+        return _finish(q, kb, blk, scale, targets, dq_b, dk_b, True, None)
 
     if not grads:
         for blk, kb in blocks.forward(k):
             block(blk, kb)
-        return (r, t, a, p), None
+        return (r, t), None
     dq, dk, ds, _ = _accumulate(spec, blocks.backward(k, None, need_dk), block, blocks)
-    ds = ds - a.sum()              # sum_ij (sigmoid(z_ij) - [pos_ij]) <q_i, k_j>
-    db = t.sum() - p.sum()
-    return (r, t, a, p), (dq, dk, ds, db)
+    return (r, t), (dq, dk, ds, t.sum())
 
 
-def siglip_backward(spec, q, k, scale, bias, targets, blocks, g_r, g_a, need_dq, need_dk,
-                    need_ds):
-    """(dq, dk, ds) of sum_i (g_r[i] R_i + g_a[i] A_i) (the 4-pass schedule); the bias's
-    gradient needs no pass: sum_i g_r[i] T_i."""
+def siglip_backward(spec, q, k, scale, bias, targets, blocks, g_r, need_dq, need_dk, need_ds):
+    """(dq, dk, ds) of sum_i g_r[i] R_i (the 4-pass schedule); the bias's gradient needs
+    no pass: sum_i g_r[i] T_i."""
     def grads(blk, kb):
         _, _, dq, dk = spec.backend.siglip_tiles(q, kb, scale, bias, g_r, False, need_dq,
-                                                 need_dk, options=spec.options)
-        return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, g_a)
+                                                 need_dk, options=spec.options, pos=blk.ids)
+        return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, None)
     return _accumulate(spec, blocks.backward(k, None, need_dk), grads, blocks)[:3]
 
 

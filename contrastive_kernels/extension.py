@@ -93,10 +93,11 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
     return out if shift is None else out + ((dshift if need_dshift else None),)
 
 
-def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
     r, t, dq, dk = torch.ops.contrastive_kernels.siglip_tiles(
         q, k, float(scale), float(bias), q.new_empty(0, dtype=_acc(q.dtype)) if g_r is None
-        else g_r, sums, need_dq, need_dk, options.deterministic, options.precision == "tf32")
+        else g_r, pos[0], pos[1], sums, need_dq, need_dk, options.deterministic,
+        options.precision == "tf32")
     return ((r, t) if sums else (None, None)) + ((dq if need_dq else None),
                                                  (dk if need_dk else None))
 
@@ -136,8 +137,8 @@ def register_fakes():
                 q.new_empty(q.shape[0] if need_dshift else 0, dtype=acc))
 
     @torch.library.register_fake("contrastive_kernels::siglip_tiles")
-    def _siglip(q, k, scale, bias, g_r, sums, need_dq, need_dk, deterministic=False, tf32=False,
-                poison=False):
+    def _siglip(q, k, scale, bias, g_r, rid, cid, sums, need_dq, need_dk, deterministic=False,
+                tf32=False, poison=False):
         acc = _acc(q.dtype)
         n = q.shape[0] if sums else 0
         return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
@@ -153,7 +154,7 @@ def register_fakes():
         return s.new_empty(s.shape)
 
     @torch.library.register_fake("contrastive_kernels::dense_siglip")
-    def _dense_siglip(s, bias, poison=False):
+    def _dense_siglip(s, bias, rid, cid, poison=False):
         return s.new_empty(s.shape[0]), s.new_empty(s.shape[0])
 
 

@@ -409,8 +409,7 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
                                need_s)
         total = out[0].reshape(())
         return total if p.reduction == "sum" else total / q.shape[0]
-    r, _, a, npos = ops.siglip_stats(*args, p.index_given, backend, *opts.as_args())
-    rows = r - p.scale * a - p.bias * npos
+    rows, _ = ops.siglip_stats(*args, p.index_given, backend, *opts.as_args())
     if p.reduction == "none":
         return rows
     return rows.sum() if p.reduction == "sum" else rows.sum() / q.shape[0]

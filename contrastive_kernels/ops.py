@@ -192,7 +192,7 @@ BODIES = {torch.ops.contrastive_kernels.info_nce_stats.default: stats_impl,
 
 # ---- the sigmoid loss (SigLIP)
 #
-#   contrastive_kernels::siglip_stats   4-pass forward: row statistics [R, T, A, P]
+#   contrastive_kernels::siglip_stats   4-pass forward: row statistics [R, T]
 #   contrastive_kernels::siglip_grads   4-pass backward: the gradients of q, k and the scale
 #   contrastive_kernels::siglip_fused   3-pass: the total loss and, in the same pass, its
 #                                       gradients for an upstream gradient of 1
@@ -216,7 +216,7 @@ def siglip_stats_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
                       key_labels: Optional[Tensor], check_index: bool, backend: str,
                       deterministic: bool, precision: str, low_memory: bool, algorithm: str,
                       workspace: int) -> List[Tensor]:
-    """[R, T, A, P] of the rows (engine.siglip_forward)."""
+    """[R, T] of the rows: their losses and bias derivatives (engine.siglip_forward)."""
     options = Options(deterministic, precision, low_memory, algorithm, workspace)
     _check_siglip(query, key, scale, bias, positive_index, check_index)
     spec, targets, blocks = _siglip_setup(query, key, positive_index, labels, key_labels,
@@ -236,16 +236,16 @@ siglip_stats = torch.library.custom_op("contrastive_kernels::siglip_stats",
 def _(query, key, scale, bias, positive_index, labels, key_labels, check_index, backend,
       deterministic, precision, low_memory, algorithm, workspace):
     acc = engine.acc_dtype(query.dtype)
-    return [query.new_empty(query.shape[0], dtype=acc) for _ in range(4)]
+    return [query.new_empty(query.shape[0], dtype=acc) for _ in range(2)]
 
 
 def siglip_grads_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
                       positive_index: Optional[Tensor], labels: Optional[Tensor],
-                      key_labels: Optional[Tensor], g_r: Tensor, g_a: Tensor, backend: str,
+                      key_labels: Optional[Tensor], g_r: Tensor, backend: str,
                       deterministic: bool, precision: str, low_memory: bool, algorithm: str,
                       workspace: int, need_q: bool, need_k: bool,
                       need_s: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, ds) of sum_i (g_r[i] R_i + g_a[i] A_i); one not needed is empty (ds: 0)."""
+    """(dq, dk, ds) of sum_i g_r[i] R_i; one not needed is empty (ds: 0)."""
     options = Options(deterministic, precision, low_memory, algorithm, workspace)
     spec, targets, blocks = _siglip_setup(query, key, positive_index, labels, key_labels,
                                           backend, options)
@@ -253,7 +253,7 @@ def siglip_grads_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
     with torch.no_grad(), _exact(query):
         out = list(engine.siglip_backward(
             spec, query.detach(), key.detach(), _scale(scale, query), _scale(bias, query),
-            targets, blocks, g_r, g_a, need_dq, need_k, need_s))
+            targets, blocks, g_r, need_dq, need_k, need_s))
     return _outputs(query, key, scale, out, need_q, need_k, need_s)
 
 
@@ -276,7 +276,7 @@ siglip_grads = torch.library.custom_op("contrastive_kernels::siglip_grads",
 
 
 @siglip_grads.register_fake
-def _(query, key, scale, bias, positive_index, labels, key_labels, g_r, g_a, backend,
+def _(query, key, scale, bias, positive_index, labels, key_labels, g_r, backend,
       deterministic, precision, low_memory, algorithm, workspace, need_q, need_k, need_s):
     dq = torch.empty_like(query) if need_q else query.new_empty(0)
     dk = torch.empty_like(key) if need_k else query.new_empty(0)
@@ -292,15 +292,13 @@ def _siglip_setup_context(ctx, inputs, output):
 
 def _siglip_backward(ctx, grads):
     query, key, scale, bias, positive_index, labels, key_labels, t = ctx.saved_tensors
-    # gradients of [R, T, A, P]: T and P come with no gradient (T is the bias's
-    # derivative of R, P a count)
-    g_r, g_a = (torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
-                for g in (grads[0], grads[2]))
+    # gradients of [R, T]: T comes with no gradient (it is the bias's derivative of R)
+    g_r = torch.zeros_like(t) if grads[0] is None else grads[0].to(t.dtype).contiguous()
     need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
     dq = dk = ds = None
     if need_q or need_k or need_s:
         dq, dk, ds = siglip_grads(query, key, scale, bias, positive_index, labels, key_labels,
-                                  g_r, g_a, *ctx.config, need_q, need_k, need_s)
+                                  g_r, *ctx.config, need_q, need_k, need_s)
     db = (g_r * t).sum().to(bias.dtype).reshape(bias.shape) if need_b else None
     return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
             db) + (None,) * 10
@@ -325,9 +323,9 @@ def siglip_fused_impl(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
     need_dq = need_q or (need_s and not need_k)
     s, b = _scale(scale, query), _scale(bias, query)
     with torch.no_grad(), _exact(query):
-        (r, t, a, p), (dq, dk, ds, db) = engine.siglip_forward(
+        (r, _), (dq, dk, ds, db) = engine.siglip_forward(
             spec, query.detach(), key.detach(), s, b, targets, blocks, need_dq, need_k)
-        total = (r.sum() - s * a.sum() - b * p.sum()).reshape(1)
+        total = r.sum().reshape(1)
     empty = lambda: query.new_empty(0, dtype=total.dtype)     # outputs must not alias
     return [total, dq if need_q else empty(), dk if need_k else empty(), ds.reshape(1),
             db.reshape(1)]

@@ -68,15 +68,18 @@ class Block:
                                         torch.full_like(pi, -1))
         return self._rid
 
-    def shift(self, delta):
-        """The kernels' positive shift of this block, (rid, cid, delta) with int32 ids
-        (backends/base.py), or None without a delta."""
-        if delta is None:
-            return None
+    @property
+    def ids(self):
+        """(rid, cid) as the kernels take them: int32, contiguous (backends/base.py)."""
         if self._ids is None:
             self._ids = (self.rid.to(torch.int32).contiguous(),
                          self.cid.to(torch.int32).contiguous())
-        return self._ids + (delta,)
+        return self._ids
+
+    def shift(self, delta):
+        """The kernels' positive shift of this block, (rid, cid, delta) with int32 ids
+        (backends/base.py), or None without a delta."""
+        return None if delta is None else self.ids + (delta,)
 
     @property
     def cid(self):

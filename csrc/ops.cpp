@@ -29,12 +29,14 @@ TORCH_LIBRARY(contrastive_kernels, m) {
         "Tensor pq, Tensor pk, bool need_dq=True, bool need_dk=True, bool need_dshift=True, "
         "bool deterministic=False, bool tf32=False, bool poison=False) "
         "-> (Tensor, Tensor, Tensor)");
-  // The sigmoid loss, z = scale * q k^T + bias: r[i] = sum_j softplus(z_ij) and
-  // t[i] = sum_j sigmoid(z_ij) (empty unless sums); dq_raw = dS k, dk_raw = dS^T q with
-  // dS_ij = g_r[i] sigmoid(z_ij) (g_r empty: 1), empty unless needed.
-  m.def("siglip_tiles(Tensor q, Tensor k, float scale, float bias, Tensor g_r, bool sums, "
-        "bool need_dq, bool need_dk, bool deterministic=False, bool tf32=False, "
-        "bool poison=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The sigmoid loss, z = scale * q k^T + bias, y_ij = +1 where rid[i] == cid[j] (int32
+  // ids, (N,) and (M,); rid < 0: no positive), else -1: r[i] = sum_j softplus(-y_ij z_ij)
+  // (the row's loss, each positive's term computed as such) and t[i] = sum_j dz_ij with
+  // dz_ij = sigmoid(z_ij) - [y_ij = 1] (empty unless sums); dq_raw = dS k, dk_raw = dS^T q
+  // with dS_ij = g_r[i] dz_ij (g_r empty: 1), empty unless needed.
+  m.def("siglip_tiles(Tensor q, Tensor k, float scale, float bias, Tensor g_r, Tensor rid, "
+        "Tensor cid, bool sums, bool need_dq, bool need_dk, bool deterministic=False, "
+        "bool tf32=False, bool poison=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // The small-problem path (contrastive_kernels/dense.py), on a materialized S (N x M,
   // float32/64, contiguous; -inf for a masked entry): the row log-sum-exps (N,) and, with
   // cols, the columns' (M,), else (0,). CPU only.
@@ -43,8 +45,10 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   // empty: rows only), a new N x M tensor; self_mask: its diagonal 0. CPU only.
   m.def("dense_grad(Tensor s, Tensor lse_r, Tensor g_r, Tensor lse_c, Tensor g_c, "
         "float scale, bool self_mask, bool poison=False) -> Tensor");
-  // The sigmoid loss on a materialized s (N x M, float32/64, contiguous): s <-
-  // sigmoid(s + bias) in place, and the rows' sums of softplus(s + bias) and of
-  // sigmoid(s + bias), (N,) each. CPU only.
-  m.def("dense_siglip(Tensor(a!) s, float bias, bool poison=False) -> (Tensor, Tensor)");
+  // The sigmoid loss on a materialized s (N x M, float32/64, contiguous), z = s + bias,
+  // positives where rid[i] == cid[j] (as siglip_tiles): s <- dz = sigmoid(z) - [positive]
+  // in place, and the rows' losses sum_j softplus(-y_ij z_ij) and sums of dz, (N,) each.
+  // CPU only.
+  m.def("dense_siglip(Tensor(a!) s, float bias, Tensor rid, Tensor cid, bool poison=False) "
+        "-> (Tensor, Tensor)");
 }

@@ -167,11 +167,11 @@ def backend():
                 empty if g_c is None else g_c, need_dq, need_dk, *_flags(options))
             return (dq if need_dq else None), (dk if need_dk else None)
 
-        def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+        def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
             acc = torch.float64 if q.dtype == torch.float64 else torch.float32
             r, t, dq, dk = torch.ops.ck_cuda_emu.siglip_tiles(
                 q, k, float(scale), float(bias), q.new_empty(0, dtype=acc) if g_r is None
-                else g_r, sums, need_dq, need_dk, *_flags(options))
+                else g_r, pos[0], pos[1], sums, need_dq, need_dk, *_flags(options))
             return ((r, t) if sums else (None, None)) + ((dq if need_dq else None),
                                                          (dk if need_dk else None))
 

@@ -238,12 +238,16 @@ def test_cuda_siglip_tiles_match_reference(dtype, mode, want):
     sums, need_dq, need_dk = "sums" in want, "dq" in want, "dk" in want
     tt = backends.get("torch")
     s64, b64 = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
-    ref = tt.siglip_tiles(q.double(), k.double(), s64, b64, g, True, True, True, make_options())
+    # positives: a class id per row and per key (some rows with none)
+    rid = torch.randint(-1, 4, (n,), generator=gen, dtype=torch.int32)
+    cid = torch.randint(0, 4, (m,), generator=gen, dtype=torch.int32)
+    ref = tt.siglip_tiles(q.double(), k.double(), s64, b64, g, True, True, True, make_options(),
+                          (rid, cid))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     sc, bc = (torch.tensor(v, dtype=acc, device="cuda") for v in (10.0, -10.0))
     got = cuda_backend.siglip_tiles(q.cuda(), k.cuda(), sc, bc,
                                     None if g is None else g.to(acc).cuda(), sums, need_dq,
-                                    need_dk, opts)
+                                    need_dk, opts, (rid.cuda(), cid.cuda()))
     tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     if mode == "tf32":
         tol = 2e-2

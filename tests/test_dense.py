@@ -526,24 +526,42 @@ def test_siglip_autocast_and_one_node(sig_calls):
     assert rel_err(got, want, floor=1.0) <= TOL[torch.float32]["loss"]
 
 
+def _ids(n, m, kind, g):
+    """(rid, cid) int32 of a kind of positives: none, each row's own key (the diagonal,
+    -1 past the keys), a random key per row, or random classes."""
+    if kind == "classes":
+        return (torch.randint(0, 4, (n,), generator=g, dtype=torch.int32),
+                torch.randint(0, 4, (m,), generator=g, dtype=torch.int32))
+    rid = {"none": torch.full((n,), -1), "diagonal": torch.where(torch.arange(n) < m,
+                                                                  torch.arange(n), -1),
+           "index": torch.randint(0, m, (n,), generator=g)}[kind]
+    return rid.to(torch.int32), torch.arange(m, dtype=torch.int32)
+
+
 @pytest.mark.skipif(not dense._SIGLIP_OPS, reason="the C++ extension is not loaded")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("n,m", [(1, 1), (1, 37), (29, 1), (37, 301), (300, 129), (65, 64)])
 def test_siglip_op_matches_torch(n, m, dtype):
     """contrastive_kernels::dense_siglip against float64 torch on odd shapes with |z| up
-    to ~300: the rows' softplus and sigmoid sums, and sigmoid(z) left in place (the
-    suite's poisoning fills the sums with NaN first)."""
+    to ~300 and every kind of positives: the rows' losses softplus(-y z) and sums of dz
+    = sigmoid(z) - [positive], and dz left in place (the suite's poisoning fills the
+    sums with NaN first)."""
     g = torch.Generator().manual_seed(seed_for("siglip_op", n, m))
     x64 = torch.randn(n, m, generator=g, dtype=torch.float64) * 60
-    for bias in (0.0, -10.0, 3.5):
-        x = x64.to(dtype)
-        z = x.double() + bias
-        r, t = torch.ops.contrastive_kernels.dense_siglip(x, bias)
-        assert r.shape == t.shape == (n,) and r.dtype == t.dtype == dtype
-        tol = 1e-12 if dtype == torch.float64 else 1e-5
-        assert rel_err(r, -torch.nn.functional.logsigmoid(-z).sum(1), floor=1.0) <= tol
-        assert rel_err(t, torch.sigmoid(z).sum(1), floor=1.0) <= tol
-        assert (x.double() - torch.sigmoid(z)).abs().max() <= tol
+    for kind in ("none", "diagonal", "index", "classes"):
+        rid, cid = _ids(n, m, kind, g)
+        pos = rid[:, None] == cid[None, :]
+        for bias in (0.0, -10.0, 3.5):
+            x = x64.to(dtype)
+            z = x.double() + bias
+            y = torch.where(pos, 1.0, -1.0).double()
+            r, t = torch.ops.contrastive_kernels.dense_siglip(x, bias, rid, cid)
+            assert r.shape == t.shape == (n,) and r.dtype == t.dtype == dtype
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            dz = torch.sigmoid(z) - pos.double()
+            assert rel_err(r, -torch.nn.functional.logsigmoid(y * z).sum(1), floor=1.0) <= tol
+            assert rel_err(t, dz.sum(1), floor=1.0) <= tol
+            assert (x.double() - dz).abs().max() <= tol
 
 
 @pytest.mark.skipif(not dense._SIGLIP_OPS, reason="the C++ extension is not loaded")
@@ -551,14 +569,18 @@ def test_siglip_op_propagates_nan_and_rejects_bad_input():
     op = torch.ops.contrastive_kernels.dense_siglip
     x = torch.randn(5, 40)
     x[2, 17] = float("nan")
-    r, t = op(x, -1.0)
+    ids = _ids(5, 40, "diagonal", None)
+    r, t = op(x, -1.0, *ids)
     assert r[2].isnan() and t[2].isnan() and r[[0, 1, 3, 4]].isfinite().all()
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        op(torch.randn(3, 4).half(), 0.0)
+        op(torch.randn(3, 4).half(), 0.0, *_ids(3, 4, "none", None))
     with pytest.raises(RuntimeError, match="contiguous"):
-        op(torch.randn(4, 3).T, 0.0)
+        op(torch.randn(4, 3).T, 0.0, *_ids(3, 4, "none", None))
     with pytest.raises(RuntimeError, match="non-empty matrix"):
-        op(torch.randn(0, 3), 0.0)
+        op(torch.randn(0, 3), 0.0, *_ids(0, 3, "none", None))
+    for bad in ((ids[0].long(), ids[1]), (ids[0][:4], ids[1]), (ids[0], ids[1][::2])):
+        with pytest.raises(RuntimeError, match="rid"):
+            op(torch.randn(5, 40), 0.0, *bad)
 
 
 @pytest.mark.parametrize("kw", [{}, dict(labels=torch.arange(1024) % 7)], ids=["diagonal",

@@ -303,6 +303,10 @@ def _cases(world, rank):
     R(mode="gather", symmetric=False, uneven_m=True, dtype=torch.float32)
     R(mode="gather", symmetric=True, uneven_m=True, labels=True, key_labels=True, smoothing=0.1)
     R(mode="gather", symmetric=True, global_pi=True)
+    # one rank's keys (or queries, symmetric) frozen: its gather still joins the
+    # others' backward all_reduce
+    R(mode="gather", symmetric=False, uneven_m=True, global_pi=True, frozen="keys_rank0")
+    R(mode="gather", symmetric=True, labels=True, frozen="keys_rank0")
     R(mode="gather", symmetric=True, reduction="none", labels=True)
     # --- DDP equivalence ---
     _ddp_case(world, rank, "ring")

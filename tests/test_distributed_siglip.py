@@ -141,6 +141,7 @@ def _cases(world, rank):
           options=dict(algorithm=algo, workspace=1))
     # gather mode (all keys on every rank), for comparison
     C(mode="gather", uneven_m=True, labels=True)
+    C(mode="gather", frozen="keys_rank0", global_pi=True, uneven_m=True)
     C(mode="gather", global_pi=True, reduction="sum", passes=4)
     C(mode="gather", reduction="none", dtype=torch.float32, backend="auto")
     # the 3-pass schedule sends nothing in backward but one scalar: its forward is the
@@ -183,7 +184,7 @@ def _cases(world, rank):
     _expect_value_error_everywhere(
         lambda: ckd.ring_siglip_loss(q, q.clone(), backend="torch",
                                      reduction="sum" if rank else "mean"),
-        "reduction must be the same")
+        "reduction must be the same on every rank, got ['mean', 'sum'")
     # the ring's schedule decides backward's collectives: ranks must agree on it
     qg = torch.randn(4, D, requires_grad=True)
     _expect_value_error_everywhere(

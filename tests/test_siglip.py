@@ -208,6 +208,65 @@ def test_large_logits_do_not_overflow(backend, passes):
     assert torch.isfinite(out).all() and float(out.detach()) > 100
 
 
+def _confident(kind, gen, n=23, m=29, d=40):
+    """A well-separated batch: every query near its positives' direction (a basis
+    vector), every negative nearly orthogonal. With s = 100, b = -20 the positives' z are
+    about 80 and the negatives' about -20: each row's loss is about M e^-20 ~ 6e-8, far
+    below one rounding step of a positive's z (8e-6 in fp32)."""
+    if kind == "labels":
+        labels, key_labels = _labels(n, 5, gen), _labels(m, 5, gen)
+        kw = dict(labels=labels, key_labels=key_labels)
+        qd, kd = labels, key_labels
+    elif kind == "index":
+        qd = torch.randint(0, m, (n,), generator=gen)
+        kw, kd = dict(positive_index=qd), torch.arange(m)
+    else:
+        qd = kd = None
+        kw = {}
+    eye = torch.eye(d, dtype=torch.float64)
+    noise = lambda r: 0.01 * torch.randn(r, d, generator=gen, dtype=torch.float64)
+    q = eye[torch.arange(n) if qd is None else qd] + noise(n)
+    k = eye[torch.arange(m) if kd is None else kd] + noise(m)
+    return q, k, kw
+
+
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+@pytest.mark.parametrize("passes", [None, 3, 4])
+@pytest.mark.parametrize("kind", ["diagonal", "index", "labels"])
+def test_confident_pairs_keep_relative_accuracy(backend, passes, kind):
+    """Each entry's term is computed with its target (a positive's as softplus(-z), never
+    softplus(z) - z), so a tiny loss keeps fp32's relative accuracy in every row, in the
+    total and in every gradient: the split R_i - s A_i - b P_i cancelled to rounding
+    noise here, 0 or negative rows. triton also in its blocked and epilogue forms."""
+    gen = torch.Generator().manual_seed(seed_for("siglip-confident", kind))
+    q, k, kw = _confident(kind, gen)
+    dev = torch.device(DEVICE)
+    kw = {key: v.to(dev) for key, v in kw.items()}
+    forms = [{}] + ([dict(algorithm="blocked"), dict(algorithm="epilogue")]
+                    if backend == "triton" else [])
+    for form in forms:
+        for reduction in ("none", "sum"):
+            leaves = [x.to(dev, torch.float32).requires_grad_() for x in (q, k)]
+            refs = [x.to(dev).requires_grad_() for x in (q, k)]
+            sb = [torch.tensor(v, device=dev, requires_grad=True) for v in (100.0, -20.0)]
+            sb_ref = [torch.tensor(v, dtype=torch.float64, device=dev, requires_grad=True)
+                      for v in (100.0, -20.0)]
+            out = ck.siglip_loss(*leaves, logit_scale=sb[0], logit_bias=sb[1],
+                                 reduction=reduction, backend=backend, passes=passes,
+                                 **kw, **form)
+            ref = ck.reference.siglip_loss(*refs, logit_scale=sb_ref[0],
+                                           logit_bias=sb_ref[1], reduction=reduction, **kw)
+            assert 0 < float(ref.detach().min()) and float(ref.detach().max()) < 1e-5
+            rel = ((out.double() - ref) / ref).abs().max()
+            assert (out > 0).all() and rel < 1e-3, (form, reduction, float(rel), out, ref)
+            grads = torch.autograd.grad(out.sum(), leaves + sb)
+            grads_ref = torch.autograd.grad(ref.sum(), refs + sb_ref)
+            for name, a, r in zip(["query", "key", "logit_scale", "logit_bias"], grads,
+                                  grads_ref):
+                err = rel_err(a, r, floor=0.0)
+                assert err < 1e-3, (form, reduction, name, err)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_inputs_with_large_logits(backend):
     if backend == "triton" and DEVICE == "cpu":

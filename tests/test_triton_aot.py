@@ -58,7 +58,9 @@ def test_every_variant_compiled(compiled):
         # + the sigmoid loss's four launches and the positive shift's three
         assert len(bwd) == 10 + 4 + 3, bwd
         assert sum(1 for b in bwd if b[4]) == 4, bwd
-        assert {b[7] for b in bwd} == {0, 1, 2}, bwd
+        # SHIFT 1 and 2 (the shift by row, by column) and 3 (the sigmoid loss's positives)
+        assert {b[7] for b in bwd} == {0, 1, 2, 3}, bwd
+        assert all(b[7] == 3 for b in bwd if b[4]), bwd
         assert any(r["flags"].get("SHIFT") for r in compiled
                    if r["kind"] == "fwd" and r["dtype"] == dt)
         grad = {tuple(r["flags"].values()) for r in compiled if r["kind"] == "grad" and r["dtype"] == dt}
@@ -111,14 +113,18 @@ def test_default_configs_do_not_spill(compiled):
     # the sigmoid loss's 3, each reading S or computing it; no spills either)
     assert len(half) == 2 * (5 + 17 + 8 + 8 + 6)
     # The sigmoid loss's 3-pass launch with D in one chunk (256) also keeps two row sums
-    # and both softplus and sigmoid: 108 B of spills (sm_90, triton 3.9), under 128 B.
+    # and both softplus and sigmoid: 108 B of spills (sm_90, triton 3.9).
     one_d_grad = lambda r: r["flags"].get("ONE_D") and (
         r["kind"] == "grad" or (r["flags"].get("SUMS") and r["flags"].get("GRAD")))
-    # The sigmoid loss's sums alone (the 4-pass forward) with S computed (128 x 128, 255
-    # registers): 8 B of spills with triton 3.6.0 (none with 3.9), under 16 B.
+    # The sigmoid loss's positive ids (each entry's term with its target) add to that:
+    # 136 B, under 160 B. With S computed (128 x 128, 255 registers) the kernels that keep
+    # the row sums spill too: 104 B (sums and dS) and 32 B (sums alone; 8 B more with
+    # triton 3.6.0), under 128 B; dS alone takes 137 registers. (The 128 x 64 tile of
+    # bench_gpu's triton-epi64: 44 B and none.) Whether this costs time is for the GPU
+    # benchmark to say (docs/DESIGN.md, section 5).
     sums_qk = lambda r: r["kind"] == "sig" and r["flags"].get("FROM_QK") and \
-        not r["flags"].get("GRAD")
-    limit = lambda r: 127 if one_d_grad(r) else (15 if sums_qk(r) else 0)
+        r["flags"].get("SUMS")
+    limit = lambda r: 159 if one_d_grad(r) else (127 if sums_qk(r) else 0)
     bad = [(_name(r), r["spills"]) for r in half if r["spills"] > limit(r)]
     fp32_bwd = [r for r in compiled if r["dtype"] == "fp32" and r["kind"] == "bwd"]
     assert fp32_bwd

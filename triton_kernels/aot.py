@@ -77,7 +77,7 @@ def variants(dtypes, full=False):
         for i, (r, c, a, sums, grad_) in enumerate(sig):
             out.append(("bwd", dt, dict(SELF_MASK=False, HAS_R=bool(r), HAS_C=bool(c),
                                         ATOMIC_DK=bool(a), ONE_D=i % 2 == 0, SIGLIP=True,
-                                        SUMS=bool(sums), GRAD=bool(grad_))))
+                                        SUMS=bool(sums), GRAD=bool(grad_), SHIFT=3)))
         # the positive shift (margin, decoupled): the forward, the atomic and the
         # deterministic dq launches with the shift's gradient, the dk launch on S^T
         shifted = [("fwd", dict(SELF_MASK=False, COLS=True, ONE_D=True, SHIFT=1)),
@@ -131,7 +131,7 @@ def compile_variant(kind, dt, flags, arch=90, config=None, block_d=None, prec=No
             fn = L.block_siglip_kernel
             sig = {"S": f"*{acc_s}", "DS": f"*{dt}", "SCALE": f"*{acc_s}", "BIAS": f"*{acc_s}",
                    "GNORM": f"*{acc_s}", "G_R": f"*{acc_s}", "ROW_SP": f"*{acc_s}",
-                   "ROW_SG": f"*{acc_s}"}
+                   "ROW_SG": f"*{acc_s}", "RID": "*i32", "CID": "*i32"}
         elif kind == "stats":
             fn = L.block_stats_kernel
             sig = {"S": f"*{acc_s}", "SCALE": f"*{acc_s}", "ROW_PART": f"*{acc_s}",

@@ -208,7 +208,8 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
     """scale * q[offs_m] k[offs_n]^T with invalid entries (out of range, diagonal) -inf,
     (with ONE_D) the k tile it loaded, the unscaled, unmasked q k^T, and the positives
     (RID[i] == CID[j]; with SHIFT only). SHIFT (margin, decoupled) adds DELTA to the
-    positives, by row (1) or, for the launch on S^T, by column (2)."""
+    positives, by row (1) or, for the launch on S^T, by column (2); 3 finds the positives
+    only (the sigmoid loss)."""
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     kt = tl.zeros((BLOCK_N, BLOCK_D), dtype=K.dtype.element_ty)
@@ -232,7 +233,7 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
         pos = rid[:, None] == cid[None, :]
         if SHIFT == 1:
             s = tl.where(pos, s + tl.load(DELTA + offs_m, mask=row_ok, other=0.0)[:, None], s)
-        else:
+        elif SHIFT == 2:
             s = tl.where(pos, s + tl.load(DELTA + offs_n, mask=col_ok, other=0.0)[None, :], s)
     return tl.where(valid, s, float("-inf")), kt, acc, pos
 
@@ -326,6 +327,15 @@ def _softplus_sigmoid(z):
     return tl.maximum(z, 0.0) + lp, tl.where(z >= 0, inv, e * inv)
 
 
+@triton.jit
+def _siglip_term(z, pos):
+    """Each entry's loss softplus(-y z) with its target (y = +1 where pos, else -1; a
+    positive's never formed as softplus(z) - z, which cancels) and dz = sigmoid(z) - [pos]
+    (ck::siglip_term's twin)."""
+    sp, sg = _softplus_sigmoid(tl.where(pos, -z, z))
+    return sp, tl.where(pos, -sg, sg)
+
+
 @triton.jit(do_not_specialize=["N", "M", "SIZE_KEY"])
 def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_OUT, T_OUT,
                    RID, CID, DELTA, DSHIFT, N, M, D, stride_q, stride_k, SIZE_KEY,
@@ -336,10 +346,10 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_O
                    SIGLIP: tl.constexpr = False, SUMS: tl.constexpr = False,
                    GRAD: tl.constexpr = True, SHIFT: tl.constexpr = 0,
                    DSHIFT_ON: tl.constexpr = False):
-    # SIGLIP: the sigmoid loss's tiles, z = S + bias: dS = g_r[i] g_c[j] sigmoid(z) (each
-    # factor only if HAS_R / HAS_C; LSE_R and LSE_C are not read) and, with SUMS, each
-    # row's sum of softplus(z) and of sigmoid(z) into R_OUT and T_OUT. GRAD=False: the
-    # sums alone (no DQ, no DK).
+    # SIGLIP: the sigmoid loss's tiles, z = S + bias, positives where RID[i] == CID[j]
+    # (SHIFT=3): dS = g_r[i] g_c[j] dz (each factor only if HAS_R / HAS_C; LSE_R and LSE_C
+    # are not read) and, with SUMS, each row's sum of the losses and of dz into R_OUT and
+    # T_OUT (_siglip_term). GRAD=False: the sums alone (no DQ, no DK).
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -377,11 +387,11 @@ def lse_bwd_kernel(Q, K, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, DQ, DK, BIAS, R_O
                                    PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D, SHIFT)
         ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if SIGLIP:
-            sp, sg = _softplus_sigmoid(s + bias)
+            sp, dz = _siglip_term(s + bias, pos)
             if SUMS:
                 r_acc += tl.sum(sp, 1)
-                t_acc += tl.sum(sg, 1)
-            ds = sg
+                t_acc += tl.sum(dz, 1)
+            ds = dz
             if HAS_R:
                 ds = ds * gr[:, None]
             if HAS_C:
@@ -675,21 +685,24 @@ def block_ds_kernel(S, Q, K, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, 
 
 
 @triton.jit(do_not_specialize=["row0", "R", "M"])
-def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, row0, R, M, D,
-                        stride_s, stride_q, stride_k, HAS_G: tl.constexpr, SUMS: tl.constexpr,
+def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, RID, CID, row0, R,
+                        M, D, stride_s, stride_q, stride_k, HAS_G: tl.constexpr, SUMS: tl.constexpr,
                         GRAD: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_R: tl.constexpr = 1):
     """Blocked sigmoid loss: one tile of a row block's S (_block_tile), z = scale * S +
-    bias. SUMS: each row's sums of softplus(z) and sigmoid(z) over the tile's columns
-    (ROW_SP and ROW_SG [r, tile], R x column tiles). GRAD: dS = g_r[i] sigmoid(z) (g
-    absent: 1) divided by max|g| (GNORM), cast to DS's dtype (rows stride_s apart)."""
+    bias, positives where RID[row0 + r] == CID[c]. SUMS: each row's sums of the losses and
+    of dz over the tile's columns (_siglip_term; ROW_SP and ROW_SG [r, tile], R x column
+    tiles). GRAD: dS = g_r[i] dz (g absent: 1) divided by max|g| (GNORM), cast to DS's
+    dtype (rows stride_s apart)."""
     s, offs_r, offs_c, pid_r, pid_c, n_c = _block_tile(
         S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k, False, FROM_QK, PREC,
         BLOCK_R, BLOCK_C, BLOCK_K, GROUP_R)
-    # entries past R or M are -inf: softplus and sigmoid 0 there
-    sp, sg = _softplus_sigmoid(s + tl.load(BIAS))
     r_ok = offs_r < R
+    rid = tl.load(RID + row0 + offs_r, mask=r_ok, other=-1)
+    cid = tl.load(CID + offs_c, mask=offs_c < M, other=-2)
+    # entries past R or M are -inf and not positive: loss and dz 0 there
+    sp, sg = _siglip_term(s + tl.load(BIAS), rid[:, None] == cid[None, :])
     if SUMS:
         part = offs_r.to(tl.int64) * n_c + pid_c
         tl.store(ROW_SP + part, tl.sum(sp, 1), mask=r_ok)

@@ -38,13 +38,17 @@ dq_raw = dS @ pk, dk_raw = dS.T @ pq (the student's).
 
 A backend that declares the feature "siglip" also has the sigmoid loss's tile pass
 
-    siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
+    siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos)
             -> (r (N,) or None, t (N,) or None, dq_raw, dk_raw)
-        z_ij = scale * <q_i, k_j> + bias
-        r[i] = sum_j softplus(z_ij), t[i] = sum_j sigmoid(z_ij)   (only if sums)
-        dS_ij = g_r[i] * sigmoid(z_ij)      (g_r None: 1, the 3-pass forward)
+        z_ij = scale * <q_i, k_j> + bias,  y_ij = +1 if rid[i] == cid[j] else -1
+        r[i] = sum_j softplus(-y_ij z_ij)   (the row's loss; only if sums)
+        t[i] = sum_j dz_ij,  dz_ij = sigmoid(z_ij) - [y_ij = 1]   (only if sums)
+        dS_ij = g_r[i] * dz_ij              (g_r None: 1, the 3-pass forward)
         dq_raw = dS @ k, dk_raw = dS.T @ q  (no scale applied; None when not needed)
-    `bias` is a one-element tensor like `scale`.
+    `bias` is a one-element tensor like `scale`; pos = (rid, cid), int32 ids (N,), (M,)
+    (rid < 0: no positive among these keys). Each entry's term is computed with its
+    target: a positive's is softplus(-z) itself, never softplus(z) - z, which cancels
+    to rounding noise when the pair is confident (docs/DESIGN.md, section 7).
 
 What a backend supports is declared, not probed: its device types, dtypes, the minimum
 compute capability per dtype on CUDA, features, the losses it computes correctly but
@@ -148,7 +152,7 @@ class Backend:
                      options, shift=None, need_dshift=False, prod=None):
         raise NotImplementedError
 
-    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
         raise NotImplementedError
 
 

@@ -26,8 +26,9 @@ class CpuBackend(Backend):
         return extension.lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq,
                                       need_dk, options, shift, need_dshift, prod)
 
-    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
-        return extension.siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
+        return extension.siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options,
+                                      pos)
 
 
 BACKEND = CpuBackend()

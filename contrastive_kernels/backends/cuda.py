@@ -133,9 +133,10 @@ class CudaBackend(Backend):
     def lse_forward(self, q, k, scale, self_mask, cols, options):
         return extension.lse_forward(q, k, scale, self_mask, cols, options)
 
-    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
         # (a JIT-built module registers its CUDA kernel under the same op)
-        return extension.siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
+        return extension.siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options,
+                                      pos)
 
     def lse_backward(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                      options):

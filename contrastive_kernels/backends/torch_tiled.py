@@ -92,9 +92,10 @@ class TorchBackend(Backend):
                     dk[j0:j0 + tile] += ds.T @ (qb if prod is None else pq[i0:i0 + tile].to(acc))
         return (dq, dk) if shift is None else (dq, dk, dshift)
 
-    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
         acc, tile = _acc(q.dtype), self.tile
         n, m, d = q.shape[0], k.shape[0], q.shape[1]
+        rid, cid = pos
         zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=q.device)
         r, t = (zeros(n), zeros(n)) if sums else (None, None)
         dq = zeros(n, d) if need_dq else None
@@ -103,21 +104,23 @@ class TorchBackend(Backend):
             kb = k[j0:j0 + tile].to(acc)
             for i0 in range(0, n, tile):
                 qb = q[i0:i0 + tile].to(acc)
-                z = (qb @ kb.T).mul_(scale).add_(bias)    # scale, bias: 1-element tensors
+                # -y: +1 on the negatives, -1 on the positives
+                minus_y = 1 - 2 * (rid[i0:i0 + tile, None] == cid[None, j0:j0 + tile]).to(acc)
+                w = (qb @ kb.T).mul_(scale).add_(bias).mul_(minus_y)   # -y z
                 if sums:
-                    # softplus(z) = max(z, 0) + log1p(exp(-|z|)), exact at any |z|
-                    r[i0:i0 + tile] += (z.clamp_min(0) + z.abs().neg_().exp_().log1p_()).sum(1)
+                    # softplus(w) = max(w, 0) + log1p(exp(-|w|)), exact at any |w|
+                    r[i0:i0 + tile] += (w.clamp_min(0) + w.abs().neg_().exp_().log1p_()).sum(1)
                 if not (sums or need_dq or need_dk):
                     continue
-                z = z.sigmoid_()
+                dz = w.sigmoid_().mul_(minus_y)       # -y sigmoid(-y z) = sigmoid(z) - [pos]
                 if sums:
-                    t[i0:i0 + tile] += z.sum(1)
+                    t[i0:i0 + tile] += dz.sum(1)
                 if g_r is not None:
-                    z.mul_(g_r[i0:i0 + tile, None])
+                    dz.mul_(g_r[i0:i0 + tile, None])
                 if need_dq:
-                    dq[i0:i0 + tile] += z @ kb
+                    dq[i0:i0 + tile] += dz @ kb
                 if need_dk:
-                    dk[j0:j0 + tile] += z.T @ qb
+                    dk[j0:j0 + tile] += dz.T @ qb
         return r, t, dq, dk
 
 

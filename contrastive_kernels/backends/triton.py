@@ -329,7 +329,7 @@ def _block_grads(ds, i0, pq, pk, dq, dk):
         _gemm(ds.T, pq[i0:i0 + r], dk, accumulate=i0 > 0)
 
 
-def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
+def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk, pos):
     """The sigmoid loss's tiles by the blocked algorithm: per row block, S = q_b k^T
     (cuBLAS, fp32; or with "epilogue" in the kernel), block_siglip_kernel gives the row
     sums and dS (divided by max|g|), and cuBLAS gives dq_b = dS k and dk += dS^T q_b."""
@@ -349,7 +349,7 @@ def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk):
         ds = dsbuf[:rr, :m] if grad else dummy
         _launch_block(L, L.K.block_siglip_kernel, T, sbuf, mpad, i0, rr,
                       (ds, L.scale_t, bias_t, gnorm, dummy if g_r is None else g_r,
-                       part[0] if sums else dummy, part[1] if sums else dummy),
+                       part[0] if sums else dummy, part[1] if sums else dummy, *pos),
                       dict(HAS_G=g_r is not None, SUMS=sums, GRAD=grad))
         if sums:
             torch.sum(part[0, :rr], 1, out=r[i0:i0 + rr])
@@ -461,10 +461,10 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
     return out + (None if dshift is None else dshift.mul_(gmax),)
 
 
-def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
+def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
     """The sigmoid loss's tiles (contract: backends/base.py) by lse_bwd_kernel's SIGLIP
-    mode: the row sums and dq over row blocks, dk by atomics or (deterministic) by the
-    same kernel on S^T with g as column weights."""
+    mode (the positives' ids through SHIFT=3): the row sums and dq over row blocks, dk by
+    atomics or (deterministic) by the same kernel on S^T with g as column weights."""
     L = _setup(q, k, scale, options)
     acc, dev, triton = L.acc, L.dev, L.triton
     bias_t = bias.detach().reshape(1).to(acc)
@@ -481,16 +481,17 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
     r = _out((L.n,), acc, dev) if sums else None
     t = _out((L.n,), acc, dev) if sums else None
 
-    def launch(a, b, g_a, g_b, da, db, atomic, with_sums, grad):
+    def launch(a, b, g_a, g_b, da, db, atomic, with_sums, grad, swapped=False):
         na, nb_ = a.shape[0], b.shape[0]
         dummy = gnorm
+        ids = pos[::-1] if swapped else pos
         args = (a, b, L.scale_t, gnorm, dummy, dummy if g_a is None else g_a, dummy,
                 dummy if g_b is None else g_b, dummy if da is None else da,
                 (db if atomic else da) if da is not None else dummy, bias_t,
-                r if with_sums else dummy, t if with_sums else dummy, dummy, dummy, dummy,
+                r if with_sums else dummy, t if with_sums else dummy, *ids, dummy,
                 dummy, na, nb_, L.d, a.stride(0), b.stride(0), _size_key(na, nb_))
         kw = dict(meta, HAS_R=g_a is not None, HAS_C=g_b is not None, ATOMIC_DK=atomic,
-                  SUMS=with_sums, GRAD=grad)
+                  SUMS=with_sums, GRAD=grad, SHIFT=3)
         if L.tuned:
             L.K.lse_bwd_tuned[lambda c: (triton.cdiv(na, c["BLOCK_M"]),)](*args, **kw)
         else:
@@ -502,7 +503,7 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
     g = g_r if has_g else None
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
         if _blocked(L):
-            r, t, dq, dk = _blocked_siglip(L, bias_t, g, gnorm, sums, need_dq, need_dk)
+            r, t, dq, dk = _blocked_siglip(L, bias_t, g, gnorm, sums, need_dq, need_dk, pos)
         elif need_dq and need_dk and not options.deterministic:
             dq = _out((L.n, L.d), acc, dev)
             dk = torch.zeros((L.m, L.d), dtype=acc, device=dev)
@@ -513,7 +514,7 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
                 launch(q, k, g, None, dq, None, False, sums, need_dq)
             if need_dk:
                 dk = _out((L.m, L.d), acc, dev)
-                launch(k, q, None, g, dk, None, False, False, True)
+                launch(k, q, None, g, dk, None, False, False, True, swapped=True)
     dq, dk = (None if x is None else x.mul_(gmax) for x in (dq, dk))
     return r, t, dq, dk
 
@@ -631,8 +632,8 @@ class TritonBackend(Backend):
         return lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_dk,
                             options, shift, need_dshift, prod)
 
-    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options):
-        return siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options)
+    def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
+        return siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos)
 
     def input_grads(self, q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, weights, need_dq,
                     need_dk, need_ds, options):

@@ -103,6 +103,17 @@ CK_HD void softplus_sigmoid(T z, T& softplus, T& sigmoid, E exp_fn = E(), L log1
   if (z != z) softplus = sigmoid = z;
 }
 
+// One entry of the sigmoid loss with its target: loss = softplus(-y z), the term itself
+// (a positive's is never formed as softplus(z) - z, which cancels when the pair is
+// confident), and dz = sigmoid(z) - [positive] = -y sigmoid(-y z), its derivative.
+template <typename T, typename E = Exp, typename L = Log1p>
+CK_HD void siglip_term(T z, bool positive, T& loss, T& dz, E exp_fn = E(),
+                       L log1p_fn = L()) {
+  T sg;
+  softplus_sigmoid(positive ? -z : z, loss, sg, exp_fn, log1p_fn);
+  dz = positive ? -sg : sg;
+}
+
 // The diagonal of the full matrix is excluded under self-contrast.
 CK_HD bool excluded(bool self_mask, long long i, long long j) { return self_mask && i == j; }
 

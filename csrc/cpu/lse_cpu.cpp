@@ -259,61 +259,84 @@ struct FastLog1p {
   CK_INLINE double operator()(double x) const { return std::log1p(x); }
 };
 
-// The sigmoid loss's pass over a tile of s <q_i, k_j>: z = x + bias; with sums, adds
-// sum_j softplus(z_ij) to r[i] and sum_j sigmoid(z_ij) to t[i]; with grad, x_ij <-
-// g[i] sigmoid(z_ij) (g == nullptr: 1).
+// The sigmoid loss's pass over a tile of s <q_i, k_j>: z = x + bias, positive where
+// rid[i] == cid[j] (ids of the tile's rows and columns; nullptr: none). With sums, adds
+// each row's loss sum_j softplus(-y_ij z_ij) to r[i] and sum_j dz_ij to t[i]; with grad,
+// x_ij <- g[i] dz_ij (g == nullptr: 1), dz = sigmoid(z) - [positive] (ck::siglip_term).
 template <typename T>
-void siglip_tile(T* x, int64_t rows, int64_t cols, T bias, const T* g, bool grad, T* r, T* t);
+void siglip_tile(T* x, int64_t rows, int64_t cols, T bias, const int* rid, const int* cid,
+                 const T* g, bool grad, T* r, T* t);
 
 template <>
 CK_MULTIVERSION void siglip_tile<float>(float* x, int64_t rows, int64_t cols, float bias,
-                                        const float* g, bool grad, float* r, float* t) {
+                                        const int* rid, const int* cid, const float* g,
+                                        bool grad, float* r, float* t) {
   for (int64_t i = 0; i < rows; ++i) {
     float* xi = x + i * cols;
     const float gi = g ? g[i] : 1.0f;
-    float sp_sum = 0.0f, sg_sum = 0.0f;
-    if (r && grad) {
-#pragma omp simd reduction(+ : sp_sum, sg_sum)
-      for (int64_t j = 0; j < cols; ++j) {
-        float sp, sg;
-        ck::softplus_sigmoid(xi[j] + bias, sp, sg, FastExp(), FastLog1p());
-        sp_sum += sp;
-        sg_sum += sg;
-        xi[j] = gi * sg;
-      }
-      r[i] += sp_sum;
-      t[i] += sg_sum;
-    } else if (r) {
-#pragma omp simd reduction(+ : sp_sum, sg_sum)
-      for (int64_t j = 0; j < cols; ++j) {
-        float sp, sg;
-        ck::softplus_sigmoid(xi[j] + bias, sp, sg, FastExp(), FastLog1p());
-        sp_sum += sp;
-        sg_sum += sg;
-      }
-      r[i] += sp_sum;
-      t[i] += sg_sum;
-    } else {
+    const int ri = rid ? rid[i] : -1;
+    float sp_sum = 0.0f, dz_sum = 0.0f;
+    if (ri < 0) {   // no positive in this row: the loop without the id test
+      if (r && grad) {
+#pragma omp simd reduction(+ : sp_sum, dz_sum)
+        for (int64_t j = 0; j < cols; ++j) {
+          float sp, dz;
+          ck::softplus_sigmoid(xi[j] + bias, sp, dz, FastExp(), FastLog1p());
+          sp_sum += sp;
+          dz_sum += dz;
+          xi[j] = gi * dz;
+        }
+      } else if (r) {
+#pragma omp simd reduction(+ : sp_sum, dz_sum)
+        for (int64_t j = 0; j < cols; ++j) {
+          float sp, dz;
+          ck::softplus_sigmoid(xi[j] + bias, sp, dz, FastExp(), FastLog1p());
+          sp_sum += sp;
+          dz_sum += dz;
+        }
+      } else {
 #pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+          float sp, dz;
+          ck::softplus_sigmoid(xi[j] + bias, sp, dz, FastExp(), FastLog1p());
+          xi[j] = gi * dz;
+        }
+      }
+    } else if (grad) {  // ck::siglip_term with the sign as a factor, so that it vectorizes
+#pragma omp simd reduction(+ : sp_sum, dz_sum)
       for (int64_t j = 0; j < cols; ++j) {
+        const float minus_y = cid[j] == ri ? -1.0f : 1.0f;
         float sp, sg;
-        ck::softplus_sigmoid(xi[j] + bias, sp, sg, FastExp(), FastLog1p());
-        xi[j] = gi * sg;
+        ck::softplus_sigmoid(minus_y * (xi[j] + bias), sp, sg, FastExp(), FastLog1p());
+        sp_sum += sp;
+        dz_sum += minus_y * sg;
+        xi[j] = gi * minus_y * sg;
+      }
+    } else {
+#pragma omp simd reduction(+ : sp_sum, dz_sum)
+      for (int64_t j = 0; j < cols; ++j) {
+        const float minus_y = cid[j] == ri ? -1.0f : 1.0f;
+        float sp, sg;
+        ck::softplus_sigmoid(minus_y * (xi[j] + bias), sp, sg, FastExp(), FastLog1p());
+        sp_sum += sp;
+        dz_sum += minus_y * sg;
       }
     }
+    if (r) r[i] += sp_sum, t[i] += dz_sum;
   }
 }
 
 template <>
-void siglip_tile<double>(double* x, int64_t rows, int64_t cols, double bias, const double* g,
-                         bool grad, double* r, double* t) {
+void siglip_tile<double>(double* x, int64_t rows, int64_t cols, double bias, const int* rid,
+                         const int* cid, const double* g, bool grad, double* r, double* t) {
   for (int64_t i = 0; i < rows; ++i) {
     const double gi = g ? g[i] : 1.0;
+    const int ri = rid ? rid[i] : -1;
     for (int64_t j = 0; j < cols; ++j) {
-      double sp, sg;
-      ck::softplus_sigmoid(x[i * cols + j] + bias, sp, sg);
-      if (r) { r[i] += sp; t[i] += sg; }
-      if (grad) x[i * cols + j] = gi * sg;
+      double sp, dz;
+      ck::siglip_term(x[i * cols + j] + bias, ri >= 0 && cid[j] == ri, sp, dz);
+      if (r) { r[i] += sp; t[i] += dz; }
+      if (grad) x[i * cols + j] = gi * dz;
     }
   }
 }
@@ -407,6 +430,15 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, bool self_mask) {
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have the same dtype");
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q must be floating point");
   TORCH_CHECK(!self_mask || q.size(0) == k.size(0), "self_mask needs as many keys as queries");
+}
+
+// The sigmoid loss's positive ids: int32, contiguous, (N,) and (M,), on the CPU.
+void check_ids(const at::Tensor& rid, const at::Tensor& cid, int64_t n, int64_t m) {
+  for (const at::Tensor* x : {&rid, &cid})
+    TORCH_CHECK(x->scalar_type() == at::kInt && x->is_contiguous() && x->dim() == 1 &&
+                    x->device().is_cpu(),
+                "rid and cid must be contiguous 1-D int32 CPU tensors");
+  TORCH_CHECK(rid.numel() == n && cid.numel() == m, "rid must have N entries and cid M");
 }
 
 // ---- ops
@@ -590,11 +622,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward_ext_cpu(
 // The sigmoid loss's tiles (contract: contrastive_kernels/backends/base.py, siglip_tiles).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cpu(
     const at::Tensor& q, const at::Tensor& k, double scale, double bias, const at::Tensor& g_r,
-    bool sums, bool need_dq, bool need_dk, bool /*deterministic: always*/, bool /*tf32*/,
-    bool poison) {
+    const at::Tensor& rid, const at::Tensor& cid, bool sums, bool need_dq, bool need_dk,
+    bool /*deterministic: always*/, bool /*tf32*/, bool poison) {
   check_inputs(q, k, false);
   const auto acc = acc_type(q);
   const int64_t n = q.size(0), m = k.size(0);
+  check_ids(rid, cid, n, m);
   const bool given = g_r.numel() > 0;
   TORCH_CHECK(!given || g_r.numel() == n, "g_r must be empty or have N entries");
   // detach: parallel workers do not inherit the caller's no-grad mode.
@@ -624,6 +657,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cpu(
             const int64_t nj = std::min(kCols, m - j0);
             at::Tensor x = tile.logits(qa, ka, scale, i0, ni, j0, nj, false);
             siglip_tile<T>(x.data_ptr<T>(), ni, nj, static_cast<T>(bias),
+                           rid.data_ptr<int>() + i0, cid.data_ptr<int>() + j0,
                            given ? gr.data_ptr<T>() + i0 : nullptr, grad, rp, tp);
             if (need_dq) acc_g.dq.narrow(0, i0, ni).addmm_(x, ka.narrow(0, j0, nj));
             if (need_dk) dk.narrow(0, j0, nj).addmm_(x.t(), qa.narrow(0, i0, ni));
@@ -722,9 +756,12 @@ at::Tensor dense_grad_cpu(const at::Tensor& s, const at::Tensor& lse_r, const at
 
 // The sigmoid loss on a materialized tile: s <- sigmoid(s + bias) in place; r[i] =
 // sum_j softplus(s_ij + bias), t[i] = sum_j sigmoid(s_ij + bias).
-std::tuple<at::Tensor, at::Tensor> dense_siglip_cpu(at::Tensor& s, double bias, bool poison) {
+std::tuple<at::Tensor, at::Tensor> dense_siglip_cpu(at::Tensor& s, double bias,
+                                                     const at::Tensor& rid,
+                                                     const at::Tensor& cid, bool poison) {
   check_dense(s);
   const int64_t n = s.size(0), m = s.size(1);
+  check_ids(rid, cid, n, m);
   at::Tensor r = new_buffer({n}, s.options(), poison);
   at::Tensor t = new_buffer({n}, s.options(), poison);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "dense_siglip_cpu", [&] {
@@ -735,7 +772,8 @@ std::tuple<at::Tensor, at::Tensor> dense_siglip_cpu(at::Tensor& s, double bias, 
       T* tp = t.data_ptr<T>() + i0;
       std::fill(rp, rp + (i1 - i0), T(0));
       std::fill(tp, tp + (i1 - i0), T(0));
-      siglip_tile<T>(x + i0 * m, i1 - i0, m, static_cast<T>(bias), nullptr, true, rp, tp);
+      siglip_tile<T>(x + i0 * m, i1 - i0, m, static_cast<T>(bias), rid.data_ptr<int>() + i0,
+                     cid.data_ptr<int>(), nullptr, true, rp, tp);
     });
   });
   return {r, t};

@@ -177,16 +177,30 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_cuda(const at::Tensor& q_in, con
   return {dq, dk};
 }
 
+// Positive ids of the sigmoid loss: (len,) int32, contiguous, on q's device.
+void check_ids(const at::Tensor& t, int64_t len, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "contrastive_kernels (cuda): ", name,
+              " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "contrastive_kernels (cuda): ", name,
+              " must have shape (", len, "), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "contrastive_kernels (cuda): ", name, " must be contiguous");
+  TORCH_CHECK(t.device() == q.device(), "contrastive_kernels (cuda): ", name, " is on ",
+              t.device(), ", q on ", q.device());
+}
+
 // The sigmoid loss's tiles (contract: contrastive_kernels/backends/base.py, siglip_tiles):
 // the backward kernel's SigLIP mode. Rows: the sums, dq, and dk by atomics unless
-// deterministic; then dk comes from the same pass on S^T with g as column weights.
+// deterministic; then dk comes from the same pass on S^T with g as column weights and
+// the ids swapped (rows' ids = cid, columns' = rid).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, double scale, double bias,
-    const at::Tensor& g_r_in, bool sums, bool need_dq, bool need_dk, bool deterministic,
-    bool tf32, bool poison) {
+    const at::Tensor& g_r_in, const at::Tensor& rid, const at::Tensor& cid, bool sums,
+    bool need_dq, bool need_dk, bool deterministic, bool tf32, bool poison) {
   const Call c(q_in, k_in, false, tf32);
   const int64_t n = c.n, m = c.m, d = c.d;
   const at::Tensor &q = c.q, &k = c.k;
+  check_ids(rid, n, q, "rid");
+  check_ids(cid, m, q, "cid");
   const auto opts = q.options().dtype(c.acc);
   const bool given = g_r_in.numel() > 0;
   const at::Tensor g_r = given ? stat(g_r_in, n, c.acc, q, "g_r") : at::Tensor();
@@ -204,6 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cuda(
   LseBackwardArgs rows{q.data_ptr(), k.data_ptr(), n, m, d, scale, false, nullptr, g, nullptr,
                        nullptr, need_dq ? dq.data_ptr() : nullptr, nullptr};
   rows.bias = b.data_ptr();
+  rows.rid = rid.data_ptr<int>();
+  rows.cid = cid.data_ptr<int>();
   if (sums) {
     rows.r_out = r.data_ptr();
     rows.t_out = t.data_ptr();
@@ -218,6 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_tiles_cuda(
     LseBackwardArgs cols{k.data_ptr(), q.data_ptr(), m, n, d, scale, false, nullptr, nullptr,
                          nullptr, g, dk.data_ptr(), nullptr};
     cols.bias = b.data_ptr();
+    cols.rid = cid.data_ptr<int>();
+    cols.cid = rid.data_ptr<int>();
     c.backward(cols, "siglip_tiles (columns)");
   }
   return {r, t, dq, dk};

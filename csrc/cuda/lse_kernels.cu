@@ -53,6 +53,8 @@ cudaError_t backward_t(const LseBackwardArgs& a, cudaStream_t stream) {
   const Acc* bias = static_cast<const Acc*>(a.bias);
   Acc* r_out = static_cast<Acc*>(a.r_out);
   Acc* t_out = static_cast<Acc*>(a.t_out);
+  const int* rid = a.rid;
+  const int* cid = a.cid;
   if (r_out != nullptr && (t_out == nullptr || bias == nullptr)) return cudaErrorInvalidValue;
   if (dk != nullptr && dq == nullptr) return cudaErrorInvalidValue;
   const Acc scale = static_cast<Acc>(a.scale);
@@ -60,11 +62,11 @@ cudaError_t backward_t(const LseBackwardArgs& a, cudaStream_t stream) {
   if (dk != nullptr)
     cuda_impl::lse_backward_kernel<T, M, true><<<grid, cuda_impl::kThreads, 0, stream>>>(
         q, k, a.n, a.m, a.d, scale, a.self_mask, lse_r, g_r, lse_c, g_c, dq, dk, bias, r_out,
-        t_out);
+        t_out, rid, cid);
   else
     cuda_impl::lse_backward_kernel<T, M, false><<<grid, cuda_impl::kThreads, 0, stream>>>(
         q, k, a.n, a.m, a.d, scale, a.self_mask, lse_r, g_r, lse_c, g_c, dq, nullptr, bias,
-        r_out, t_out);
+        r_out, t_out, rid, cid);
   return cudaGetLastError();
 }
 

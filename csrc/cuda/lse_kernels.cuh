@@ -96,7 +96,8 @@ struct alignas(128) Smem {
   alignas(128) Acc out[kSepP ? 1 : Tr::BM * Tr::LDO];
   Acc row_a[Tr::BM], row_b[Tr::BM];  // forward: running (max, sum); backward: (lse, g)
   Acc col_a[Tr::BN], col_b[Tr::BN];  // backward: (lse_c, g_c) of the current column block
-  Acc row_sp[Tr::BM], row_sg[Tr::BM];  // SigLIP: the rows' sums of softplus and sigmoid
+  Acc row_sp[Tr::BM], row_sg[Tr::BM];  // SigLIP: the rows' sums of loss terms and dz
+  int row_id[Tr::BM], col_id[Tr::BN];  // SigLIP: positive ids (-1: none)
   unsigned int amax_bits;            // max |dS| of the tile (fp16 scaling)
 };
 
@@ -447,7 +448,8 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
                     typename Traits<T, M>::Acc* __restrict__ dk,
                     const typename Traits<T, M>::Acc* __restrict__ bias,
                     typename Traits<T, M>::Acc* __restrict__ r_out,
-                    typename Traits<T, M>::Acc* __restrict__ t_out) {
+                    typename Traits<T, M>::Acc* __restrict__ t_out,
+                    const int* __restrict__ rid, const int* __restrict__ cid) {
   using Tr = Traits<T, M>;
   using Acc = typename Tr::Acc;
   using Eng = Engine<T, M>;
@@ -468,6 +470,7 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
     sm.row_a[r] = has && !siglip ? backward_lse(lse_r[i]) : inf;
     sm.row_b[r] = has ? g_r[i] : absent;
     sm.row_sp[r] = sm.row_sg[r] = Acc(0);
+    sm.row_id[r] = i < n && rid != nullptr ? rid[i] : -1;
   }
   Acc* out = kSepP ? reinterpret_cast<Acc*>(sm.s) : sm.out;
   const long long tiles = (m + BN - 1) / BN;
@@ -478,6 +481,7 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
       const bool has = j < m && g_c != nullptr;
       sm.col_a[c] = has && !siglip ? backward_lse(lse_c[j]) : inf;
       sm.col_b[c] = has ? g_c[j] : absent;
+      sm.col_id[c] = j < m && cid != nullptr ? cid[j] : -1;
     }
     if (tid == 0) sm.amax_bits = 0u;
     compute_s_tile(sm, q, k, n, m, d, i0, j0);  // its barriers publish col_*, amax_bits
@@ -489,13 +493,15 @@ lse_backward_kernel(const T* __restrict__ q, const T* __restrict__ k, long long 
       Acc g = Acc(0);
       if (i < n && j < m && !excluded(self_mask, i, j)) {
         if (siglip) {
-          Acc sp, sg;
-          softplus_sigmoid<Acc>(scale * sm.s[r * LDS + c] + b, sp, sg);
+          // positive: equal ids, >= 0 on both sides (so the swapped pass agrees)
+          const int ri = sm.row_id[r];
+          Acc loss, dz;
+          siglip_term<Acc>(scale * sm.s[r * LDS + c] + b, ri >= 0 && ri == sm.col_id[c], loss, dz);
           if (r_out != nullptr) {
-            atomicAdd(&sm.row_sp[r], sp);
-            atomicAdd(&sm.row_sg[r], sg);
+            atomicAdd(&sm.row_sp[r], loss);
+            atomicAdd(&sm.row_sg[r], dz);
           }
-          g = sm.row_b[r] * sm.col_b[c] * sg;
+          g = sm.row_b[r] * sm.col_b[c] * dz;
         } else {
           g = tile_grad<Acc>(scale * sm.s[r * LDS + c], sm.row_a[r], sm.row_b[r], sm.col_a[c],
                              sm.col_b[c]);

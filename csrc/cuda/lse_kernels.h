@@ -46,10 +46,14 @@ struct LseBackwardArgs {
   const void* g_c;    // (m,) Acc or nullptr
   void* dq;           // (n, d) Acc; nullptr: no gradient (the sums alone)
   void* dk;           // (m, d) Acc or nullptr
-  // The sigmoid loss (SigLIP) when bias != nullptr: z = S + bias, and
-  //   dS_ij = g_r[i] g_c[j] sigmoid(z_ij)   (an absent g is 1; lse_r/lse_c are not read)
-  // with, when r_out != nullptr, r_out[i] = sum_j softplus(z_ij), t_out[i] = sum_j sigmoid(z_ij).
+  // The sigmoid loss (SigLIP) when bias != nullptr: z = S + bias, entry (i, j) positive
+  // iff rid[i] == cid[j] >= 0 (y_ij = +1, else -1), dz_ij = sigmoid(z_ij) - [positive], and
+  //   dS_ij = g_r[i] g_c[j] dz_ij   (an absent g is 1; lse_r/lse_c are not read)
+  // with, when r_out != nullptr, r_out[i] = sum_j softplus(-y_ij z_ij), t_out[i] = sum_j dz_ij.
+  // The transposed pass (q, k swapped) swaps rid and cid too.
   const void* bias = nullptr;  // (1,) Acc, device
+  const int* rid = nullptr;    // (n,) int32 row ids (< 0: no positive), or nullptr: none
+  const int* cid = nullptr;    // (m,) int32 column ids, or nullptr: none
   void* r_out = nullptr;       // (n,) Acc or nullptr
   void* t_out = nullptr;       // (n,) Acc or nullptr
 };
