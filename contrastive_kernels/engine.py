@@ -183,7 +183,7 @@ def siglip_forward(spec, q, k, scale, bias, targets, blocks, need_dq, need_dk):
     def block(blk, kb):
         r_b, t_b, dq_b, dk_b = spec.backend.siglip_tiles(
             q, kb, scale, bias, None, True, need_dq, need_dk, options=spec.options,
-            pos=blk.ids)
+            pos=blk.positives)
         r.add_(r_b)
         t.add_(t_b)
         if not grads:
@@ -203,7 +203,7 @@ def siglip_backward(spec, q, k, scale, bias, targets, blocks, g_r, need_dq, need
     no pass: sum_i g_r[i] T_i."""
     def grads(blk, kb):
         _, _, dq, dk = spec.backend.siglip_tiles(q, kb, scale, bias, g_r, False, need_dq,
-                                                 need_dk, options=spec.options, pos=blk.ids)
+                                                 need_dk, options=spec.options, pos=blk.positives)
         return _finish(q, kb, blk, scale, targets, dq, dk, need_ds, None)
     return _accumulate(spec, blocks.backward(k, None, need_dk), grads, blocks)[:3]
 

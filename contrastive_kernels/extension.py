@@ -94,9 +94,10 @@ def lse_backward(q, k, scale, self_mask, lse_r, lse_c, g_r, g_c, need_dq, need_d
 
 
 def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
+    from .backends.base import key_ids      # (backends import this module)
     r, t, dq, dk = torch.ops.contrastive_kernels.siglip_tiles(
         q, k, float(scale), float(bias), q.new_empty(0, dtype=_acc(q.dtype)) if g_r is None
-        else g_r, pos[0], pos[1], sums, need_dq, need_dk, options.deterministic,
+        else g_r, pos[0], key_ids(pos, k), sums, need_dq, need_dk, options.deterministic,
         options.precision == "tf32")
     return ((r, t) if sums else (None, None)) + ((dq if need_dq else None),
                                                  (dk if need_dk else None))

@@ -182,7 +182,9 @@ class Sync:
             head = (f"{label}: {who} did not call backward within {_secs(self.timeout)}. "
                     f"The backward of a distributed loss is collective: backward must be "
                     f"called on every rank of the group (a rank whose loss is not used must "
-                    f"still backpropagate it, e.g. loss * 0)")
+                    f"still backpropagate it, e.g. loss * 0; with ring_siglip_loss's 3-pass "
+                    f"schedule the upstream gradient must also be the same on every rank, so "
+                    f"use passes=4 there)")
         else:
             head = (f"{self.what}: {who} did not call {self.what} within "
                     f"{_secs(self.timeout)} (raised before it, skipped it, or is elsewhere). "

@@ -45,6 +45,7 @@ class Block:
         self._pi = pi
         self._whole = whole        # the block holds every key (the local loss)
         self._rid = self._cid = self._pairs = self._ids = None
+        self.key_ids = False       # cid holds class ids (labels), not the keys' indices
         self.cols = self.col_pack = self.dk = None   # what the engine hands the transport
 
     @property
@@ -75,6 +76,13 @@ class Block:
             self._ids = (self.rid.to(torch.int32).contiguous(),
                          self.cid.to(torch.int32).contiguous())
         return self._ids
+
+    @property
+    def positives(self):
+        """The sigmoid loss's pos (backends/base.py): (rid, cid), cid None where each
+        key's id is its index (no labels)."""
+        rid, cid = self.ids
+        return rid, (cid if self.key_ids else None)
 
     def shift(self, delta):
         """The kernels' positive shift of this block, (rid, cid, delta) with int32 ids
@@ -107,6 +115,7 @@ class Targets:
             n = self.labels.numel()
             _, inv = torch.unique(torch.cat([self.labels, labels]), return_inverse=True)
             b._rid, b._cid = inv[:n], inv[n:]
+            b.key_ids = True
             b.classes = int(inv.max()) + 1 if inv.numel() else 0
         return b
 

@@ -147,6 +147,7 @@ def op_set():
 def backend():
     """The "cuda" backend object, for CPU tensors, over the emulated ops."""
     from contrastive_kernels.backends import cuda
+    from contrastive_kernels.backends.base import key_ids
 
     class EmulatedCuda(cuda.CudaBackend):
         device_types = ("cpu",)
@@ -171,7 +172,8 @@ def backend():
             acc = torch.float64 if q.dtype == torch.float64 else torch.float32
             r, t, dq, dk = torch.ops.ck_cuda_emu.siglip_tiles(
                 q, k, float(scale), float(bias), q.new_empty(0, dtype=acc) if g_r is None
-                else g_r, pos[0], pos[1], sums, need_dq, need_dk, *_flags(options))
+                else g_r, pos[0], key_ids(pos, k), sums, need_dq, need_dk,
+                *_flags(options))
             return ((r, t) if sums else (None, None)) + ((dq if need_dq else None),
                                                          (dk if need_dk else None))
 

@@ -104,9 +104,12 @@ def variants(dtypes, full=False):
                 out.append(("ds", dt, dict(SELF_MASK=sm, HAS_R=True, HAS_C=c, FROM_QK=qk)))
         # the sigmoid loss's (HAS_G, SUMS, GRAD): the 3-pass forward, the 4-pass forward
         # and backward
+        # (the positives: each key's id its index, or labels' class ids with KEY_IDS)
         for g, sums, grad_ in ((False, True, True), (False, True, False), (True, False, True)):
             for qk in (False, True):
-                out.append(("sig", dt, dict(HAS_G=g, SUMS=sums, GRAD=grad_, FROM_QK=qk)))
+                for ids in (False, True):
+                    out.append(("sig", dt, dict(HAS_G=g, SUMS=sums, GRAD=grad_, FROM_QK=qk,
+                                                KEY_IDS=ids)))
     return out
 
 

@@ -687,11 +687,13 @@ def block_ds_kernel(S, Q, K, DS, SCALE, GNORM, LSE_R, G_R, LSE_C, G_C, row0, R, 
 @triton.jit(do_not_specialize=["row0", "R", "M"])
 def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, RID, CID, row0, R,
                         M, D, stride_s, stride_q, stride_k, HAS_G: tl.constexpr, SUMS: tl.constexpr,
-                        GRAD: tl.constexpr, FROM_QK: tl.constexpr, PREC: tl.constexpr,
+                        GRAD: tl.constexpr, FROM_QK: tl.constexpr, KEY_IDS: tl.constexpr,
+                        PREC: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_R: tl.constexpr = 1):
     """Blocked sigmoid loss: one tile of a row block's S (_block_tile), z = scale * S +
-    bias, positives where RID[row0 + r] == CID[c]. SUMS: each row's sums of the losses and
+    bias, positives where RID[row0 + r] == CID[c] (KEY_IDS=False: == c, each key's id its
+    index, and CID is not read: fewer registers). SUMS: each row's sums of the losses and
     of dz over the tile's columns (_siglip_term; ROW_SP and ROW_SG [r, tile], R x column
     tiles). GRAD: dS = g_r[i] dz (g absent: 1) divided by max|g| (GNORM), cast to DS's
     dtype (rows stride_s apart)."""
@@ -700,7 +702,10 @@ def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, RI
         BLOCK_R, BLOCK_C, BLOCK_K, GROUP_R)
     r_ok = offs_r < R
     rid = tl.load(RID + row0 + offs_r, mask=r_ok, other=-1)
-    cid = tl.load(CID + offs_c, mask=offs_c < M, other=-2)
+    if KEY_IDS:
+        cid = tl.load(CID + offs_c, mask=offs_c < M, other=-2)
+    else:
+        cid = offs_c
     # entries past R or M are -inf and not positive: loss and dz 0 there
     sp, sg = _siglip_term(s + tl.load(BIAS), rid[:, None] == cid[None, :])
     if SUMS:

@@ -1,7 +1,7 @@
 """Tiled pure-PyTorch backend: runs on any device, never holds more than a tile."""
 import torch
 
-from .base import Backend
+from .base import Backend, key_ids
 
 TILE = 2048
 
@@ -95,7 +95,7 @@ class TorchBackend(Backend):
     def siglip_tiles(self, q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
         acc, tile = _acc(q.dtype), self.tile
         n, m, d = q.shape[0], k.shape[0], q.shape[1]
-        rid, cid = pos
+        rid, cid = pos[0], key_ids(pos, k)
         zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=q.device)
         r, t = (zeros(n), zeros(n)) if sums else (None, None)
         dq = zeros(n, d) if need_dq else None

@@ -61,7 +61,7 @@ import sys
 
 import torch
 
-from .base import Backend
+from .base import Backend, key_ids
 
 # The blocked path's default workspace (an fp32 block of S and its dS): WORKSPACE_FACTOR
 # x the bytes of q and k, at least WORKSPACE_MIN: it grows with (N + M) D, never with N M.
@@ -349,8 +349,9 @@ def _blocked_siglip(L, bias_t, g_r, gnorm, sums, need_dq, need_dk, pos):
         ds = dsbuf[:rr, :m] if grad else dummy
         _launch_block(L, L.K.block_siglip_kernel, T, sbuf, mpad, i0, rr,
                       (ds, L.scale_t, bias_t, gnorm, dummy if g_r is None else g_r,
-                       part[0] if sums else dummy, part[1] if sums else dummy, *pos),
-                      dict(HAS_G=g_r is not None, SUMS=sums, GRAD=grad))
+                       part[0] if sums else dummy, part[1] if sums else dummy, pos[0],
+                       dummy if pos[1] is None else pos[1]),
+                      dict(HAS_G=g_r is not None, SUMS=sums, GRAD=grad, KEY_IDS=pos[1] is not None))
         if sums:
             torch.sum(part[0, :rr], 1, out=r[i0:i0 + rr])
             torch.sum(part[1, :rr], 1, out=t[i0:i0 + rr])
@@ -468,6 +469,7 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
     L = _setup(q, k, scale, options)
     acc, dev, triton = L.acc, L.dev, L.triton
     bias_t = bias.detach().reshape(1).to(acc)
+    ids = (pos[0], key_ids(pos, k))           # the fused kernels read both
     has_g = g_r is not None
     if has_g:
         g_r = g_r.to(acc).contiguous()
@@ -484,11 +486,11 @@ def siglip_tiles(q, k, scale, bias, g_r, sums, need_dq, need_dk, options, pos):
     def launch(a, b, g_a, g_b, da, db, atomic, with_sums, grad, swapped=False):
         na, nb_ = a.shape[0], b.shape[0]
         dummy = gnorm
-        ids = pos[::-1] if swapped else pos
         args = (a, b, L.scale_t, gnorm, dummy, dummy if g_a is None else g_a, dummy,
                 dummy if g_b is None else g_b, dummy if da is None else da,
                 (db if atomic else da) if da is not None else dummy, bias_t,
-                r if with_sums else dummy, t if with_sums else dummy, *ids, dummy,
+                r if with_sums else dummy, t if with_sums else dummy,
+                *(ids[::-1] if swapped else ids), dummy,
                 dummy, na, nb_, L.d, a.stride(0), b.stride(0), _size_key(na, nb_))
         kw = dict(meta, HAS_R=g_a is not None, HAS_C=g_b is not None, ATOMIC_DK=atomic,
                   SUMS=with_sums, GRAD=grad, SHIFT=3)

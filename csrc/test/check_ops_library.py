@@ -24,9 +24,13 @@ assert torch.allclose(d_c, S.logsumexp(0), rtol=1e-12), "dense lse cols"
 assert torch.allclose(ops.dense_grad(S, d_r, g_r, d_c, g_c, 0.5, False), 0.5 * dS,
                       rtol=1e-10), "dense grad"
 Z = S.clone()
-r, t = ops.dense_siglip(Z, -1.5)
-assert torch.allclose(r, -torch.nn.functional.logsigmoid(-(S - 1.5)).sum(1), rtol=1e-12), \
-    "dense siglip softplus sums"
-assert torch.allclose(t, torch.sigmoid(S - 1.5).sum(1), rtol=1e-12), "dense siglip sigmoid sums"
-assert torch.allclose(Z, torch.sigmoid(S - 1.5), rtol=1e-12), "dense siglip in place"
+rid = torch.arange(37, dtype=torch.int32)            # the diagonal: key i is row i's positive
+cid = torch.arange(301, dtype=torch.int32)
+y = torch.where(rid[:, None] == cid[None, :], 1.0, -1.0).double()
+r, t = ops.dense_siglip(Z, -1.5, rid, cid)
+D = torch.sigmoid(S - 1.5) - (y > 0).double()
+assert torch.allclose(r, -torch.nn.functional.logsigmoid(y * (S - 1.5)).sum(1), rtol=1e-12), \
+    "dense siglip losses"
+assert torch.allclose(t, D.sum(1), rtol=1e-12), "dense siglip bias derivatives"
+assert torch.allclose(Z, D, rtol=1e-12), "dense siglip in place"
 print("ops library: forward and backward match torch")
