@@ -12,8 +12,9 @@ extension). The losses and the reduction after them are the shared stages
 (engine.reduce_vjp, engine.side_losses_vjp) then the tile's: one autograd node per call.
 
 The sigmoid loss (`siglip_loss`) has one too: S = s q k^T, then one fused pass
-(contrastive_kernels::dense_siglip) gives the rows' softplus and sigmoid sums and leaves
-sigmoid(S + b) in S; the backward is two GEMMs with it, with no pass over N x M.
+(contrastive_kernels::dense_siglip, with the positives' ids) gives the rows' losses and
+their bias derivatives and leaves D = sigmoid(S + b) - [positive] in S; the backward is
+two GEMMs with it, with no pass over N x M.
 
 Not taken under torch.compile (the custom ops trace as one node there), nor for the
 variants (margin, decoupled, per-query temperature, teacher), half types, scales

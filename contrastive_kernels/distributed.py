@@ -881,7 +881,8 @@ class _EmptySafe:
                      "need_dq", "need_dk", "options", "shift", "need_dshift", "prod")
     _INPUT_GRADS = ("q", "k", "scale", "self_mask", "lse_r", "lse_c", "g_r", "g_c", "w",
                     "need_dq", "need_dk", "need_ds", "options")
-    _SIGLIP = ("q", "k", "scale", "bias", "g_r", "sums", "need_dq", "need_dk", "options")
+    _SIGLIP = ("q", "k", "scale", "bias", "g_r", "sums", "need_dq", "need_dk", "options",
+               "pos")
 
     def __init__(self, backend):
         self._be = backend

@@ -17,8 +17,9 @@ over the embedding dim in BLOCK_D chunks):
                    (for a given config) the same result on every run. Every entry of LSE_R and PART_C is
                    written.
   lse_bwd_kernel   recomputes S, forms dS = g_r exp(S - lse_r) + g_c exp(S - lse_c)
-                   (SIGLIP: the sigmoid loss's dS = g_r g_c sigmoid(S + bias), and with
-                   SUMS each row's sums of softplus and sigmoid, the 3-pass forward)
+                   (SIGLIP: the sigmoid loss's dS = g_r g_c dz, dz = sigmoid(S + bias) -
+                   [positive] from the ids (SHIFT=3), and with SUMS each row's losses and
+                   sums of dz, the 3-pass forward)
                    (either term optional: HAS_R, HAS_C), and accumulates DQ = dS @ k
                    for its own rows (no atomics). With ATOMIC_DK it also adds
                    dS^T @ q into DK with tl.atomic_add (DK must be zeroed): 3 backward GEMM
@@ -228,7 +229,7 @@ def _s_tile(Q, K, offs_m, offs_n, row_ok, col_ok, N, M, D, stride_q, stride_k,
         valid = valid & (offs_m[:, None] != offs_n[None, :])
     pos = valid
     if SHIFT != 0:
-        rid = tl.load(RID + offs_m, mask=row_ok, other=-1)
+        rid = tl.load(RID + offs_m, mask=row_ok, other=-3)    # -3, -2: no id matches
         cid = tl.load(CID + offs_n, mask=col_ok, other=-2)
         pos = rid[:, None] == cid[None, :]
         if SHIFT == 1:
@@ -701,7 +702,7 @@ def block_siglip_kernel(S, Q, K, DS, SCALE, BIAS, GNORM, G_R, ROW_SP, ROW_SG, RI
         S, Q, K, SCALE, row0, R, M, D, stride_s, stride_q, stride_k, False, FROM_QK, PREC,
         BLOCK_R, BLOCK_C, BLOCK_K, GROUP_R)
     r_ok = offs_r < R
-    rid = tl.load(RID + row0 + offs_r, mask=r_ok, other=-1)
+    rid = tl.load(RID + row0 + offs_r, mask=r_ok, other=-3)
     if KEY_IDS:
         cid = tl.load(CID + offs_c, mask=offs_c < M, other=-2)
     else:

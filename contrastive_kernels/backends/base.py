@@ -46,8 +46,8 @@ A backend that declares the feature "siglip" also has the sigmoid loss's tile pa
         dS_ij = g_r[i] * dz_ij              (g_r None: 1, the 3-pass forward)
         dq_raw = dS @ k, dk_raw = dS.T @ q  (no scale applied; None when not needed)
     `bias` is a one-element tensor like `scale`; pos = (rid, cid), int32 ids (N,), (M,)
-    (rid < 0: no positive among these keys; cid None: each key's id is its index,
-    `key_ids` gives it as a tensor). Each entry's term is computed with its
+    (rid < 0: no positive among these keys; cid >= 0, or None: each key's id is its
+    index, `key_ids` gives it as a tensor). Each entry's term is computed with its
     target: a positive's is softplus(-z) itself, never softplus(z) - z, which cancels
     to rounding noise when the pair is confident (docs/DESIGN.md, section 7).
 

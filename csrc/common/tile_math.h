@@ -92,7 +92,7 @@ struct Log1p {
 
 // The sigmoid loss (SigLIP) at one logit z = scale * <q_i, k_j> + bias, from one exp of
 // -|z| (never overflows): softplus(z) = max(z, 0) + log1p(exp(-|z|)), the loss of a
-// negative pair and, minus z, of a positive one; and sigmoid(z), its derivative. NaN in,
+// negative pair, and sigmoid(z), its derivative (siglip_term below: either pair). NaN in,
 // NaN out.
 template <typename T, typename E = Exp, typename L = Log1p>
 CK_HD void softplus_sigmoid(T z, T& softplus, T& sigmoid, E exp_fn = E(), L log1p_fn = L()) {

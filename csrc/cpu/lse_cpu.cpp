@@ -260,7 +260,8 @@ struct FastLog1p {
 };
 
 // The sigmoid loss's pass over a tile of s <q_i, k_j>: z = x + bias, positive where
-// rid[i] == cid[j] (ids of the tile's rows and columns; nullptr: none). With sums, adds
+// rid[i] == cid[j] (ids of the tile's rows and columns, cid >= 0; rid nullptr or < 0:
+// none; a row with rid[i] >= 0 reads cid). With sums, adds
 // each row's loss sum_j softplus(-y_ij z_ij) to r[i] and sum_j dz_ij to t[i]; with grad,
 // x_ij <- g[i] dz_ij (g == nullptr: 1), dz = sigmoid(z) - [positive] (ck::siglip_term).
 template <typename T>
@@ -754,8 +755,8 @@ at::Tensor dense_grad_cpu(const at::Tensor& s, const at::Tensor& lse_r, const at
   return ds;
 }
 
-// The sigmoid loss on a materialized tile: s <- sigmoid(s + bias) in place; r[i] =
-// sum_j softplus(s_ij + bias), t[i] = sum_j sigmoid(s_ij + bias).
+// The sigmoid loss on a materialized tile (siglip_tile over all of it): s <- dz in place,
+// r[i] = the row's loss, t[i] = sum_j dz_ij.
 std::tuple<at::Tensor, at::Tensor> dense_siglip_cpu(at::Tensor& s, double bias,
                                                      const at::Tensor& rid,
                                                      const at::Tensor& cid, bool poison) {
