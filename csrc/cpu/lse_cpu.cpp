@@ -268,6 +268,24 @@ template <typename T>
 void siglip_tile(T* x, int64_t rows, int64_t cols, T bias, const int* rid, const int* cid,
                  const T* g, bool grad, T* r, T* t);
 
+// One row of siglip_tile<float>: kIds tests the ids (the row has a positive among the
+// keys), kStore writes g dz over x; the sign -y is a factor, so that the loop vectorizes.
+template <bool kIds, bool kStore>
+CK_INLINE void siglip_row(float* xi, int64_t cols, float bias, int ri, const int* cid,
+                          float gi, float& sp_sum, float& dz_sum) {
+  float sps = 0.0f, dzs = 0.0f;
+#pragma omp simd reduction(+ : sps, dzs)
+  for (int64_t j = 0; j < cols; ++j) {
+    const float minus_y = kIds && cid[j] == ri ? -1.0f : 1.0f;
+    float sp, sg;
+    ck::softplus_sigmoid(minus_y * (xi[j] + bias), sp, sg, FastExp(), FastLog1p());
+    sps += sp;
+    dzs += minus_y * sg;
+    if constexpr (kStore) xi[j] = gi * minus_y * sg;
+  }
+  sp_sum = sps, dz_sum = dzs;
+}
+
 template <>
 CK_MULTIVERSION void siglip_tile<float>(float* x, int64_t rows, int64_t cols, float bias,
                                         const int* rid, const int* cid, const float* g,
@@ -276,53 +294,13 @@ CK_MULTIVERSION void siglip_tile<float>(float* x, int64_t rows, int64_t cols, fl
     float* xi = x + i * cols;
     const float gi = g ? g[i] : 1.0f;
     const int ri = rid ? rid[i] : -1;
-    float sp_sum = 0.0f, dz_sum = 0.0f;
-    if (ri < 0) {   // no positive in this row: the loop without the id test
-      if (r && grad) {
-#pragma omp simd reduction(+ : sp_sum, dz_sum)
-        for (int64_t j = 0; j < cols; ++j) {
-          float sp, dz;
-          ck::softplus_sigmoid(xi[j] + bias, sp, dz, FastExp(), FastLog1p());
-          sp_sum += sp;
-          dz_sum += dz;
-          xi[j] = gi * dz;
-        }
-      } else if (r) {
-#pragma omp simd reduction(+ : sp_sum, dz_sum)
-        for (int64_t j = 0; j < cols; ++j) {
-          float sp, dz;
-          ck::softplus_sigmoid(xi[j] + bias, sp, dz, FastExp(), FastLog1p());
-          sp_sum += sp;
-          dz_sum += dz;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) {
-          float sp, dz;
-          ck::softplus_sigmoid(xi[j] + bias, sp, dz, FastExp(), FastLog1p());
-          xi[j] = gi * dz;
-        }
-      }
-    } else if (grad) {  // ck::siglip_term with the sign as a factor, so that it vectorizes
-#pragma omp simd reduction(+ : sp_sum, dz_sum)
-      for (int64_t j = 0; j < cols; ++j) {
-        const float minus_y = cid[j] == ri ? -1.0f : 1.0f;
-        float sp, sg;
-        ck::softplus_sigmoid(minus_y * (xi[j] + bias), sp, sg, FastExp(), FastLog1p());
-        sp_sum += sp;
-        dz_sum += minus_y * sg;
-        xi[j] = gi * minus_y * sg;
-      }
-    } else {
-#pragma omp simd reduction(+ : sp_sum, dz_sum)
-      for (int64_t j = 0; j < cols; ++j) {
-        const float minus_y = cid[j] == ri ? -1.0f : 1.0f;
-        float sp, sg;
-        ck::softplus_sigmoid(minus_y * (xi[j] + bias), sp, sg, FastExp(), FastLog1p());
-        sp_sum += sp;
-        dz_sum += minus_y * sg;
-      }
-    }
+    float sp_sum, dz_sum;
+    if (ri < 0)   // no positive in this row: the loop without the id test
+      grad ? siglip_row<false, true>(xi, cols, bias, ri, cid, gi, sp_sum, dz_sum)
+           : siglip_row<false, false>(xi, cols, bias, ri, cid, gi, sp_sum, dz_sum);
+    else
+      grad ? siglip_row<true, true>(xi, cols, bias, ri, cid, gi, sp_sum, dz_sum)
+           : siglip_row<true, false>(xi, cols, bias, ri, cid, gi, sp_sum, dz_sum);
     if (r) r[i] += sp_sum, t[i] += dz_sum;
   }
 }
