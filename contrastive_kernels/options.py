@@ -65,7 +65,8 @@ class Options:
 
     def as_args(self) -> Tuple[Any, ...]:
         """The values in field order (arguments of the custom ops)."""
-        return dataclasses.astuple(self)
+        # not dataclasses.astuple: it deep-copies, which dynamo in torch 2.11 cannot trace
+        return tuple(getattr(self, name) for name in NAMES)
 
 
 NAMES = tuple(f.name for f in dataclasses.fields(Options))
