@@ -44,6 +44,23 @@ def _no_torch_message():
 if torch is None and BUILDS & set(sys.argv[1:]):
     sys.exit(_no_torch_message())
 
+
+def _old_setuptools():
+    """The message for a setuptools that cannot read pyproject.toml here, or None. Its
+    license field (PEP 639) needs setuptools 77; a venv may start with an older one, which
+    a build without isolation uses. Without pyproject.toml in the working directory (as
+    bench/gpu_check.sh builds) any setuptools does."""
+    import setuptools
+    major = int(setuptools.__version__.split(".")[0])
+    if major >= 77 or not os.path.exists("pyproject.toml"):
+        return None
+    return (f"contrastive_kernels needs setuptools>=77 to read pyproject.toml; this one is "
+            f"{setuptools.__version__}. Run:\n\n    pip install -U 'setuptools>=77' wheel\n")
+
+
+if _old_setuptools():
+    sys.exit(_old_setuptools())
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "csrc", "build_flags.json")) as f:
     FLAGS = json.load(f)

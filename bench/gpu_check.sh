@@ -67,14 +67,22 @@ if [ "${CK_GPU_SKIP_BUILD:-0}" = 1 ]; then
     echo "build skipped (CK_GPU_SKIP_BUILD=1): $(ls contrastive_kernels/_C*.so 2>/dev/null || echo 'no _C*.so')"
 else
     b0=$(date +%s)
-    if CK_BUILD_CUDA=1 CK_CUDA_ARCHS=${CK_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+    # setup.py runs in a folder of links to the sources, without pyproject.toml: a
+    # setuptools older than 77 rejects its PEP 639 license field, and build_ext needs
+    # nothing from it. --inplace writes _C*.so through the link, into contrastive_kernels/.
+    STAGE=$(mktemp -d -t ck_stage.XXXXXX)
+    for f in setup.py csrc contrastive_kernels triton_kernels README.md LICENSE; do
+        ln -s "$PWD/$f" "$STAGE/$f"
+    done
+    if (cd "$STAGE" && CK_BUILD_CUDA=1 CK_CUDA_ARCHS=${CK_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
             timeout "$(budget 200 $(( TOTAL * 330 / 560 )))" \
-            "$PY" setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1; then
+            "$PY" setup.py build_ext --inplace) >"$OUTDIR/build.log" 2>&1; then
         echo "CUDA build: $(( $(date +%s) - b0 ))s, $(ls contrastive_kernels/_C*.so)"
     else
         # The Triton and torch backends are still tested (the package imports without _C).
         echo "CUDA BUILD FAILED (tail of $OUTDIR/build.log):"; tail -30 "$OUTDIR/build.log"; status=1
     fi
+    rm -rf "$STAGE"
 fi
 "$PY" -c "import contrastive_kernels as ck; print('backends on cuda:', ck.available_backends('cuda'))"
 

@@ -150,3 +150,31 @@ def test_unrecorded_build_of_another_torch(tmp_path):
     assert out["err"] < TOL[torch.float64]["loss"] and out["gerr"] < TOL[torch.float64]["grad"], out
     ours = [w for w in out["warnings"] if "contrastive_kernels" in w["message"]]
     assert len(ours) == 1 and "undefined symbol" in ours[0]["message"], out["warnings"]
+
+
+SETUP = os.path.join(os.path.dirname(PKG_DIR), "setup.py")
+
+
+@pytest.mark.parametrize("version,in_root,stops", [
+    ("65.5.0", True, True),      # a fresh venv's setuptools, pyproject.toml beside it
+    ("76.1.0", True, True),
+    ("65.5.0", False, False),    # bench/gpu_check.sh: setup.py run from a folder without it
+    (None, True, False),         # the installed setuptools (>= 77 here)
+])
+def test_setup_py_names_an_old_setuptools(tmp_path, version, in_root, stops):
+    """setup.py stops with the upgrade command where setuptools is too old to read
+    pyproject.toml (PEP 639 license), instead of setuptools' schema error."""
+    fake = f"setuptools.__version__ = {version!r}; " if version else ""
+    code = (f"import runpy, sys, setuptools; {fake}sys.argv = ['setup.py', '--name']; "
+            f"runpy.run_path({SETUP!r}, run_name='__main__')")
+    cwd = os.path.dirname(SETUP) if in_root else str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                       timeout=120)
+    if stops:
+        assert r.returncode != 0, r.stdout
+        assert "needs setuptools>=77" in r.stderr and version in r.stderr, r.stderr
+        assert "pip install -U 'setuptools>=77'" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0 and "setuptools>=77" not in r.stderr, r.stderr
+        # the name comes from pyproject.toml; without it setuptools says UNKNOWN
+        assert r.stdout.splitlines()[-1] == ("contrastive_kernels" if in_root else "UNKNOWN"), r.stdout
