@@ -58,8 +58,9 @@ def _old_setuptools():
             f"{setuptools.__version__}. Run:\n\n    pip install -U 'setuptools>=77' wheel\n")
 
 
-if _old_setuptools():
-    sys.exit(_old_setuptools())
+_OLD_SETUPTOOLS = _old_setuptools()
+if _OLD_SETUPTOOLS:
+    sys.exit(_OLD_SETUPTOOLS)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "csrc", "build_flags.json")) as f:
