@@ -267,6 +267,43 @@ def test_confident_pairs_keep_relative_accuracy(backend, passes, kind):
                 assert err < 1e-3, (form, reduction, name, err)
 
 
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+@pytest.mark.parametrize("passes", [None, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("pairs", ["negative", "positive"])
+def test_every_logit_keeps_relative_accuracy(backend, passes, dtype, pairs):
+    """Rows whose pairs all share one logit z (q_i = z_i, k_j = 1; all negative or all
+    positive), z from -80 to 80 and densely where exp(-|z|) is about 1e-4: each row's loss
+    M softplus(-+z) and dq keep the dtype's relative accuracy. Triton's log(1 + e) lost up
+    to 2^-24 / e of it (5e-4 at z = -9.2; triton in its blocked and epilogue forms too)."""
+    dev = torch.device(DEVICE)
+    z = torch.cat([torch.linspace(-80, 80, 33, dtype=torch.float64),
+                   torch.linspace(-12, -6, 25, dtype=torch.float64), -torch.linspace(-12, -6, 7,
+                                                                             dtype=torch.float64)])
+    n, m = z.shape[0], 16
+    q = z[:, None].to(dev, dtype)
+    k = torch.ones(m, 1, dtype=dtype, device=dev)
+    labels = torch.zeros(n, dtype=torch.long, device=dev)
+    key_labels = torch.full((m,), 0 if pairs == "positive" else 1, device=dev)
+    kw = dict(logit_scale=1.0, logit_bias=0.0, labels=labels, key_labels=key_labels,
+              reduction="none")
+    zs = q.double().squeeze(1)
+    y = 1.0 if pairs == "positive" else -1.0
+    want = m * F.softplus(-y * zs)                                  # float64, exact inputs
+    want_dq = -y * m * torch.sigmoid(-y * zs)
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    forms = [{}] + ([dict(algorithm="blocked"), dict(algorithm="epilogue")]
+                    if backend == "triton" else [])
+    for form in forms:
+        leaf = q.clone().requires_grad_()
+        out = ck.siglip_loss(leaf, k, backend=backend, passes=passes, **kw, **form)
+        (dq,) = torch.autograd.grad(out.sum(), leaf)
+        rel = ((out.detach().double() - want) / want).abs()
+        assert float(rel.max()) < tol, (form, float(rel.max()), zs[rel.argmax()])
+        rel_dq = ((dq.double().squeeze(1) - want_dq) / want_dq).abs()
+        assert float(rel_dq.max()) < tol, (form, float(rel_dq.max()), zs[rel_dq.argmax()])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_inputs_with_large_logits(backend):
     if backend == "triton" and DEVICE == "cpu":
