@@ -106,9 +106,9 @@ import torch.distributed as dist
 from . import engine
 from .backends import REGISTRY, Call
 from .faults import REPORT_GRACE_S, CollectiveFault, Pending, Sync, check_timeout
-from .loss import (check_variant_options, info_nce, linear_teacher_dots, op_inputs,
-                   positive_shift, siglip_loss, siglip_options, teacher_operands)
-from .options import make_options
+from .loss import (call_options, check_variant_options, info_nce, linear_teacher_dots,
+                   op_inputs, positive_shift, siglip_loss, siglip_options, teacher_operands,
+                   variant_refuses)
 from .problem import (FLOAT_DTYPES, REDUCTIONS, SIGLIP_BIAS, SIGLIP_SCALE, check_inputs,
                       WEIGHTINGS, check_siglip, check_values, warn_once)
 from .targets import Targets
@@ -227,10 +227,11 @@ def _info_nce_call(what, run, query, key, group, normalize, timeout, backend, op
                         kwargs["logit_bias"])
 
     def check():        # the options too: a bad one on any rank raises on every rank
-        opts = make_options(**options)
         p = check_inputs(query, key, shard=True, normalize=normalize, **kwargs)
+        opts = call_options(options, backend, p.query.device, variant_refuses(p))
         check_variant_options(p, opts)
         _check_backend_name(backend, p.query.device)
+        REGISTRY.select(backend, _shard_call(p), opts)    # the backend, or why none
         if p.teacher is not None and gather:
             raise ValueError(f"{what}: a teacher is not supported in 'gather' mode; use "
                              f"ring_info_nce")
@@ -258,12 +259,9 @@ def _siglip_call(what, run, query, key, group, normalize, timeout, backend, pass
     wants = _wants_grad(query, key, kwargs["logit_scale"], kwargs["logit_bias"])
 
     def check():        # the options too: a bad one on any rank raises on every rank
-        opts = siglip_options(backend, passes, options)
         p = check_siglip(query, key, shard=True, normalize=normalize, **kwargs)
-        if backend != "auto":       # the backend this rank's shard will take (or why not)
-            REGISTRY.select(backend, Call(p.query.device, p.query.dtype, p.query.shape[0],
-                                          p.key.shape[0], p.query.shape[1], loss="siglip"),
-                            opts)
+        opts = siglip_options(backend, passes, options, p.query.device)
+        REGISTRY.select(backend, _shard_call(p, "siglip"), opts)   # the backend, or why none
         return p, opts
     # the ring's schedule decides the collectives of backward: it must agree (3: the
     # gradients in forward, as _ring_siglip takes it; any invalid value fails check())
@@ -332,7 +330,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
     except (TypeError, ValueError) as e:
         err, p = e, None
     if p is None:
-        row = [0] * (22 + len(extra))
+        row = [0] * (23 + len(extra))
     else:
         n, d = p.query.shape
         keys = p.query if p.self_contrast else p.key
@@ -341,7 +339,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
                int(wants_grad), _bits(p.margin), int(p.decoupled), _bits(p.label_smoothing),
                *_scalar_key(p.scale), *_scalar_key(p.bias), int(p.teacher is not None),
                _bits(p.teacher_weight), WEIGHTINGS.index(p.teacher_weighting),
-               int(normalize)] + [int(v) for _, v, _ in extra]
+               int(normalize), int(opts.low_memory)] + [int(v) for _, v, _ in extra]
     mine = torch.tensor(row, dtype=torch.int64, device=cdev)
     table = [torch.empty_like(mine) for _ in range(world)]
     sync.collective(dist.all_gather, "the set-up (all_gather of sizes and settings)",
@@ -356,7 +354,8 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
              15: "logit_scale" if "siglip" in what else "the logit scale (1 / temperature)",
              16: "the kind of logit_bias",
              17: "logit_bias", 18: "teacher (given or not)", 19: "teacher_weight",
-             20: "teacher_weighting", 21: "normalize"}
+             20: "teacher_weighting", 21: "normalize",
+             22: "low_memory (the dtype of the dk blocks that travel)"}
     floats = (11, 13, 15, 17, 19)
     for col, name in names.items():
         vals = [t[col] for t in table]
@@ -369,7 +368,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
                 vals = [("float", "tensor", "per-row tensor")[v] for v in vals]
             if col == 20:
                 vals = [WEIGHTINGS[v] for v in vals]
-            if col in (5, 7, 12, 21):
+            if col in (5, 7, 12, 21, 22):
                 vals = [bool(v) for v in vals]
             if col == 6:
                 vals = [("default", "positive_index", "labels")[v] for v in vals]
@@ -384,7 +383,7 @@ def _agree(what, query, group, world, check, allow_self=True, wants_grad=False,
                          f"do not (no input requires grad, or torch.no_grad()); backward is "
                          f"collective, so every rank must need one, or none")
     for i, (name, _, shown) in enumerate(extra):
-        vals = [t[22 + i] for t in table]
+        vals = [t[23 + i] for t in table]
         if len(set(vals)) > 1:
             raise ValueError(f"{what}: {name} must be the same on every rank, got "
                              f"{[shown.get(v, v) for v in vals]} (by rank)")
@@ -861,6 +860,21 @@ def _doc(fn):
     return fn
 
 
+def _shard_call(p, loss="info_nce"):
+    """The dispatch Call of this rank's shard: the ring selects its backend with it, and
+    the set-up checks it on every rank (an option no backend can serve raises on all)."""
+    n, d = p.query.shape
+    m = n if p.key is None else p.key.shape[0]
+    if loss == "siglip":
+        return Call(p.query.device, p.query.dtype, n, m, d, loss="siglip")
+    masked = p.per_row and p.self_contrast
+    extra = (("shift",) if p.shifted else ()) + (
+        ("teacher",) if (p.teacher is not None and p.teacher_weighting == "softmax"
+                         and p.teacher_weight > 0) else ())
+    return Call(p.query.device, p.query.dtype, n, m, d, p.self_contrast and not masked,
+                p.symmetric, extra=extra)
+
+
 def _empty_safe(st, be):
     """The backend, behind _EmptySafe when some rank's shard has no rows."""
     return _EmptySafe(be) if (0 in st.sizes_n or 0 in st.sizes_m) else be
@@ -1023,12 +1037,7 @@ def _ring_info_nce(st, backend, overlap):
     masked = p.per_row and p.self_contrast
     self_c = p.self_contrast and not masked
     n, d = q.shape
-    extra = (("shift",) if p.shifted else ()) + (
-        ("teacher",) if (p.teacher is not None and p.teacher_weighting == "softmax"
-                         and p.teacher_weight > 0) else ())
-    be = _empty_safe(st, REGISTRY.select(backend, Call(q.device, q.dtype, n, k.shape[0], d,
-                                                       self_c, p.symmetric, extra=extra),
-                                         opts))
+    be = _empty_safe(st, REGISTRY.select(backend, _shard_call(p), opts))
     kl = None
     if p.labels is not None:
         kl = (p.labels if p.self_contrast else p.key_labels).contiguous()
@@ -1214,8 +1223,7 @@ def _ring_siglip(st, backend, passes, overlap):
     p, world, opts = st.p, st.world, st.opts
     q, k = p.query.contiguous(), p.key.contiguous()
     n, d = q.shape
-    be = _empty_safe(st, REGISTRY.select(
-        backend, Call(q.device, q.dtype, n, k.shape[0], d, loss="siglip"), opts))
+    be = _empty_safe(st, REGISTRY.select(backend, _shard_call(p, "siglip"), opts))
     acc = p.out_dtype
     as_tensor = lambda x: x if torch.is_tensor(x) else torch.tensor(x, dtype=acc,
                                                                     device=q.device)

@@ -49,12 +49,15 @@ def check_timeout(timeout):
     if isinstance(timeout, datetime.timedelta):
         secs = timeout.total_seconds()
     elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        secs = float(timeout)
+        secs = float(timeout) if abs(timeout) <= 1e300 else math.inf    # a huge int overflows
     else:
         raise TypeError(f"timeout must be None, a number of seconds or a datetime.timedelta, "
                         f"got {type(timeout).__name__}")
     if not (math.isfinite(secs) and secs > 0):
         raise ValueError(f"timeout must be finite and > 0 seconds, got {secs}")
+    if secs < 1e-3:      # torch.distributed rounds down to whole ms, and 0 ms waits forever
+        raise ValueError(f"timeout must be at least 0.001 seconds (torch.distributed counts "
+                         f"whole milliseconds), got {secs}")
     return datetime.timedelta(seconds=secs)
 
 

@@ -13,7 +13,8 @@ from typing import Any, Optional, Tuple, Union
 import torch
 
 from . import dense, engine, ops
-from .options import make_options
+from .backends import REGISTRY
+from .options import make_options, needs_feature, prefer
 from .problem import (SIGLIP_BIAS, SIGLIP_SCALE, check_alignment, check_inputs, check_siglip,
                       check_uniformity, check_values)
 
@@ -149,10 +150,8 @@ def info_nce(query: torch.Tensor, key: Optional[torch.Tensor] = None, *,
                      margin=margin, decoupled=decoupled, teacher=teacher,
                      teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
                      teacher_weighting=teacher_weighting, normalize=normalize)
-    opts = make_options(**options)
+    opts = call_options(options, backend, p.query.device, variant_refuses(p))
     check_variant_options(p, opts)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if dense.eligible(p, opts, backend):     # small problems on the CPU: one tile
         check_values(p.positive_index if p.index_given else None, p.n_keys, 0,
                      p.self_contrast, p.scale, p.bias, p.scale_name)
@@ -296,21 +295,41 @@ def positive_shift(p, scale_t):
     return margin, shift
 
 
+def call_options(options, backend, device, refused=()):
+    """The kernel options of one call (make_options), without the environment's
+    preferences (CK_LOW_MEMORY, CK_ALGORITHM) that it cannot take: refused by its loss or
+    variant (`refused`), or a feature that `backend` (under "auto": every backend
+    available on `device`) lacks. Also checks that `backend` is a string."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    def features():
+        names = REGISTRY.available(device) if backend == "auto" else [backend]
+        return set().union(*(REGISTRY.by_name[n].features for n in names
+                             if n in REGISTRY.by_name))
+    return prefer(make_options(**options), options, features, refused)
+
+
+def variant_refuses(p):
+    """{option name: the error} for the kernel options the call's variant cannot take
+    (at the values that need a backend feature; options.needs_feature)."""
+    out = {}
+    if p.teacher is not None and p.teacher_weighting == "softmax" and p.teacher_weight > 0:
+        out["low_memory"] = ("a teacher (softmax weighting) does not support low_memory=True "
+                             "(its backward makes float32 N x D gradients)")
+    if p.shifted:
+        what = "decoupled=True" if p.decoupled else "margin"
+        out["low_memory"] = (f"{what} does not support low_memory=True (the low-memory "
+                             f"backward kernels have no positive shift)")
+        out["algorithm"] = (f"{what} does not support algorithm={{!r}} (use 'auto' or "
+                            f"'fused')")
+    return out
+
+
 def check_variant_options(p, opts):
     """The kernel options a variant cannot take (ValueError before any kernel)."""
-    if (p.teacher is not None and p.teacher_weighting == "softmax" and p.teacher_weight > 0
-            and opts.low_memory):
-        raise ValueError("a teacher (softmax weighting) does not support low_memory=True (its "
-                         "backward makes float32 N x D gradients)")
-    if not p.shifted:
-        return
-    what = "decoupled=True" if p.decoupled else "margin"
-    if opts.low_memory:
-        raise ValueError(f"{what} does not support low_memory=True (the low-memory backward "
-                         f"kernels have no positive shift)")
-    if opts.algorithm in ("blocked", "epilogue"):
-        raise ValueError(f"{what} does not support algorithm={opts.algorithm!r} (use 'auto' "
-                         f"or 'fused')")
+    for name, why in variant_refuses(p).items():
+        if needs_feature(opts, name):
+            raise ValueError(why.format(getattr(opts, name)))
 
 
 def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
@@ -390,7 +409,7 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
     """
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
                      logit_bias, reduction, normalize=normalize)
-    opts = siglip_options(backend, passes, options)
+    opts = siglip_options(backend, passes, options, p.query.device)
     if dense.siglip_eligible(p, opts, backend, passes):     # small problems on the CPU
         check_values(p.positive_index if p.index_given else None, p.n_keys, 0, False,
                      p.scale, p.bias)
@@ -415,9 +434,10 @@ def siglip_loss(query: torch.Tensor, key: torch.Tensor, *,
     return rows.sum() if p.reduction == "sum" else rows.sum() / q.shape[0]
 
 
-def siglip_options(backend, passes, options):
-    """The kernel options of a sigmoid-loss call (errors name the argument)."""
-    opts = make_options(**options)
+def siglip_options(backend, passes, options, device):
+    """The kernel options of a sigmoid-loss call (call_options; errors name the
+    argument)."""
+    opts = call_options(options, backend, device, ("low_memory",))
     if opts.low_memory:
         raise ValueError("low_memory=True is an info_nce option; for siglip_loss use passes=4, "
                          "which holds nothing between forward and backward")
@@ -425,8 +445,6 @@ def siglip_options(backend, passes, options):
         raise TypeError(f"passes must be None, 3 or 4, got {type(passes).__name__} {passes!r}")
     if passes not in (None, 3, 4):
         raise ValueError(f"passes must be None, 3 or 4, got {passes!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     return opts
 
 
@@ -468,9 +486,7 @@ def uniformity_loss(x: torch.Tensor, t: Union[float, torch.Tensor] = 2.0, *,
         True
     """
     x, t = check_uniformity(x, t)
-    opts = make_options(**options)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    opts = call_options(options, backend, x.device)
     xn = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

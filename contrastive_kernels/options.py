@@ -16,7 +16,9 @@
 
 A value left None comes from the environment (read once, at import), else the default:
 CK_DETERMINISTIC=1, CK_PRECISION=tf32, CK_LOW_MEMORY=1, CK_ALGORITHM=blocked|epilogue|fused,
-CK_WORKSPACE=<bytes>.
+CK_WORKSPACE=<bytes>. CK_LOW_MEMORY and CK_ALGORITHM are preferences: a call whose loss,
+variant or backend cannot take them runs without them (`prefer`); passed as arguments,
+they are requirements, and such a call raises.
 """
 import dataclasses
 import os
@@ -70,6 +72,30 @@ class Options:
 
 
 NAMES = tuple(f.name for f in dataclasses.fields(Options))
+DEFAULTS = Options()
+# The options that need a backend feature (base.FEATURES) at some values: those values.
+FEATURE_VALUES = {"low_memory": ("low_memory", (True,)),
+                  "algorithm": ("blocked", ("blocked", "epilogue"))}
+
+
+def needs_feature(options: Options, name: str) -> bool:
+    """Whether option `name` of `options` asks for a feature some backends lack."""
+    return getattr(options, name) in FEATURE_VALUES[name][1]
+
+
+def prefer(options: Options, kwargs: dict, features, refused=()) -> Options:
+    """`options` without the environment's CK_LOW_MEMORY / CK_ALGORITHM where the call
+    cannot take them: the loss or variant refuses the option (`refused`: names), or its
+    feature is not in `features()` (what the call's backend, or every backend "auto" may
+    pick, declares; called only when needed). A value in `kwargs` (passed) is kept, and
+    fails later if it cannot be served."""
+    env = [n for n in FEATURE_VALUES if kwargs.get(n) is None and needs_feature(options, n)]
+    if not env:
+        return options
+    have = features()
+    drop = [n for n in env if n in refused or FEATURE_VALUES[n][0] not in have]
+    return dataclasses.replace(options, **{n: getattr(DEFAULTS, n) for n in drop})
+
 
 ENV_DEFAULTS = dict(
     deterministic=os.environ.get("CK_DETERMINISTIC", "0") == "1",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -91,6 +92,23 @@ def _check_dense(name, x):
                         f"pass {name}.to_dense()")
 
 
+FORWARD_AD = (
+    "{name} carries a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad): "
+    "not supported, since the fused kernels have no forward derivative and would drop it "
+    "silently. Use reverse mode (backward, torch.func.grad), or "
+    "contrastive_kernels.reference for a jvp (it materializes the N x M logits)")
+
+
+def check_no_tangent(**tensors):
+    """NotImplementedError (a RuntimeError) naming the first tensor with a forward-mode
+    tangent: the custom ops would return a zero derivative."""
+    if torch.compiler.is_compiling():
+        return
+    for name, x in tensors.items():
+        if torch.is_tensor(x) and forward_ad.unpack_dual(x).tangent is not None:
+            raise NotImplementedError(FORWARD_AD.format(name=name))
+
+
 def check_int_vector(name, x, length, length_name, device):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(x).__name__}")
@@ -120,8 +138,9 @@ def _check_scalar(name, x, device, positive):
             _check_value(name, float(x.detach()), positive)
         return x.reshape(()).to(device)
     if isinstance(x, numbers.Real) and not isinstance(x, bool):   # numpy scalars too
-        _check_value(name, float(x), positive)
-        return float(x)
+        x = as_float(name, x)
+        _check_value(name, x, positive)
+        return x
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
 
 
@@ -159,6 +178,16 @@ def _check_reciprocal(t, scale):
                      f"{value} (1 / temperature overflows)")
 
 
+def as_float(name, x):
+    """float(x) for a real number; a ValueError naming `name` when it overflows (an int
+    beyond the float range)."""
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(x))))} "
+                         f"digits") from None
+
+
 def _check_value(name, value, positive):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -191,6 +220,7 @@ def check_variants(margin, decoupled):
     """(margin, decoupled) of info_nce: a finite float and a bool."""
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise TypeError(f"margin must be a float, got {type(margin).__name__}")
+    margin = as_float("margin", margin)
     if not math.isfinite(margin):
         raise ValueError(f"margin must be finite, got {margin}")
     if not isinstance(decoupled, bool):
@@ -299,16 +329,23 @@ def check_inputs(query, key, positive_index, labels, key_labels, temperature,
                  logit_scale, logit_bias, symmetric, label_smoothing, reduction,
                  shard=False, margin=0.0, decoupled=False, teacher=None,
                  teacher_logit_scale=None, teacher_weight=1.0,
-                 teacher_weighting="softmax", softmax=True, normalize=False) -> Problem:
+                 teacher_weighting="softmax", softmax=True, normalize=False,
+                 fused=True) -> Problem:
     """The Problem of one call (module docstring). shard: one rank's shard of a
     distributed loss, which may have no query or key rows; its positive_index points
     into the keys of every rank (the caller checks it against the global sizes), and
     the default one is arange(N) within the shard. softmax: an InfoNCE
     loss (a learnable logit_bias warns: it cancels). normalize: the Problem holds the
-    L2-normalized query and key (`normalize_inputs`)."""
+    L2-normalized query and key (`normalize_inputs`). fused: the call runs the fused
+    ops, which refuse forward-mode AD (the reference's plain ops support it)."""
     check_normalize(normalize)
     margin, decoupled = check_variants(margin, decoupled)
     check_matrix("query", query, shard)
+    teachers = teacher if isinstance(teacher, (tuple, list)) else (teacher,)
+    if fused:
+        check_no_tangent(query=query, key=key, temperature=temperature,
+                         logit_scale=logit_scale, logit_bias=logit_bias,
+                         **{f"teacher[{i}]": t for i, t in enumerate(teachers)})
     n, d = query.shape
     dev = query.device
     if key is not None:
@@ -373,9 +410,9 @@ SIGLIP_BIAS = -10.0
 
 
 def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, logit_bias,
-                 reduction, shard=False, normalize=False) -> Problem:
+                 reduction, shard=False, normalize=False, fused=True) -> Problem:
     """The Problem of a sigmoid-loss call: the InfoNCE checks with a required key, a
-    required (exponentiated) logit_scale and a logit_bias (shard, normalize: as
+    required (exponentiated) logit_scale and a logit_bias (shard, normalize, fused: as
     check_inputs)."""
     check_normalize(normalize)
     if key is None:
@@ -386,16 +423,19 @@ def check_siglip(query, key, positive_index, labels, key_labels, logit_scale, lo
         raise TypeError("logit_bias must be a float or a 0-dim tensor, got None")
     p = check_inputs(query, key, positive_index, labels, key_labels, None, logit_scale,
                      logit_bias, False, 0.0, reduction, shard=shard,
-                     softmax=False, normalize=normalize)
+                     softmax=False, normalize=normalize, fused=fused)
     if p.per_row:
         raise ValueError(f"logit_scale must be a float or a 0-dim tensor for siglip_loss, got "
                          f"shape {tuple(logit_scale.shape)}")
     return p
 
 
-def check_uniformity(x, t):
-    """(x, t) of uniformity_loss: x (N, D) with N >= 2, t a float > 0 or a 0-dim tensor."""
+def check_uniformity(x, t, fused=True):
+    """(x, t) of uniformity_loss: x (N, D) with N >= 2, t a float > 0 or a 0-dim tensor
+    (fused: as check_inputs)."""
     check_matrix("x", x)
+    if fused:
+        check_no_tangent(x=x, t=t)
     if x.shape[0] < 2:
         raise ValueError(f"x must have at least 2 rows (pairs i != j), got shape {tuple(x.shape)}")
     return x, _check_scalar("t", t, x.device, positive=True)
@@ -413,6 +453,7 @@ def check_alignment(x, y, alpha):
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    alpha = as_float("alpha", alpha)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be finite and > 0, got {alpha}")
     return x, y, float(alpha)

@@ -94,7 +94,7 @@ def info_nce(query, key=None, *, positive_index=None, labels=None, key_labels=No
                      logit_scale, logit_bias, symmetric, label_smoothing, reduction,
                      margin=margin, decoupled=decoupled, teacher=teacher,
                      teacher_logit_scale=teacher_logit_scale, teacher_weight=teacher_weight,
-                     teacher_weighting=teacher_weighting, normalize=normalize)
+                     teacher_weighting=teacher_weighting, normalize=normalize, fused=False)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, p.self_contrast,
                  p.scale, p.bias, p.scale_name)
     q = p.query.to(torch.float64) if p.query.dtype != torch.float64 else p.query
@@ -171,7 +171,7 @@ def siglip_loss(query, key, *, logit_scale=10.0, logit_bias=-10.0, positive_inde
         (torch.Size([]), torch.float32)
     """
     p = check_siglip(query, key, positive_index, labels, key_labels, logit_scale,
-                     logit_bias, reduction, normalize=normalize)
+                     logit_bias, reduction, normalize=normalize, fused=False)
     check_values(p.positive_index if p.index_given else None, p.n_keys, 0, False,
                  p.scale, p.bias, p.scale_name)
     f64 = lambda x: x.to(torch.float64) if torch.is_tensor(x) else x
@@ -212,7 +212,7 @@ def uniformity_loss(x, t=2.0, backend="auto"):
         >>> bool(ck.reference.uniformity_loss(torch.randn(5, 3)) <= 0)
         True
     """
-    x, t = check_uniformity(x, t)
+    x, t = check_uniformity(x, t, fused=False)
     xn = torch.nn.functional.normalize(x.to(torch.float64), dim=1)
     sq = torch.cdist(xn, xn).pow(2)
     off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)

@@ -190,6 +190,61 @@ def test_environment_supplies_defaults_only():
     assert out.stdout.split() == ["True", "tf32", "False", "ieee"]
 
 
+def _lacking(feature):
+    return [n for n in ck.available_backends(DEVICE) if feature not in backends.get(n).features]
+
+
+@pytest.mark.parametrize("env", [dict(low_memory=True), dict(algorithm="blocked"),
+                                 dict(algorithm="epilogue")], ids=str)
+def test_environment_preferences_are_left_out_where_a_call_cannot_take_them(env, monkeypatch):
+    """CK_LOW_MEMORY=1 / CK_ALGORITHM=blocked are job-wide preferences: a loss, variant or
+    backend that cannot take them runs without them (the reference's numbers); passed as
+    arguments they still raise."""
+    from contrastive_kernels import options
+    name = next(iter(env))
+    monkeypatch.setitem(options.ENV_DEFAULTS, name, env[name])
+    assert getattr(make_options(), name) == env[name]          # the environment is read
+    feature = "low_memory" if name == "low_memory" else "blocked"
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(13, 6, generator=g, dtype=torch.float64).to(DEVICE)
+    k = torch.randn(17, 6, generator=g, dtype=torch.float64).to(DEVICE)
+    t = (torch.randn(13, 3, generator=g).to(DEVICE), torch.randn(17, 3, generator=g).to(DEVICE))
+    seen = []
+    for be in _lacking(feature):
+        real = backends.get(be).lse_forward
+        monkeypatch.setattr(backends.get(be), "lse_forward",
+                            lambda *a, _r=real, **kw: seen.append(kw["options"]) or _r(*a, **kw))
+    calls = {
+        "siglip": (lambda **kw: ck.siglip_loss(q, k, **kw), ck.reference.siglip_loss),
+        "margin": (lambda **kw: ck.info_nce(q, k, margin=0.2, **kw),
+                   lambda a, b: ck.reference.info_nce(a, b, margin=0.2)),
+        "teacher": (lambda **kw: ck.info_nce(q, k, teacher=t, **kw),
+                    lambda a, b: ck.reference.info_nce(a, b, teacher=t)),
+        "info_nce": (lambda **kw: ck.info_nce(q, k, symmetric=True, **kw),
+                     lambda a, b: ck.reference.info_nce(a, b, symmetric=True)),
+    }
+    for what, (fused, ref) in calls.items():
+        want = ref(q, k)
+        for be in _lacking(feature) + ["auto"]:
+            if what == "info_nce" and be == "auto":
+                continue        # a backend that has the feature may take it (Triton)
+            if what == "teacher" and "teacher" not in backends.get(be if be != "auto" else
+                                                                   "torch").features:
+                continue
+            got = fused(backend=be)
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), (what, be, got, want)
+    assert seen and all(getattr(o, name) == getattr(options.DEFAULTS, name) for o in seen)
+    # passed as an argument, the same option is a requirement
+    be = _lacking(feature)[0]
+    with pytest.raises(ValueError, match=f"'{be}' cannot run this call"):
+        ck.info_nce(q, k, backend=be, **env)
+    if name == "low_memory":
+        with pytest.raises(ValueError, match="low_memory=True is an info_nce option"):
+            ck.siglip_loss(q, k, low_memory=True)
+    with pytest.raises(ValueError, match="margin does not support"):
+        ck.info_nce(q, k, margin=0.2, **env)
+
+
 def test_the_package_reads_no_test_switch():
     # Poisoning is the test suite's dispatch mode (tests/dispatch.py): no production path
     # reads an environment variable or global for it.

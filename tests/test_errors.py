@@ -75,6 +75,10 @@ BAD = [
     ("logit_bias overflows float32", dict(logit_bias=-1e39), ValueError, r"logit_bias must be finite in float32"),
     ("logit_bias fp64 tensor overflows float32", dict(logit_bias=torch.tensor(1e39, dtype=torch.float64)), ValueError, r"logit_bias must be finite in float32"),
     ("temperature fp64 tensor reciprocal overflows", dict(temperature=torch.tensor(1e-39, dtype=torch.float64)), ValueError, r"temperature must be > 0 with a finite reciprocal in float32"),
+    ("temperature int beyond float", dict(temperature=10**400), ValueError, r"temperature must be finite, got an integer of 401 digits"),
+    ("logit_scale int beyond float", dict(logit_scale=10**400), ValueError, r"logit_scale must be finite"),
+    ("logit_bias int beyond float", dict(logit_bias=-10**400), ValueError, r"logit_bias must be finite"),
+    ("margin int beyond float", dict(margin=10**400), ValueError, r"margin must be finite"),
     ("per-row logit_scale overflows float32", dict(logit_scale=torch.tensor([7.0, 1e39, 7.0, 7.0], dtype=torch.float64)), ValueError, r"logit_scale must be finite in float32"),
     ("per-row temperature reciprocal overflows", dict(temperature=torch.tensor([0.1, 1e-39, 0.1, 0.1], dtype=torch.float64)), ValueError, r"temperature must be > 0 with a finite reciprocal in float32"),
     ("sparse query", dict(query=torch.randn(4, 3).to_sparse()), TypeError, r"query must be a dense \(strided\) tensor.*to_dense"),
@@ -99,6 +103,19 @@ def test_bad_input(desc, kwargs, exc, pattern):
     if "backend" not in kwargs:
         with pytest.raises(exc, match=pattern):
             ck.reference.info_nce(query, key, **kwargs)
+
+
+@pytest.mark.parametrize("timeout", [10**400, -10**400, float("inf"), 0, 5e-4, 1e-7])
+def test_distributed_timeout_out_of_range(timeout):
+    """Beyond the float range, or under torch.distributed's 1 ms (0 ms: no timeout)."""
+    import datetime
+    from contrastive_kernels.faults import check_timeout
+    with pytest.raises(ValueError, match="timeout must be (finite and > 0|at least 0.001)"):
+        check_timeout(timeout)
+    if timeout == 5e-4:
+        with pytest.raises(ValueError, match="at least 0.001 seconds"):
+            check_timeout(datetime.timedelta(microseconds=500))
+        assert check_timeout(1e-3) == datetime.timedelta(milliseconds=1)
 
 
 def test_half_temperature_whose_reciprocal_overflows():

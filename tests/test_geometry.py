@@ -87,5 +87,9 @@ def test_bad_inputs_are_named():
         ck.alignment_loss(x, torch.randn(5, 3))
     with pytest.raises(ValueError, match="alpha must be finite and > 0"):
         ck.alignment_loss(x, x, alpha=0)
+    with pytest.raises(ValueError, match="alpha must be finite"):      # beyond the float range
+        ck.alignment_loss(x, x, alpha=10**400)
+    with pytest.raises(ValueError, match="t must be finite"):
+        ck.uniformity_loss(x, 10**400)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ck.uniformity_loss(x, temperature=1.0)

@@ -57,6 +57,53 @@ def test_double_backward_raises_clearly(backend, loss, learnable):
     assert torch.isfinite(gq).all()
 
 
+FORWARD_AD_LOSSES = dict(LOSSES, **{
+    "uniformity_loss": lambda q, k, s, be: ck.uniformity_loss(q, backend=be),
+    "siglip_loss passes=4": lambda q, k, s, be: ck.siglip_loss(q, k, logit_scale=s,
+                                                                backend=be, passes=4)})
+
+
+@pytest.mark.parametrize("mode", ["forward_ad", "func.jvp"])
+@pytest.mark.parametrize("where", ["q", "k", "scale"])
+@pytest.mark.parametrize("loss", list(FORWARD_AD_LOSSES))
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+def test_forward_mode_ad_raises_clearly(backend, loss, where, mode):
+    """The custom ops have no forward derivative: torch would return a zero (or no)
+    tangent. A tangent on any input raises, naming it; the reference computes one."""
+    if loss == "info_nce teacher" and backend == "cuda":
+        pytest.skip("the cuda backend does not declare teacher targets")
+    if where != "q" and loss == "uniformity_loss":
+        pytest.skip("uniformity_loss has one input")
+    q, k = _inputs(grad=False)
+    s = torch.tensor(7.0, device=q.device)
+    args = dict(q=q, k=k, scale=s)
+    tangent = torch.randn_like(args[where])
+    name = {"q": "query|x", "k": "key", "scale": "logit_scale"}[where]
+
+    def run(x):
+        a = dict(args, **{where: x})
+        return FORWARD_AD_LOSSES[loss](a["q"], a["k"], a["scale"], backend)
+
+    with pytest.raises(NotImplementedError, match=rf"({name}) carries a forward-mode AD "
+                                                  r"tangent.*contrastive_kernels\.reference"):
+        if mode == "func.jvp":
+            torch.func.jvp(run, (args[where],), (tangent,))
+        else:
+            import torch.autograd.forward_ad as fwad
+            with fwad.dual_level():
+                run(fwad.make_dual(args[where], tangent))
+    # the reference's jvp matches its finite difference (what a fused jvp would have to give)
+    if loss.startswith("siglip") and backend == "auto":
+        ref = lambda x: ck.reference.siglip_loss(*[dict(args, **{where: x})[n].double()
+                                                   for n in ("q", "k")],
+                                                 logit_scale=dict(args, **{where: x})["scale"])
+        x0 = args[where].double()
+        _, t = torch.func.jvp(ref, (x0,), (tangent.double(),))
+        h = 1e-6
+        fd = (ref(x0 + h * tangent.double()) - ref(x0 - h * tangent.double())) / (2 * h)
+        assert torch.allclose(t, fd, rtol=1e-5, atol=1e-8) and float(t.abs()) > 0
+
+
 def test_reference_supports_double_backward():
     q, k = _inputs()
     loss = ck.reference.info_nce(q, k, temperature=0.2)
@@ -135,6 +182,7 @@ def test_module_logit_scale_overrides_its_temperature():
 def _disagreeing_options(world, rank):
     torch.manual_seed(0)
     q, k = torch.randn(4, 3), torch.randn(4, 3)
+    qb, kb = q.bfloat16(), k.bfloat16()
     odd = rank == world - 1            # the last rank differs
     cases = [
         (lambda: ckd.ring_info_nce(q, k, label_smoothing=0.1 if odd else 0.0,
@@ -167,7 +215,23 @@ def _disagreeing_options(world, rank):
          "normalize must be the same"),
         (lambda: ckd.gather_siglip_loss(q, k, normalize=odd, backend="torch"),
          "normalize must be the same"),
+        # an option no backend (or not the named one) can serve, on one rank: found in the
+        # set-up's checks, under "auto" too (bf16: not even the Triton interpreter)
+        (lambda: ckd.ring_siglip_loss(qb, kb, algorithm="blocked" if odd else None),
+         "no backend can run this call"),
+        (lambda: ckd.gather_siglip_loss(qb, kb, algorithm="epilogue" if odd else None),
+         "no backend can run this call"),
+        (lambda: ckd.ring_info_nce(qb, kb, low_memory=odd), "no backend can run this call"),
+        (lambda: ckd.gather_info_nce(qb, kb, algorithm="blocked" if odd else None),
+         "no backend can run this call"),
+        (lambda: ckd.ring_info_nce(q, k, backend="torch", low_memory=odd),
+         "'torch' cannot run this call"),
+        (lambda: ckd.ring_siglip_loss(q, k, timeout=5e-4 if odd else 5.0),
+         "timeout must be at least 0.001 seconds"),
     ]
+    if "triton" in ck.available_backends("cpu"):      # the interpreter: low_memory runs
+        cases.append((lambda: ckd.ring_info_nce(q, k, backend="triton", low_memory=odd),
+                      "low_memory (the dtype of the dk blocks that travel) must be the same"))
     for fn, match in cases:
         _expect_value_error_everywhere(fn, match)
     # agreeing options still run, and a double backward raises on every rank before any
