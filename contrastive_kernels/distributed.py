@@ -868,9 +868,7 @@ def _shard_call(p, loss="info_nce"):
     if loss == "siglip":
         return Call(p.query.device, p.query.dtype, n, m, d, loss="siglip")
     masked = p.per_row and p.self_contrast
-    extra = (("shift",) if p.shifted else ()) + (
-        ("teacher",) if (p.teacher is not None and p.teacher_weighting == "softmax"
-                         and p.teacher_weight > 0) else ())
+    extra = (("shift",) if p.shifted else ()) + (("teacher",) if p.softmax_teacher else ())
     return Call(p.query.device, p.query.dtype, n, m, d, p.self_contrast and not masked,
                 p.symmetric, extra=extra)
 

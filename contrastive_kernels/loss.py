@@ -313,7 +313,7 @@ def variant_refuses(p):
     """{option name: the error} for the kernel options the call's variant cannot take
     (at the values that need a backend feature; options.needs_feature)."""
     out = {}
-    if p.teacher is not None and p.teacher_weighting == "softmax" and p.teacher_weight > 0:
+    if p.softmax_teacher:
         out["low_memory"] = ("a teacher (softmax weighting) does not support low_memory=True "
                              "(its backward makes float32 N x D gradients)")
     if p.shifted:

@@ -58,6 +58,12 @@ class Problem:
         return bool(self.margin) or self.decoupled
 
     @property
+    def softmax_teacher(self):
+        """Whether the kernels compute a teacher's softmax targets (the "teacher" feature)."""
+        return (self.teacher is not None and self.teacher_weighting == "softmax"
+                and self.teacher_weight > 0)
+
+    @property
     def n_keys(self):
         return self.query.shape[0] if self.key is None else self.key.shape[0]
 
