@@ -72,7 +72,9 @@ Let ``L`` be the loss over the global batch and ``P`` the world size. Rank r ret
 * ``reduction="none"``: rank r's rows (and, if symmetric, its columns), each
   weighted 1/2 when symmetric, as ``info_nce`` does.
 
-Backward is *collective* (every rank must call it): the gradient reaching each
+Backward is *collective* (every rank must call it, for the same tensors: with
+``torch.autograd.grad`` or ``backward(inputs=...)``, a gather's keys left out on one
+rank skip their collective there): the gradient reaching each
 rank's query and key is the gradient of ``sum_r L_r`` (all ranks' losses) with
 respect to that rank's embeddings. A replicated tensor (a learnable
 ``logit_scale``/``logit_bias``) gets on each rank a share, and the shares sum to the

@@ -185,7 +185,10 @@ class Sync:
             head = (f"{label}: {who} did not call backward within {_secs(self.timeout)}. "
                     f"The backward of a distributed loss is collective: backward must be "
                     f"called on every rank of the group (a rank whose loss is not used must "
-                    f"still backpropagate it, e.g. loss * 0; with ring_siglip_loss's 3-pass "
+                    f"still backpropagate it, e.g. loss * 0; torch.autograd.grad or "
+                    f"backward(inputs=...) must ask for the same tensors on every rank, as "
+                    f"a gather's keys left out on one rank skip their collective there; "
+                    f"with ring_siglip_loss's 3-pass "
                     f"schedule the upstream gradient must also be the same on every rank, so "
                     f"use passes=4 there)")
         else:

@@ -116,6 +116,30 @@ def _absent_in_backward(world, rank, name, away, next_call=False):
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
+def _grad_of_queries_only(world, rank, name, away):
+    """Rank `away` asks torch.autograd.grad for the queries' gradient only, the others
+    for both. The ring's one backward node still runs there: every rank gets its
+    gradients. A gather's keys have their own collective node, which autograd leaves
+    out on `away`: the others raise within T, naming it and the cause."""
+    q, k = _shard(rank, seed=2)
+    want = torch.autograd.grad(_call(name, q, k), [q, k])
+    dist.barrier()
+    loss = _call(name, q, k, timeout=T)
+    if rank == away:
+        got = torch.autograd.grad(loss, [q])
+        _close(f"{name}: dq alone", got[0], want[0], 1e-12)
+    elif name.startswith("ring"):
+        got = torch.autograd.grad(loss, [q, k])
+        for a, b, what in zip(got, want, ("dq", "dk")):
+            _close(f"{name}: {what}", a, b, 1e-12)
+    else:
+        _expect_fault(lambda: torch.autograd.grad(loss, [q, k]),
+                      rf"backward of {name}: rank {away} did not call backward",
+                      r"must ask for the same tensors on every rank")
+    dist.barrier()
+    _call(name, q, k).backward()           # a whole step works again
+
+
 def _default_timeout_is_the_groups(world, rank):
     """timeout=None: the process group's own timeout (a subgroup's, set short here);
     a subgroup's ranks are named with their global ranks."""
@@ -171,6 +195,8 @@ def _alive_cases(world, rank):
         late = "gather_siglip_loss" if world == 2 else "ring_info_nce"
         _absent_in_forward(world, rank, late, away=world - 1, late=True)
     _absent_in_backward(world, rank, FNS[world - 1], away=world - 1, next_call=True)
+    for name in {2: FNS[3:], 3: FNS[1:3], 4: FNS[:1]}[world]:
+        _grad_of_queries_only(world, rank, name, away=world - 2)
     _default_timeout_is_the_groups(world, rank)
 
 

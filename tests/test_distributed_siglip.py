@@ -231,6 +231,53 @@ def test_global_batch(world, tmp_path):
     spawn(world, tmp_path, _cases)
 
 
+def _env_cases(world, rank):
+    """CK_LOW_MEMORY=1 / CK_ALGORITHM=blocked, job-wide (every rank's environment), are
+    preferences in the ring as in a local call: a loss or backend that cannot take them
+    runs without them, on every rank, with the reference's numbers. Set on one rank only,
+    an option that changes what travels fails every rank, naming it."""
+    from contrastive_kernels import options as ck_options
+    C = lambda **kw: _case(world, rank, **kw)  # noqa: E731
+    g = torch.Generator().manual_seed(11 + rank)
+    q, k = torch.randn(3 + rank, D, generator=g), torch.randn(7, D, generator=g)
+    plain = [fn(q, k, **kw) for fn, kw in _ENV_CALLS]
+    saved = dict(ck_options.ENV_DEFAULTS)
+    for name, value in (("low_memory", True), ("algorithm", "blocked"),
+                        ("algorithm", "epilogue")):
+        ck_options.ENV_DEFAULTS[name] = value
+        try:
+            assert getattr(ck_options.make_options(), name) == value
+            for passes in (3, 4):
+                C(passes=passes, labels=True)                       # torch: lacks both
+                C(passes=passes, uneven_m=True, dtype=torch.float32, backend="auto")
+            C(mode="gather", global_pi=True)
+            for (fn, kw), want in zip(_ENV_CALLS, plain):   # the same bits (auto: above)
+                assert torch.equal(fn(q, k, **kw), want), (name, fn.__name__, kw)
+        finally:
+            ck_options.ENV_DEFAULTS.update(saved)
+        dist.barrier()
+    # one rank's environment asks Triton's ring for dk blocks in the input dtype
+    ck_options.ENV_DEFAULTS["low_memory"] = rank == 0
+    try:
+        qg = torch.randn(4, D, requires_grad=True)
+        _expect_value_error_everywhere(
+            lambda: ckd.ring_info_nce(qg, torch.randn(4, D), backend="triton"), "low_memory")
+    finally:
+        ck_options.ENV_DEFAULTS.update(saved)
+
+
+_ENV_CALLS = ((ckd.ring_siglip_loss, dict(backend="torch")),
+              (ckd.ring_siglip_loss, dict(backend="cpu", passes=4)),
+              (ckd.ring_info_nce, dict(backend="cpu", margin=0.2)),
+              (ckd.ring_info_nce, dict(backend="torch", symmetric=True)),
+              (ckd.gather_siglip_loss, dict(backend="cpu")))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_environment_preferences_in_the_ring(world, tmp_path):
+    spawn(world, tmp_path, _env_cases)
+
+
 def test_no_process_group_is_local():
     assert not dist.is_initialized()
     q, k = torch.randn(5, 4), torch.randn(5, 4)
